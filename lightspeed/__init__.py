@@ -1,0 +1,1 @@
+"""Lightspeed: LLM inference serving framework."""

@@ -1,0 +1,88 @@
+"""Build an engine core for a worker: one scheduler, and the executor its config names.
+
+Executors register in `EXECUTORS`; the vLLM adapter will add its own entry later.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightspeed.config import WorkerConfig
+from lightspeed.engine.config import EngineConfig
+from lightspeed.engine.core import EngineCore
+from lightspeed.engine.types import Executor
+from lightspeed.models.registry import ResolvedModel, resolve_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BuiltEngine:
+    core: EngineCore
+    num_blocks: int
+    served_name: str
+    model_folder: Path
+    max_model_len: int
+    closers: list[Callable[[], None]] = field(default_factory=list)
+
+    def close(self) -> None:
+        for closer in self.closers:
+            closer()
+
+
+@dataclass(frozen=True)
+class ExecutorBuild:
+    executor: Executor
+    num_blocks: int
+    close: Callable[[], None] | None = None
+
+
+def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> EngineConfig:
+    max_len = cfg.max_model_len or model.context_length
+    return EngineConfig(
+        block_size=cfg.block_size, num_gpu_blocks=num_blocks, max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens, enable_prefix_caching=cfg.enable_prefix_caching,
+        max_model_len=max_len, seed=cfg.seed,
+    )
+
+
+def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
+    from lightspeed.mocker.executor import MockerExecutor
+
+    ecfg = _engine_config(cfg, model, cfg.num_gpu_blocks)
+    executor = MockerExecutor(ecfg, speedup_ratio=cfg.speedup_ratio, vocab_size=model.vocab_size,
+                              seed=cfg.seed, avoid_token_ids=set(model.eos_token_ids))
+    return ExecutorBuild(executor, cfg.num_gpu_blocks)
+
+
+def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
+    from lightspeed.engine.model_runner import ModelRunner
+    from lightspeed.engine.native_executor import NativeExecutor
+
+    source = model.gguf_path if model.gguf_path is not None else model.folder
+    runner = ModelRunner(source, block_size=cfg.block_size,
+                         num_blocks=None if cfg.kv_cache_gb else cfg.num_gpu_blocks,
+                         kv_cache_gb=cfg.kv_cache_gb or None)
+    executor = NativeExecutor(runner)
+    return ExecutorBuild(executor, runner.num_blocks, getattr(executor, "close", None))
+
+
+EXECUTORS: dict[str, Callable[[WorkerConfig, ResolvedModel], ExecutorBuild]] = {
+    "mocker": _build_mocker,
+    "native": _build_native,
+}
+
+
+def build_engine(cfg: WorkerConfig) -> BuiltEngine:
+    model = resolve_model(cfg.model or None)
+    built = EXECUTORS[cfg.engine](cfg, model)
+    core = EngineCore(_engine_config(cfg, model, built.num_blocks), built.executor)
+    served = cfg.served_model_name or model.served_name
+    closers = [built.close] if built.close is not None else []
+    log.info("built %s engine for %s: %d blocks of %d tokens", cfg.engine, served, built.num_blocks,
+             cfg.block_size)
+    return BuiltEngine(core, built.num_blocks, served, model.folder,
+                       cfg.max_model_len or model.context_length, closers)

@@ -1,0 +1,275 @@
+"""Continuous-batching scheduler: decides which tokens of which requests run in the next step.
+
+There are no prefill/decode phases, only token counts (as in vLLM v1): each request has
+`num_tokens` (prompt + outputs) and `num_computed_tokens`, and a step computes some of the
+difference within a token budget. A new prompt, a chunk of a long prompt, a decode step and the
+recompute of a preempted request are all the same operation.
+
+Each step: running requests first (oldest first), each getting as many tokens as the budget
+allows; if one cannot get a block, the most recently added running request is preempted
+(recompute: its blocks are freed and it goes back to the front of the queue, keeping its output
+tokens). Then, if nothing was preempted, waiting requests are admitted FCFS up to `max_num_seqs`,
+each starting after its longest cached prefix and chunked when the budget runs short.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass
+
+from lightspeed.engine.config import EngineConfig
+from lightspeed.engine.kv_cache_manager import KVCacheManager
+from lightspeed.engine.request import Request, RequestStatus, finished_status
+from lightspeed.engine.types import (
+    EngineCoreOutput,
+    ModelRunnerOutput,
+    ScheduledSeq,
+    SchedulerOutput,
+)
+from lightspeed.protocol import FinishReason
+
+logger = logging.getLogger(__name__)
+
+_HIT_WINDOW = 1000  # requests over which the prefix hit rate is measured
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStats:
+    num_running: int
+    num_waiting: int
+    kv_active_blocks: int
+    kv_total_blocks: int
+    kv_cached_blocks: int
+    prefix_hit_rate: float  # cached / prompt tokens over the last requests admitted
+    num_preemptions: int
+
+
+class Scheduler:
+    def __init__(self, config: EngineConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._finished_ids: list[str] = []
+        self._preempted_in_step = False
+        self._num_preemptions = 0
+        self._hits: deque[tuple[int, int]] = deque()
+        self._hit_tokens = 0
+        self._query_tokens = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self.requests:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        request.status = RequestStatus.WAITING
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+
+    def abort_request(self, request_id: str) -> bool:
+        """Drop a request wherever it is and free its blocks. False if it is unknown/finished."""
+        request = self.requests.pop(request_id, None)
+        if request is None:
+            return False
+        if request.status == RequestStatus.RUNNING:
+            self.running.remove(request)
+        else:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED_ABORTED
+        self._finished_ids.append(request_id)
+        return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    # ------------------------------------------------------------------ schedule
+
+    def schedule(self) -> SchedulerOutput:
+        self._preempted_in_step = False
+        scheduled: list[tuple[Request, int]] = []
+        budget = self._schedule_running(scheduled, self.config.max_num_batched_tokens)
+        if not self._preempted_in_step:
+            self._schedule_waiting(scheduled, budget)
+        return self._build_output(scheduled)
+
+    def _schedule_running(self, scheduled: list[tuple[Request, int]], budget: int) -> int:
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._allocate_or_preempt(request, num_new):
+                break  # the request preempted itself: everything after it is gone too
+            scheduled.append((request, num_new))
+            budget -= num_new
+            i += 1
+        return budget
+
+    def _allocate_or_preempt(self, request: Request, num_new: int) -> bool:
+        while not self.kv.allocate_slots(request, num_new):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.kv.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)
+        self._preempted_in_step = True
+        self._num_preemptions += 1
+        logger.debug("preempted %s (%d tokens)", request.request_id, request.num_tokens)
+
+    def _schedule_waiting(self, scheduled: list[tuple[Request, int]], budget: int) -> None:
+        max_seqs = self.config.max_num_seqs
+        while self.waiting and budget > 0 and len(self.running) < max_seqs:
+            request = self.waiting[0]
+            num_new = self._admit(request, budget)
+            if num_new == 0:
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled.append((request, num_new))
+            budget -= num_new
+
+    def _admit(self, request: Request, budget: int) -> int:
+        """Allocate for the head of the queue; returns tokens scheduled (0: it must wait)."""
+        computed, num_hit = self.kv.get_computed_blocks(request)
+        num_new = request.num_tokens - num_hit
+        if num_new > budget:
+            if not self.config.enable_chunked_prefill:
+                return 0
+            num_new = budget
+        # The watermark keeps room for running requests to grow; a lone request needs none.
+        reserve = self.config.watermark_blocks if self.running else 0
+        if not self.kv.allocate_slots(request, num_new, computed, reserve):
+            return 0
+        request.num_computed_tokens = num_hit
+        if request.num_cached_tokens is None:
+            request.num_cached_tokens = num_hit
+            self._record_hit(num_hit, request.num_prompt_tokens)
+        return num_new
+
+    def _record_hit(self, hit: int, query: int) -> None:
+        self._hits.append((hit, query))
+        self._hit_tokens += hit
+        self._query_tokens += query
+        if len(self._hits) > _HIT_WINDOW:
+            old_hit, old_query = self._hits.popleft()
+            self._hit_tokens -= old_hit
+            self._query_tokens -= old_query
+
+    def _build_output(self, scheduled: list[tuple[Request, int]]) -> SchedulerOutput:
+        seqs: list[ScheduledSeq] = []
+        num_prefill = num_decode = 0
+        block_ids = self.kv.get_block_ids
+        for request, num_new in scheduled:
+            start = request.num_computed_tokens
+            end = start + num_new
+            is_prefill = num_new > 1 or start < request.num_prompt_tokens
+            if is_prefill:
+                num_prefill += num_new
+            else:
+                num_decode += num_new
+            seqs.append(
+                ScheduledSeq(
+                    request_id=request.request_id,
+                    token_ids=request.token_ids[start:end],
+                    start_pos=start,
+                    block_ids=block_ids(request.request_id),
+                    sample=end == request.num_tokens,
+                    sampling=request.sampling,
+                    num_output_tokens=request.num_output_tokens,
+                    banned_token_ids=request.banned_token_ids(),
+                    is_prefill=is_prefill,
+                )
+            )
+        finished, self._finished_ids = self._finished_ids, []
+        return SchedulerOutput(
+            seqs=seqs,
+            finished_request_ids=finished,
+            num_prefill_tokens=num_prefill,
+            num_decode_tokens=num_decode,
+            kv_usage=self.kv.usage,
+        )
+
+    # ------------------------------------------------------------------ results
+
+    def update_from_output(
+        self, sched: SchedulerOutput, out: ModelRunnerOutput
+    ) -> list[EngineCoreOutput]:
+        """Fold a finished step back in: advance progress, append tokens, stop and free."""
+        outputs: list[EngineCoreOutput] = []
+        any_finished = False
+        requests = self.requests
+        for seq in sched.seqs:
+            request = requests.get(seq.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted while the step ran
+            request.num_computed_tokens += len(seq.token_ids)
+            self.kv.cache_blocks(request)
+            if not seq.sample:
+                continue  # a prefill chunk that is not the last one
+            output = self._append_token(request, out.sampled[seq.request_id], out)
+            outputs.append(output)
+            if output.finish_reason is not None:
+                self._finish(request, output.finish_reason)
+                any_finished = True
+        if any_finished:
+            self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
+        return outputs
+
+    def _append_token(self, request: Request, token: int, out: ModelRunnerOutput) -> EngineCoreOutput:
+        request.append_output(token)
+        cached: int | None = None
+        if not request.cached_reported:
+            request.cached_reported = True
+            cached = request.num_cached_tokens
+        logprob = out.logprobs.get(request.request_id) if out.logprobs else None
+        return EngineCoreOutput(
+            request_id=request.request_id,
+            new_token_ids=[token],
+            finish_reason=request.check_stop(),
+            num_cached_tokens=cached,
+            logprobs=[logprob] if logprob is not None else None,
+        )
+
+    def _finish(self, request: Request, reason: FinishReason) -> None:
+        """Free a request that stopped; it leaves `running` in the caller's batch filter."""
+        request.status = finished_status(reason)
+        self.kv.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)
+
+    def finish_all(self, reason: FinishReason) -> list[str]:
+        """Stop every request (engine shutdown or a failed step); returns their ids."""
+        ids = list(self.requests)
+        for request in list(self.requests.values()):
+            self._finish(request, reason)
+        self.running.clear()
+        self.waiting.clear()
+        return ids
+
+    # ------------------------------------------------------------------ stats
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self._hit_tokens / self._query_tokens if self._query_tokens else 0.0
+
+    def stats(self) -> SchedulerStats:
+        pool = self.kv.pool
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_active_blocks=pool.num_active_blocks,
+            kv_total_blocks=pool.num_blocks,
+            kv_cached_blocks=pool.num_cached_blocks,
+            prefix_hit_rate=self.prefix_hit_rate,
+            num_preemptions=self._num_preemptions,
+        )

@@ -1,0 +1,149 @@
+"""A worker process: an engine core behind the request plane, visible through discovery.
+
+Endpoints on the request plane:
+  generate  PreprocessedRequest -> stream of LLMEngineOutput (Cancel frame aborts, freeing KV)
+  kv_dump   () -> the worker's cached blocks as KvEvents (router gap recovery)
+Publishes on the event plane: `kv-events` (monotonic event ids), `load-metrics` (periodic),
+`forward-pass-metrics` (every step). Stops gracefully: deregister first so no new requests
+arrive, drain in-flight streams, then stop the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+
+from lightspeed.config import WorkerConfig
+from lightspeed.engine.core import EngineCore
+from lightspeed.engine.factory import BuiltEngine, build_engine
+from lightspeed.engine.types import EngineCoreOutput
+from lightspeed.protocol import (
+    TOPIC_FORWARD_PASS,
+    TOPIC_KV_EVENTS,
+    TOPIC_LOAD_METRICS,
+    ForwardPassMetrics,
+    KvEvent,
+    KvEventData,
+    LLMEngineOutput,
+    LoadMetrics,
+    PreprocessedRequest,
+    WorkerCard,
+    WorkerRole,
+)
+from lightspeed.runtime.discovery import Discovery
+from lightspeed.runtime.planes import discovery_from_config, publisher_from_config
+from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
+
+log = logging.getLogger(__name__)
+
+_encode = msgspec.msgpack.Encoder().encode
+_decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
+
+
+def to_wire(out: EngineCoreOutput) -> LLMEngineOutput:
+    return LLMEngineOutput(token_ids=out.new_token_ids, finish_reason=out.finish_reason,
+                           num_cached_tokens=out.num_cached_tokens, logprobs=out.logprobs)
+
+
+class Worker:
+    def __init__(self, cfg: WorkerConfig, discovery: Discovery | None = None) -> None:
+        self.cfg = cfg
+        self.instance_id = f"{cfg.engine}-{uuid.uuid4().hex[:12]}"
+        self.discovery = discovery if discovery is not None else discovery_from_config(cfg.planes)
+        self.server = RequestPlaneServer(cfg.host, cfg.port)
+        self.publisher = publisher_from_config(cfg.planes, cfg.host)
+        self.built: BuiltEngine | None = None
+        self.card: WorkerCard | None = None
+        self._event_id = 0
+        self._tasks: list[asyncio.Task[None]] = []
+
+    @property
+    def core(self) -> EngineCore:
+        assert self.built is not None, "worker not started"
+        return self.built.core
+
+    async def start(self) -> WorkerCard:
+        self.built = await asyncio.to_thread(build_engine, self.cfg)
+        self.core.on_kv_events = self._publish_kv_events
+        self.core.on_step = self._publish_forward_pass
+        self.server.register("generate", self.generate)
+        self.server.register("kv_dump", self.kv_dump)
+        address = await self.server.start()
+        self._tasks = [asyncio.create_task(self.core.run(), name="engine-core"),
+                       asyncio.create_task(self._metrics_loop(), name="load-metrics")]
+        self.card = self._make_card(address)
+        await self.discovery.register(self.card)
+        log.info("worker %s serving %s at %s (%d KV blocks)", self.instance_id, self.card.model,
+                 address, self.card.total_kv_blocks)
+        return self.card
+
+    def _make_card(self, address: str) -> WorkerCard:
+        built, cfg = self.built, self.cfg
+        assert built is not None
+        return WorkerCard(
+            instance_id=self.instance_id, model=built.served_name, address=address,
+            role=WorkerRole(cfg.role), engine=cfg.engine, namespace=cfg.planes.namespace,
+            block_size=cfg.block_size, total_kv_blocks=built.num_blocks,
+            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
+            context_length=built.max_model_len, model_path=str(built.model_folder),
+            events_address=self.publisher.address, pid=os.getpid(),
+        )
+
+    async def generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        request = _decode_request(payload)
+        async for out in self.core.add_request(request):
+            yield _encode(to_wire(out))
+
+    async def kv_dump(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        for data in self.core.dump_kv_events():
+            yield _encode(KvEvent(self.instance_id, self._event_id, data))
+
+    def _publish_kv_events(self, events: list[KvEventData]) -> None:
+        for data in events:
+            self._event_id += 1
+            self.publisher.publish(TOPIC_KV_EVENTS, _encode(KvEvent(self.instance_id, self._event_id, data)))
+
+    def _publish_forward_pass(self, prefill: int, decode: int, seqs: int, seconds: float) -> None:
+        stats = self.core.stats()
+        msg = ForwardPassMetrics(self.instance_id, prefill, decode, seqs, seconds, stats.kv_usage)
+        self.publisher.publish(TOPIC_FORWARD_PASS, _encode(msg))
+
+    async def _metrics_loop(self) -> None:
+        while True:
+            s = self.core.stats()
+            msg = LoadMetrics(self.instance_id, s.num_running, s.num_waiting, s.active_blocks,
+                              s.total_blocks, s.cached_blocks, s.prefix_hit_rate, time.time())
+            self.publisher.publish(TOPIC_LOAD_METRICS, _encode(msg))
+            await asyncio.sleep(self.cfg.metrics_interval)
+
+    async def stop(self, drain_timeout: float = 10.0) -> None:
+        if self.card is not None:
+            await self.discovery.deregister(self.instance_id)
+        await self.server.stop(drain_timeout)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.publisher.close()
+        await self.discovery.close()
+        if self.built is not None:
+            self.built.close()
+
+
+async def run_worker(cfg: WorkerConfig) -> None:
+    """Run until SIGINT/SIGTERM, then drain and exit."""
+    worker = Worker(cfg)
+    await worker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("worker %s draining", worker.instance_id)
+    await worker.stop()

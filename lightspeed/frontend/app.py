@@ -1,0 +1,153 @@
+"""HTTP routes of the OpenAI-compatible frontend. Routes only: the work is in pipeline/streaming.
+
+Every error a client can cause leaves as an OpenAI-style JSON body with a 4xx status; an
+unexpected exception is logged and answered with a 500 body, and the server keeps serving.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import msgspec
+from aiohttp import web
+
+from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
+from lightspeed.frontend.metrics import FrontendMetrics
+from lightspeed.frontend.model_manager import ModelManager
+from lightspeed.frontend.openai_types import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
+from lightspeed.frontend.pipeline import Pipeline, new_request_id
+from lightspeed.frontend.responses import ResponseBuilder, TokenText
+from lightspeed.frontend.streaming import serve_stream, serve_whole
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+_chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
+_completion_decoder = msgspec.json.Decoder(CompletionRequest)
+PINNED_HEADER = "x-worker-instance-id"
+SESSION_HEADER = "x-session-id"
+
+
+def error_response(err: LightspeedError) -> web.Response:
+    return web.Response(status=err.status, body=msgspec.json.encode(err.to_openai()),
+                        content_type="application/json")
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except LightspeedError as err:
+        return error_response(err)
+    except web.HTTPRequestEntityTooLarge as err:
+        return error_response(PayloadTooLarge(f"request body is too large: {err.text}"))
+    except web.HTTPException as err:
+        if err.status < 400:
+            raise
+        kind = InvalidRequest(err.reason or "bad request")
+        kind.status = err.status  # keep aiohttp's status (404, 405, ...) with an OpenAI body
+        return error_response(kind)
+    except Exception:
+        log.exception("unhandled error serving %s %s", request.method, request.path)
+        return error_response(LightspeedError("internal server error"))
+
+
+class FrontendApp:
+    """The aiohttp application and the objects its routes use."""
+
+    def __init__(self, models: ModelManager, pipeline: Pipeline, metrics: FrontendMetrics,
+                 max_body_bytes: int) -> None:
+        self.models = models
+        self.pipeline = pipeline
+        self.metrics = metrics
+        self._token_text: dict[str, TokenText] = {}
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+        self.app.add_routes([
+            web.post("/v1/chat/completions", self.chat_completions),
+            web.post("/v1/completions", self.completions),
+            web.get("/v1/models", self.list_models),
+            web.get("/health", self.health),
+            web.get("/live", self.live),
+            web.get("/metrics", self.prometheus),
+        ])
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        req = _decode(_chat_decoder, await request.read())
+        return await self._generate(request, req, chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        req = _decode(_completion_decoder, await request.read())
+        return await self._generate(request, req, chat=False)
+
+    async def _generate(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest,
+                        chat: bool) -> web.StreamResponse:
+        req.validate()
+        endpoint = "chat_completions" if chat else "completions"
+        rid = new_request_id("chatcmpl" if chat else "cmpl")
+        status = "error"
+        # Label by model only when it exists: client-chosen names must not grow the metric set.
+        model = req.model if self.models.get(req.model) is not None else "unknown"
+        self.metrics.inflight.labels(model).inc()
+        try:
+            gen = self.pipeline.prepare(req, rid, request.headers.get(PINNED_HEADER),
+                                        request.headers.get(SESSION_HEADER))
+            builder = ResponseBuilder(chat, gen, gen.entry.name, self._token_text_for(gen.entry.name))
+            if req.stream:
+                resp = await serve_stream(request, self.pipeline, builder, self.metrics, req.include_usage)
+            else:
+                resp = await serve_whole(self.pipeline, builder, self.metrics)
+            status = "success"
+            return resp
+        except LightspeedError as err:
+            status = str(err.status)
+            raise
+        finally:
+            self.metrics.inflight.labels(model).dec()
+            self.metrics.requests.labels(model, endpoint, status).inc()
+
+    def _token_text_for(self, model: str) -> TokenText:
+        tt = self._token_text.get(model)
+        if tt is None:
+            entry = self.models.get(model)
+            assert entry is not None
+            tt = self._token_text[model] = TokenText(entry.preprocessor.tokenizer)
+        return tt
+
+    async def list_models(self, request: web.Request) -> web.Response:
+        cards = [ModelCard(m.name, m.created) for m in self.models.models()]
+        return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
+
+    async def health(self, request: web.Request) -> web.Response:
+        workers = self.models.all_workers()
+        body = {
+            "status": "healthy" if workers else "unhealthy",
+            "models": [m.name for m in self.models.models()],
+            "workers": [{"instance_id": w.instance_id, "model": w.model, "address": w.address,
+                         "role": w.role.value} for w in workers],
+        }
+        return web.Response(status=200 if workers else 503, body=msgspec.json.encode(body),
+                            content_type="application/json")
+
+    async def live(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "live"})
+
+    async def prometheus(self, request: web.Request) -> web.Response:
+        self.metrics.workers.set(len(self.models.all_workers()))
+        return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def _decode(decoder: msgspec.json.Decoder, body: bytes):  # noqa: ANN202 - typed by the decoder
+    if not body:
+        raise InvalidRequest("request body is empty; expected a JSON object")
+    try:
+        return decoder.decode(body)
+    except msgspec.ValidationError as err:
+        raise InvalidRequest(f"invalid request: {err}") from None
+    except msgspec.DecodeError as err:
+        raise InvalidRequest(f"request body is not valid JSON: {err}") from None

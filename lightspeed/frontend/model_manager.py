@@ -1,0 +1,108 @@
+"""The frontend's live view of which models are served by which workers.
+
+Built only from discovery: a worker's card names its model and a local folder with the tokenizer,
+so a frontend needs no model flags of its own. A model disappears from /v1/models when its last
+worker leaves; its tokenizer stays cached for when a worker comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lightspeed.frontend.preprocess import Preprocessor
+from lightspeed.protocol import WorkerCard, WorkerRole
+from lightspeed.runtime.discovery import Discovery
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    preprocessor: Preprocessor
+    context_length: int
+    created: int
+    workers: dict[str, WorkerCard] = field(default_factory=dict)
+
+    def serving_workers(self) -> list[WorkerCard]:
+        """Workers that take whole requests (aggregated or decode role), in a stable order."""
+        cards = [c for c in self.workers.values() if c.role != WorkerRole.PREFILL]
+        cards.sort(key=lambda c: c.instance_id)
+        return cards
+
+
+class ModelManager:
+    def __init__(self, discovery: Discovery, served_model_name: str = "") -> None:
+        self._discovery = discovery
+        self._override = served_model_name
+        self._models: dict[str, ModelEntry] = {}
+        self._tokenizers: dict[str, Preprocessor] = {}
+        self._worker_model: dict[str, str] = {}
+        self._task: asyncio.Task[None] | None = None
+        self.on_worker_removed: list[Callable[[str], None]] = []
+        self.on_worker_added: list[Callable[[WorkerCard], None]] = []
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._watch(), name="model-manager-watch")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def get(self, name: str) -> ModelEntry | None:
+        """The model, if any worker ever served it (it may have no workers right now)."""
+        return self._models.get(name)
+
+    def models(self) -> list[ModelEntry]:
+        return [m for m in self._models.values() if m.workers]
+
+    def all_workers(self) -> list[WorkerCard]:
+        return [c for m in self._models.values() for c in m.workers.values()]
+
+    async def _watch(self) -> None:
+        async for event in self._discovery.watch():
+            try:
+                if event.kind == "put" and event.card is not None:
+                    await self._add(event.card)
+                else:
+                    self._remove(event.instance_id)
+            except Exception:  # a bad card must not stop the watch loop
+                log.exception("discovery event %s for %s failed", event.kind, event.instance_id)
+
+    async def _add(self, card: WorkerCard) -> None:
+        name = self._override or card.model
+        if self._worker_model.get(card.instance_id) == name:
+            self._models[name].workers[card.instance_id] = card
+            return
+        entry = self._models.get(name)
+        if entry is None:
+            pre = await self._load_tokenizer(card.model_path)
+            entry = ModelEntry(name, pre, card.context_length, int(time.time()))
+            self._models[name] = entry
+        entry.workers[card.instance_id] = card
+        self._worker_model[card.instance_id] = name
+        log.info("worker %s at %s serves %s", card.instance_id, card.address, name)
+        for callback in self.on_worker_added:
+            callback(card)
+
+    def _remove(self, instance_id: str) -> None:
+        name = self._worker_model.pop(instance_id, None)
+        if name is None:
+            return
+        self._models[name].workers.pop(instance_id, None)
+        log.info("worker %s left (%s)", instance_id, name)
+        for callback in self.on_worker_removed:
+            callback(instance_id)
+
+    async def _load_tokenizer(self, folder: str) -> Preprocessor:
+        pre = self._tokenizers.get(folder)
+        if pre is None:
+            pre = await asyncio.to_thread(Preprocessor.from_folder, Path(folder))
+            self._tokenizers[folder] = pre
+        return pre

@@ -1,0 +1,227 @@
+"""From a validated OpenAI request to a stream of text deltas.
+
+preprocess (tokenize, limits) -> route (choose a worker) -> push (stream engine outputs) ->
+detokenize (incremental text, stop strings). Migration re-sends prompt + tokens so far to
+another worker when the first one is lost mid-stream, so the client sees one unbroken stream.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import msgspec
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerLost
+from lightspeed.frontend.detokenize import IncrementalDetokenizer
+from lightspeed.frontend.model_manager import ModelEntry, ModelManager
+from lightspeed.frontend.openai_types import ChatCompletionRequest, CompletionRequest
+from lightspeed.protocol import (
+    FinishReason,
+    LLMEngineOutput,
+    WorkerCard,
+    PreprocessedRequest,
+    SamplingOptions,
+    StopConditions,
+    TokenLogprob,
+)
+from lightspeed.router.push_router import PushRouter
+from lightspeed.router.selector import RouteRequest
+
+log = logging.getLogger(__name__)
+
+AnyRequest = ChatCompletionRequest | CompletionRequest
+
+
+@dataclass(slots=True)
+class Delta:
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Generation:
+    """One in-flight request: its routing inputs, and its usage counters as it streams."""
+
+    request_id: str
+    entry: ModelEntry
+    request: PreprocessedRequest
+    stop_strings: list[str]
+    pinned_worker: str | None = None
+    session_id: str | None = None
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    worker_id: str = ""
+    output_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.token_ids)
+
+
+def new_request_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class Pipeline:
+    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0) -> None:
+        self._models = models
+        self._router = router
+        self._migration_limit = migration_limit
+
+    def prepare(self, req: AnyRequest, request_id: str, pinned: str | None = None,
+                session: str | None = None) -> Generation:
+        """Validate against the model, tokenize, and build the worker request (raises 4xx)."""
+        entry = self._models.get(req.model)
+        if entry is None:
+            if not self._models.all_workers():
+                raise Overloaded("no workers are available to serve requests")
+            raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
+        token_ids = _tokenize(entry, req)
+        max_tokens = _output_budget(entry, req, len(token_ids))
+        eos = list(entry.preprocessor.eos_token_ids)
+        preq = PreprocessedRequest(
+            request_id=request_id,
+            model=entry.name,
+            token_ids=token_ids,
+            sampling=_sampling(req),
+            stop=StopConditions(
+                max_tokens=max_tokens,
+                stop_token_ids=list(req.stop_token_ids or []),
+                ignore_eos=req.ignore_eos,
+                min_tokens=req.min_tokens,
+            ),
+            eos_token_ids=eos,
+        )
+        return Generation(request_id, entry, preq, req.stop_list, pinned, session)
+
+    async def stream(self, gen: Generation) -> AsyncIterator[Delta]:
+        """Yield text deltas; the last one carries the finish reason."""
+        detok = IncrementalDetokenizer(gen.entry.preprocessor.tokenizer, stop=gen.stop_strings)
+        migrations = 0
+        while True:
+            try:
+                async for delta in self._stream_once(gen, detok):
+                    yield delta
+                return
+            except WorkerLost:
+                if migrations >= self._migration_limit or _is_done(gen):
+                    raise
+                migrations += 1
+                log.warning("worker %s lost serving %s; migrating (%d/%d)",
+                            gen.worker_id, gen.request_id, migrations, self._migration_limit)
+
+    async def _stream_once(self, gen: Generation, detok: IncrementalDetokenizer) -> AsyncIterator[Delta]:
+        request = _continuation(gen)
+        card = self._choose(gen, request.token_ids)
+        gen.worker_id = card.instance_id
+        agen = self._router.generate(card, request)
+        try:
+            async for out in agen:
+                delta = _apply(gen, detok, out)
+                if delta is not None:
+                    yield delta
+                    if delta.finish_reason is not None:
+                        return
+        finally:
+            await agen.aclose()  # a stop string ends the stream early: cancel upstream
+
+    def _choose(self, gen: Generation, token_ids: list[int]) -> WorkerCard:
+        workers = gen.entry.serving_workers()
+        if not workers:
+            raise Overloaded(f"no workers are serving `{gen.entry.name}`")
+        route = RouteRequest(gen.request_id, token_ids, gen.pinned_worker, gen.session_id)
+        return self._router.choose(route, workers)
+
+
+def _apply(gen: Generation, detok: IncrementalDetokenizer, out: LLMEngineOutput) -> Delta | None:
+    if out.error is not None:
+        raise InvalidRequest(out.error)
+    if out.num_cached_tokens is not None and gen.completion_tokens == 0:
+        gen.cached_tokens = out.num_cached_tokens
+    gen.output_ids.extend(out.token_ids)
+    gen.completion_tokens += len(out.token_ids)
+    step = detok.add(out.token_ids)
+    text = step.text
+    if step.stopped:
+        return Delta(text, out.token_ids, FinishReason.STOP.value, out.logprobs)
+    finish = out.finish_reason.value if out.finish_reason is not None else None
+    if finish is not None:
+        text += detok.flush()
+        if finish == FinishReason.CANCELLED.value:
+            finish = FinishReason.STOP.value
+    if not text and finish is None and not out.token_ids:
+        return None
+    return Delta(text, out.token_ids, finish, out.logprobs)
+
+
+def _is_done(gen: Generation) -> bool:
+    limit = gen.request.stop.max_tokens
+    return limit is not None and gen.completion_tokens >= limit
+
+
+def _continuation(gen: Generation) -> PreprocessedRequest:
+    """The request to (re)send: after a migration, prompt + tokens already streamed."""
+    if not gen.output_ids:
+        return gen.request
+
+    stop = gen.request.stop
+    remaining = None if stop.max_tokens is None else stop.max_tokens - len(gen.output_ids)
+    return msgspec.structs.replace(
+        gen.request,
+        token_ids=gen.request.token_ids + gen.output_ids,
+        stop=msgspec.structs.replace(
+            stop, max_tokens=remaining, min_tokens=max(0, stop.min_tokens - len(gen.output_ids))
+        ),
+    )
+
+
+def _tokenize(entry: ModelEntry, req: AnyRequest) -> list[int]:
+    pre = entry.preprocessor
+    if isinstance(req, ChatCompletionRequest):
+        messages = [m.to_template_dict() for m in req.messages]
+        ids = pre.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
+    else:
+        prompt = req.prompt_value()
+        ids = pre.encode(prompt) if isinstance(prompt, str) else prompt
+        if not isinstance(prompt, str) and max(ids) >= pre.vocab_size:
+            raise InvalidRequest(f"token id {max(ids)} is out of the vocabulary (size {pre.vocab_size})",
+                                 param="prompt")
+    if not ids:
+        raise InvalidRequest("the prompt is empty after tokenization", param="prompt")
+    return ids
+
+
+def _output_budget(entry: ModelEntry, req: AnyRequest, prompt_len: int) -> int:
+    ctx = entry.context_length
+    if prompt_len >= ctx:
+        raise InvalidRequest(
+            f"This model's maximum context length is {ctx} tokens, but the prompt has "
+            f"{prompt_len} tokens.", param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded")
+    limit = req.output_limit
+    if limit is None:
+        return ctx - prompt_len
+    if prompt_len + limit > ctx:
+        raise InvalidRequest(
+            f"max_tokens={limit} is too large: the prompt has {prompt_len} tokens and the context "
+            f"length is {ctx}, so at most {ctx - prompt_len} tokens can be generated.",
+            param="max_tokens", code="context_length_exceeded")
+    return limit
+
+
+def _sampling(req: AnyRequest) -> SamplingOptions:
+    logprobs = req.num_logprobs if isinstance(req, ChatCompletionRequest) else req.logprobs
+    return SamplingOptions(
+        temperature=req.temperature,
+        top_p=req.top_p,
+        top_k=None if req.top_k == -1 else req.top_k,
+        seed=req.seed,
+        logprobs=logprobs,
+        presence_penalty=req.presence_penalty,
+        frequency_penalty=req.frequency_penalty,
+    )

@@ -1,0 +1,96 @@
+"""Serve one generation over HTTP: SSE stream or a single JSON body.
+
+A client that disconnects cancels the handler task (the app runs with handler cancellation);
+the CancelledError unwinds the pipeline generator, which closes the request-plane stream, which
+cancels the request in the worker and frees its KV blocks.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+
+from lightspeed.errors import LightspeedError
+from lightspeed.frontend.metrics import FrontendMetrics
+from lightspeed.frontend.pipeline import Generation, Pipeline
+from lightspeed.frontend.responses import ResponseBuilder
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+_DONE = b"data: [DONE]\n\n"
+
+
+class _Timer:
+    """TTFT / ITL / duration of one request, observed into the metrics as tokens arrive."""
+
+    def __init__(self, metrics: FrontendMetrics, model: str) -> None:
+        self._m = metrics
+        self._model = model
+        self.start = time.perf_counter()
+        self._last = 0.0
+
+    def tokens(self, n: int) -> None:
+        if n <= 0:
+            return
+        now = time.perf_counter()
+        if self._last == 0.0:
+            self._m.ttft.labels(self._model).observe(now - self.start)
+        else:
+            # n tokens arrived together: spread the gap evenly, as clients measure it.
+            gap = (now - self._last) / n
+            hist = self._m.itl.labels(self._model)
+            for _ in range(n):
+                hist.observe(gap)
+        self._last = now
+
+    def finish(self, gen: Generation) -> None:
+        model = self._model
+        self._m.e2e.labels(model).observe(time.perf_counter() - self.start)
+        self._m.isl.labels(model).observe(gen.prompt_tokens)
+        self._m.osl.labels(model).observe(gen.completion_tokens)
+        self._m.cached.labels(model).inc(gen.cached_tokens)
+
+
+async def serve_stream(request: web.Request, pipeline: Pipeline, builder: ResponseBuilder,
+                       metrics: FrontendMetrics, include_usage: bool) -> web.StreamResponse:
+    gen = builder.gen
+    timer = _Timer(metrics, builder.model)
+    stream = pipeline.stream(gen)
+    # Pull the first delta before sending headers so routing errors (no workers, ...) can still
+    # be reported with a proper status code instead of inside a 200 stream.
+    first = await anext(stream, None)
+    resp = web.StreamResponse(headers=SSE_HEADERS)
+    await resp.prepare(request)
+    try:
+        if builder.chat:
+            await resp.write(b"data: " + builder.role_chunk() + b"\n\n")
+        delta = first
+        while delta is not None:
+            timer.tokens(len(delta.token_ids))
+            await resp.write(b"data: " + builder.delta_chunk(delta) + b"\n\n")
+            delta = await anext(stream, None)
+        if include_usage:
+            await resp.write(b"data: " + builder.usage_chunk() + b"\n\n")
+    except LightspeedError as err:  # headers are out: report the error in-band, then end
+        await resp.write(b"data: " + _error_json(err) + b"\n\n")
+    finally:
+        await stream.aclose()
+    await resp.write(_DONE)
+    await resp.write_eof()
+    timer.finish(gen)
+    return resp
+
+
+async def serve_whole(pipeline: Pipeline, builder: ResponseBuilder, metrics: FrontendMetrics) -> web.Response:
+    timer = _Timer(metrics, builder.model)
+    async for delta in pipeline.stream(builder.gen):
+        timer.tokens(len(delta.token_ids))
+        builder.add(delta)
+    timer.finish(builder.gen)
+    return web.Response(body=builder.final(), content_type="application/json")
+
+
+def _error_json(err: LightspeedError) -> bytes:
+    import msgspec
+
+    return msgspec.json.encode(err.to_openai())

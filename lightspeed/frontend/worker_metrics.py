@@ -1,0 +1,79 @@
+"""Follow the load metrics workers publish on the event plane and expose them on /metrics.
+
+The frontend connects its subscriber to each worker's publisher as discovery reports it, so an
+operator (and the tests) can see per-worker KV usage and queue depth in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import msgspec
+from prometheus_client import CollectorRegistry, Gauge
+
+from lightspeed.protocol import TOPIC_LOAD_METRICS, LoadMetrics, WorkerCard
+from lightspeed.runtime.event_plane import EventSubscriber
+
+log = logging.getLogger(__name__)
+_decode = msgspec.msgpack.Decoder(LoadMetrics).decode
+
+
+class WorkerMetricsWatcher:
+    def __init__(self, subscriber: EventSubscriber, registry: CollectorRegistry) -> None:
+        self._sub = subscriber
+        self._addresses: dict[str, str] = {}
+        self.latest: dict[str, LoadMetrics] = {}
+        self._task: asyncio.Task[None] | None = None
+        labels = ["worker"]
+        self._active = Gauge("lightspeed_worker_kv_active_blocks", "KV blocks in use", labels, registry=registry)
+        self._total = Gauge("lightspeed_worker_kv_total_blocks", "KV blocks in the pool", labels, registry=registry)
+        self._cached = Gauge("lightspeed_worker_kv_cached_blocks", "Reusable cached KV blocks", labels,
+                             registry=registry)
+        self._running = Gauge("lightspeed_worker_requests_running", "Requests running", labels, registry=registry)
+        self._waiting = Gauge("lightspeed_worker_requests_waiting", "Requests waiting", labels, registry=registry)
+        self._gauges = (self._active, self._total, self._cached, self._running, self._waiting)
+
+    def worker_added(self, card: WorkerCard) -> None:
+        if card.events_address and card.instance_id not in self._addresses:
+            self._addresses[card.instance_id] = card.events_address
+            self._sub.connect(card.events_address)
+
+    def worker_removed(self, instance_id: str) -> None:
+        address = self._addresses.pop(instance_id, None)
+        if address is not None:
+            self._sub.disconnect(address)
+        self.latest.pop(instance_id, None)
+        for gauge in self._gauges:
+            try:
+                gauge.remove(instance_id)
+            except KeyError:
+                pass
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop(), name="worker-metrics")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        self._sub.close()
+
+    async def _loop(self) -> None:
+        while True:
+            topic, payload = await self._sub.recv()
+            if topic != TOPIC_LOAD_METRICS:
+                continue
+            try:
+                m = _decode(payload)
+            except msgspec.DecodeError:
+                log.warning("undecodable load metrics message dropped")
+                continue
+            if m.worker_id not in self._addresses:
+                continue  # a late message from a worker that already left
+            self.latest[m.worker_id] = m
+            self._active.labels(m.worker_id).set(m.kv_active_blocks)
+            self._total.labels(m.worker_id).set(m.kv_total_blocks)
+            self._cached.labels(m.worker_id).set(m.kv_cached_blocks)
+            self._running.labels(m.worker_id).set(m.num_running)
+            self._waiting.labels(m.worker_id).set(m.num_waiting)

@@ -1,0 +1,185 @@
+"""Wire types shared across process boundaries.
+
+Every message that crosses a process (frontend -> worker over the request plane, worker ->
+router over the event plane, worker -> discovery) is one of these msgspec Structs. Keeping them
+in one module makes the protocol reviewable in one place and lets each side decode with a typed
+decoder instead of poking at dicts.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence stopped. Values match OpenAI's `finish_reason` where one exists."""
+
+    STOP = "stop"  # EOS or a stop token id / stop string
+    LENGTH = "length"  # max_tokens or context length reached
+    CANCELLED = "cancelled"  # client went away / aborted
+    ERROR = "error"
+
+
+class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """How to pick the next token. None means the engine default (greedy for temperature)."""
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    seed: int | None = None
+    logprobs: int | None = None  # number of top logprobs to return per token; 0 = only the chosen
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+
+
+class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):
+    """When the engine must stop generating. Stop *strings* are applied by the frontend."""
+
+    max_tokens: int | None = None
+    stop_token_ids: list[int] = []
+    ignore_eos: bool = False
+    min_tokens: int = 0
+
+
+class PreprocessedRequest(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A tokenized request as the frontend sends it to a worker's `generate` endpoint."""
+
+    request_id: str
+    model: str
+    token_ids: list[int]
+    sampling: SamplingOptions = SamplingOptions()
+    stop: StopConditions = StopConditions()
+    eos_token_ids: list[int] = []
+    lora_name: str | None = None
+    # Disaggregation hand-off (filled by a prefill worker, consumed by a decode worker).
+    kv_transfer_params: dict[str, object] | None = None
+
+
+class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
+    token_id: int
+    logprob: float
+
+
+class TokenLogprob(msgspec.Struct, frozen=True, array_like=True):
+    """Logprob of the sampled token and the top alternatives at that position."""
+
+    token_id: int
+    logprob: float
+    top: list[TopLogprob] = []
+
+
+class LLMEngineOutput(msgspec.Struct, frozen=True, omit_defaults=True):
+    """One streamed delta from a worker: new token ids, and on the last frame a finish reason.
+
+    `num_cached_tokens` is set on the first frame (prefix-cache hit of the prompt) so the
+    frontend can report `usage.prompt_tokens_details.cached_tokens`.
+    """
+
+    token_ids: list[int] = []
+    finish_reason: FinishReason | None = None
+    num_cached_tokens: int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    error: str | None = None
+    kv_transfer_params: dict[str, object] | None = None
+
+
+# ---------------------------------------------------------------- KV events (event plane)
+
+
+class StoredBlock(msgspec.Struct, frozen=True, array_like=True):
+    block_hash: int  # sequence hash (names the whole prefix up to and including this block)
+    tokens_hash: int  # local hash of this block's tokens only
+
+
+class KvStored(msgspec.Struct, frozen=True, tag="stored"):
+    blocks: list[StoredBlock]
+    parent_hash: int | None = None
+
+
+class KvRemoved(msgspec.Struct, frozen=True, tag="removed"):
+    block_hashes: list[int]
+
+
+class KvCleared(msgspec.Struct, frozen=True, tag="cleared"):
+    pass
+
+
+KvEventData = KvStored | KvRemoved | KvCleared
+
+
+class StorageTier(str, enum.Enum):
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+class KvEvent(msgspec.Struct, frozen=True):
+    """A change to a worker's prefix cache. `event_id` is monotonic per worker so a subscriber
+    can detect gaps and ask the worker for a full dump."""
+
+    worker_id: str
+    event_id: int
+    data: KvEventData
+    dp_rank: int = 0
+    storage_tier: StorageTier = StorageTier.DEVICE
+
+
+class LoadMetrics(msgspec.Struct, frozen=True):
+    """Periodic load snapshot a worker publishes (topic `load-metrics`)."""
+
+    worker_id: str
+    num_running: int
+    num_waiting: int
+    kv_active_blocks: int
+    kv_total_blocks: int
+    kv_cached_blocks: int = 0
+    prefix_hit_rate: float = 0.0
+    timestamp: float = 0.0
+
+
+class ForwardPassMetrics(msgspec.Struct, frozen=True):
+    """One engine step as the planner sees it (topic `forward-pass-metrics`)."""
+
+    worker_id: str
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_seqs: int
+    step_seconds: float
+    kv_usage: float
+
+
+# ---------------------------------------------------------------- discovery
+
+
+class WorkerRole(str, enum.Enum):
+    AGG = "agg"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class WorkerCard(msgspec.Struct, frozen=True, omit_defaults=True):
+    """What a worker registers in discovery. The frontend builds its view of the fleet from these."""
+
+    instance_id: str
+    model: str  # served model name
+    address: str  # request-plane address "host:port"
+    role: WorkerRole = WorkerRole.AGG
+    engine: str = "mocker"
+    namespace: str = "lightspeed"
+    component: str = "backend"
+    endpoint: str = "generate"
+    block_size: int = 64
+    total_kv_blocks: int = 0
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    context_length: int = 8192
+    model_path: str = ""  # local folder with tokenizer.json / tokenizer_config.json
+    events_address: str = ""  # event-plane publisher address of this worker ("tcp://host:port")
+    pid: int = 0
+
+
+TOPIC_KV_EVENTS = "kv-events"
+TOPIC_LOAD_METRICS = "load-metrics"
+TOPIC_FORWARD_PASS = "forward-pass-metrics"

@@ -1,0 +1,61 @@
+"""A client that disconnects mid-stream cancels its request in the worker and frees its KV."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import aiohttp
+
+from tests.integration.conftest import MODEL, Server
+
+
+def worker_gauge(text: str, name: str) -> dict[str, float]:
+    pattern = re.compile(rf'^{name}{{worker="([^"]+)"}} ([0-9.e+-]+)$', re.M)
+    return {w: float(v) for w, v in pattern.findall(text)}
+
+
+async def wait_for(server: Server, predicate, timeout: float = 10.0) -> dict[str, float]:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        text = await asyncio.to_thread(server.metrics)
+        running = worker_gauge(text, "lightspeed_worker_requests_running")
+        active = worker_gauge(text, "lightspeed_worker_kv_active_blocks")
+        if running and predicate(running, active):
+            return active
+        assert asyncio.get_running_loop().time() < deadline, (running, active)
+        await asyncio.sleep(0.1)
+
+
+async def test_disconnect_frees_blocks(mocker_server: Server) -> None:
+    await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)
+    body = {"model": MODEL, "prompt": [300 + i for i in range(500)], "max_tokens": 7000,
+            "ignore_eos": True, "stream": True}
+    session = aiohttp.ClientSession()
+    resp = await session.post(mocker_server.base_url + "/completions", json=body)
+    assert resp.status == 200
+    chunks = 0
+    async for line in resp.content:
+        if line.startswith(b"data: "):
+            chunks += 1
+        if chunks >= 5:
+            break
+    # The request is running and holds KV blocks (prompt of 500 tokens = 8 blocks at least).
+    active = await wait_for(mocker_server, lambda r, a: sum(r.values()) == 1 and sum(a.values()) >= 8)
+    assert sum(active.values()) >= 8
+    resp.close()  # drop the connection mid-stream
+    await session.close()
+    await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)
+
+
+async def test_many_disconnects_leave_nothing_behind(mocker_server: Server) -> None:
+    async def one(i: int) -> None:
+        body = {"model": MODEL, "prompt": [400 + i] * 200, "max_tokens": 5000, "ignore_eos": True, "stream": True}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(mocker_server.base_url + "/completions", json=body) as resp:
+                async for line in resp.content:
+                    if line.startswith(b"data: "):
+                        break
+
+    await asyncio.gather(*(one(i) for i in range(16)))
+    await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)
