@@ -50,7 +50,9 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # OrderedDict gives O(1) pop-head, push-tail, push-head and remove-from-middle in C.
-        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
+        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict(
+            (b.block_id, b) for b in self.blocks
+        )
         self._cached: dict[int, KVCacheBlock] = {}
         self._events: list[KvEventData] = []
 
@@ -156,7 +158,11 @@ class BlockPool:
                 self._flush_stored(run, run_parent)
                 run, run_parent = [], seq_hash
                 continue
-            block.block_hash, block.local_hash, block.parent_hash = seq_hash, local_hashes[i], parent
+            block.block_hash, block.local_hash, block.parent_hash = (
+                seq_hash,
+                local_hashes[i],
+                parent,
+            )
             self._cached[seq_hash] = block
             run.append(StoredBlock(block_hash=seq_hash, tokens_hash=local_hashes[i]))
         self._flush_stored(run, run_parent)

@@ -27,14 +27,17 @@ class EngineConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_model_len, int) or self.max_model_len <= 0:
-            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
+            raise ValueError(
+                f"max_model_len must be a positive integer, got {self.max_model_len!r}"
+            )
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         # A lone request must always fit, otherwise it would preempt itself forever.
         if self.max_model_len > self.num_gpu_blocks * self.block_size:
             raise ValueError(
                 f"max_model_len ({self.max_model_len}) exceeds the KV cache capacity "
-                f"({self.num_gpu_blocks} blocks x {self.block_size} tokens)"
+                f"({self.num_gpu_blocks} blocks x {self.block_size} tokens); lower max_model_len "
+                "or give the cache more blocks"
             )
         # Without chunking a prompt is computed in one step, so the budget must hold the longest.
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:

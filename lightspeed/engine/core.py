@@ -12,7 +12,8 @@ import asyncio
 import collections
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightspeed.engine.config import EngineConfig
@@ -44,10 +45,12 @@ class RequestStream:
     """Async iterator over one request's outputs; ends after the output with a finish reason.
 
     Closing it early (`aclose()`, or the consuming task being cancelled) aborts the request so
-    its KV blocks are freed at once.
+    its KV blocks are freed at once. So does dropping it unfinished: `async for` never closes
+    its iterator, so a consumer generator that is closed at a `yield` just lets go of the
+    stream, and the core notices through a weak reference.
     """
 
-    __slots__ = ("request_id", "_core", "_items", "_waiter", "_done")
+    __slots__ = ("request_id", "_core", "_items", "_waiter", "_done", "__weakref__")
 
     def __init__(self, request_id: str, core: EngineCore) -> None:
         self.request_id = request_id
@@ -99,6 +102,14 @@ class RequestStream:
 
 
 class EngineCore:
+    """Owns the scheduler and KV cache of one engine and runs them against an executor.
+
+    `executor.execute()` must actually suspend (an `await` that yields to the loop) or the
+    request plane starves; the mocker always does, a CPU-bound runner should use a thread.
+    KV events go to `on_kv_events` in order (the worker numbers them); without a callback they
+    queue for `take_kv_events()`. `on_step` receives a `StepInfo` after every executed step.
+    """
+
     def __init__(
         self,
         config: EngineConfig,
@@ -109,40 +120,74 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.executor = executor
-        self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv = KVCacheManager(
+            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching
+        )
         self.scheduler = Scheduler(config, self.kv)
         self.on_kv_events = on_kv_events
         self.on_step = on_step
-        self._streams: dict[str, RequestStream] = {}
+        # Weak, so a stream its consumer dropped can be collected (and its request aborted).
+        self._streams: dict[
+            str, tuple[weakref.ref[RequestStream], weakref.finalize[[str], RequestStream]]
+        ]
+        self._streams = {}
         self._wakeup = asyncio.Event()
         self._stopping = False
         self._pending_events: list[KvEventData] = []
+        self._dropped: list[str] = []
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request: PreprocessedRequest) -> AsyncIterator[EngineCoreOutput]:
+    def add_request(self, request: PreprocessedRequest) -> RequestStream:
         """Queue a request; returns its output stream. ValueError if it can never run."""
         if self._stopping:
             raise RuntimeError("engine core is stopping")
         engine_request = Request(
-            request, self.config.block_size, self.config.max_model_len,
+            request,
+            self.config.block_size,
+            self.config.max_model_len,
             hash_blocks=self.config.enable_prefix_caching,
-        )  # fmt: skip
+        )
         self.scheduler.add_request(engine_request)
         stream = RequestStream(request.request_id, self)
-        self._streams[request.request_id] = stream
+        finalizer = weakref.finalize(stream, self._stream_dropped, request.request_id)
+        finalizer.atexit = False
+        self._streams[request.request_id] = (weakref.ref(stream), finalizer)
         self._wakeup.set()
         return stream
 
     def abort(self, request_id: str, *, notify: bool = True) -> bool:
         """Stop a request and free its blocks; its stream ends with CANCELLED if `notify`."""
-        stream = self._streams.pop(request_id, None)
+        stream = self._unregister(request_id)
         aborted = self.scheduler.abort_request(request_id)
         if stream is not None and notify:
             stream.push(EngineCoreOutput(request_id, [], finish_reason=FinishReason.CANCELLED))
         if aborted:
             self._drain_kv_events()
         return aborted
+
+    def _unregister(self, request_id: str) -> RequestStream | None:
+        entry = self._streams.pop(request_id, None)
+        if entry is None:
+            return None
+        ref, finalizer = entry
+        finalizer.detach()  # the id may be reused; a later GC must not abort the new request
+        return ref()
+
+    def _stream_dropped(self, request_id: str) -> None:
+        # Runs inside garbage collection, which can strike in the middle of a scheduler loop:
+        # only note the id here, the step loop aborts it at a safe point.
+        self._dropped.append(request_id)
+
+    def _reap_dropped(self) -> None:
+        dropped, self._dropped = self._dropped, []
+        for request_id in dropped:
+            entry = self._streams.get(request_id)
+            if entry is None or entry[0]() is not None:
+                continue  # already finished, or the id now belongs to a newer live request
+            del self._streams[request_id]
+            logger.debug("stream of %s dropped unfinished; aborting", request_id)
+            self.scheduler.abort_request(request_id)
 
     # ------------------------------------------------------------------ loop
 
@@ -165,6 +210,8 @@ class EngineCore:
     async def step(self) -> None:
         """One schedule -> execute -> update round; a failing executor fails the whole batch."""
         started = time.perf_counter()
+        if self._dropped:
+            self._reap_dropped()
         sched = self.scheduler.schedule()
         self._drain_kv_events()
         if sched.is_empty:
@@ -174,7 +221,9 @@ class EngineCore:
             result = await self.executor.execute(sched)
             outputs = self.scheduler.update_from_output(sched, result)
         except Exception:
-            logger.exception("engine step failed; failing %d requests", len(self.scheduler.requests))
+            logger.exception(
+                "engine step failed; failing %d requests", len(self.scheduler.requests)
+            )
             self._finish_all(FinishReason.ERROR)
             return
         self._drain_kv_events()
@@ -185,28 +234,31 @@ class EngineCore:
         streams = self._streams
         for output in outputs:
             if output.finish_reason is None:
-                stream = streams.get(output.request_id)
+                entry = streams.get(output.request_id)
+                stream = entry[0]() if entry is not None else None
             else:
-                stream = streams.pop(output.request_id, None)
+                stream = self._unregister(output.request_id)
             if stream is not None:
                 stream.push(output)
 
     def _report_step(self, sched: SchedulerOutput, seconds: float) -> None:
         if self.on_step is None:
             return
-        self.on_step(
-            StepInfo(
-                num_prefill_tokens=sched.num_prefill_tokens,
-                num_decode_tokens=sched.num_decode_tokens,
-                num_seqs=len(sched.seqs),
-                step_seconds=seconds,
-                kv_usage=sched.kv_usage,
-            )
+        info = StepInfo(
+            num_prefill_tokens=sched.num_prefill_tokens,
+            num_decode_tokens=sched.num_decode_tokens,
+            num_seqs=len(sched.seqs),
+            step_seconds=seconds,
+            kv_usage=sched.kv_usage,
         )
+        try:
+            self.on_step(info)
+        except Exception:  # a metrics hook must never stop the engine
+            logger.exception("on_step callback failed")
 
     def _finish_all(self, reason: FinishReason) -> None:
         for request_id in self.scheduler.finish_all(reason):
-            stream = self._streams.pop(request_id, None)
+            stream = self._unregister(request_id)
             if stream is not None:
                 stream.push(EngineCoreOutput(request_id, [], finish_reason=reason))
         self._drain_kv_events()
@@ -218,7 +270,10 @@ class EngineCore:
         if not events:
             return
         if self.on_kv_events is not None:
-            self.on_kv_events(events)
+            try:
+                self.on_kv_events(events)
+            except Exception:  # subscribers recover from lost events via dump + event-id gaps
+                logger.exception("on_kv_events callback failed; %d events dropped", len(events))
         else:
             self._pending_events.extend(events)
 
@@ -228,7 +283,7 @@ class EngineCore:
         events, self._pending_events = self._pending_events, []
         return events
 
-    def dump_kv_cache(self) -> list[KvStored]:
+    def dump_kv_events(self) -> list[KvStored]:
         """Every cached block as Stored events (the answer to a subscriber's gap request)."""
         return self.kv.dump_cached()
 

@@ -15,7 +15,7 @@ from lightspeed.protocol import KvEventData, KvStored
 
 
 class ComputedBlocks:
-    """Opaque handle to a prefix-cache hit, passed from `get_computed_blocks` to `allocate_slots`."""
+    """Opaque handle to a prefix hit, passed from `get_computed_blocks` to `allocate_slots`."""
 
     __slots__ = ("blocks",)
 
@@ -118,7 +118,13 @@ class KVCacheManager:
         return True
 
     def cache_blocks(self, request: Request) -> None:
-        """Cache the request's blocks that are full and computed (call after each step)."""
+        """Cache the request's blocks that are full and computed (call after each step).
+
+        A block whose hash is already cached elsewhere (two requests computed the same prefix
+        at once) is swapped for the cached copy and released, so each hash lives in exactly
+        one block and a request's cached prefix is always pinned by its own references: the
+        parent of every Stored event is then guaranteed to still be cached.
+        """
         if not self.enable_caching:
             return
         rid = request.request_id
@@ -128,10 +134,26 @@ class KVCacheManager:
         full = min(request.num_computed_tokens // self.block_size, len(request.block_hashes))
         if full <= done:
             return
-        self.pool.cache_full_blocks(
-            self._blocks[rid], request.block_hashes, request.local_hashes, done, full
-        )
+        blocks = self._blocks[rid]
+        lookup = self.pool.get_cached_block
+        for i in range(done, full):
+            existing = lookup(request.block_hashes[i])
+            if existing is not None and existing is not blocks[i]:
+                self._swap(rid, i, existing)
+        self.pool.cache_full_blocks(blocks, request.block_hashes, request.local_hashes, done, full)
         self._num_cached[rid] = full
+
+    def _swap(self, request_id: str, index: int, cached: KVCacheBlock) -> None:
+        """Point a block-table slot at an identical cached block and release the duplicate.
+
+        Safe because both hold the KV of the same tokens after the same prefix; it runs only
+        between steps, so the runner never sees the table change mid-step.
+        """
+        blocks = self._blocks[request_id]
+        self.pool.touch([cached])
+        self.pool.free_blocks([blocks[index]])
+        blocks[index] = cached
+        self._block_ids[request_id][index] = cached.block_id
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first so its deepest blocks are evicted first."""

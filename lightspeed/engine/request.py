@@ -44,11 +44,27 @@ class Request:
     """
 
     __slots__ = (
-        "request_id", "token_ids", "output_token_ids", "num_prompt_tokens", "num_computed_tokens",
-        "num_cached_tokens", "cached_reported", "status", "sampling", "max_tokens", "min_tokens",
-        "max_model_len", "lora_name", "block_size", "block_hashes", "local_hashes",
-        "num_preemptions", "_hash_blocks", "_stop_ids", "_banned",
-    )  # fmt: skip
+        "request_id",
+        "token_ids",
+        "output_token_ids",
+        "num_prompt_tokens",
+        "num_computed_tokens",
+        "num_cached_tokens",
+        "cached_reported",
+        "status",
+        "sampling",
+        "max_tokens",
+        "min_tokens",
+        "max_model_len",
+        "lora_name",
+        "block_size",
+        "block_hashes",
+        "local_hashes",
+        "num_preemptions",
+        "_hash_blocks",
+        "_stop_ids",
+        "_banned",
+    )
 
     def __init__(
         self,
@@ -81,7 +97,9 @@ class Request:
         self._hash_blocks = hash_blocks
         self._init_stop_ids(request)
         if hash_blocks:
-            extend_seq_hashes(prompt, block_size, self.block_hashes, self.local_hashes, self.lora_name)
+            extend_seq_hashes(
+                prompt, block_size, self.block_hashes, self.local_hashes, self.lora_name
+            )
 
     def _init_stop_ids(self, request: PreprocessedRequest) -> None:
         stop_ids = set(request.stop.stop_token_ids)
@@ -115,7 +133,11 @@ class Request:
         self.output_token_ids.append(token_id)
         if self._hash_blocks and len(self.token_ids) % self.block_size == 0:
             extend_seq_hashes(
-                self.token_ids, self.block_size, self.block_hashes, self.local_hashes, self.lora_name
+                self.token_ids,
+                self.block_size,
+                self.block_hashes,
+                self.local_hashes,
+                self.lora_name,
             )
 
     def check_stop(self) -> FinishReason | None:

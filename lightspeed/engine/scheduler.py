@@ -38,9 +38,10 @@ _HIT_WINDOW = 1000  # requests over which the prefix hit rate is measured
 class SchedulerStats:
     num_running: int
     num_waiting: int
-    kv_active_blocks: int
-    kv_total_blocks: int
-    kv_cached_blocks: int
+    active_blocks: int  # referenced by requests
+    total_blocks: int
+    cached_blocks: int  # holding a reusable prefix, in use or evictable
+    kv_usage: float  # active / total
     prefix_hit_rate: float  # cached / prompt tokens over the last requests admitted
     num_preemptions: int
 
@@ -177,20 +178,25 @@ class Scheduler:
                 num_prefill += num_new
             else:
                 num_decode += num_new
+            rid = request.request_id
+            # Positional on purpose: this runs once per sequence per step.
             seqs.append(
                 ScheduledSeq(
-                    request_id=request.request_id,
-                    token_ids=request.token_ids[start:end],
-                    start_pos=start,
-                    block_ids=block_ids(request.request_id),
-                    sample=end == request.num_tokens,
-                    sampling=request.sampling,
-                    num_output_tokens=request.num_output_tokens,
-                    banned_token_ids=request.banned_token_ids(),
-                    is_prefill=is_prefill,
+                    rid,
+                    request.token_ids[start:end],
+                    start,
+                    block_ids(rid),
+                    end == len(request.token_ids),
+                    request.sampling,
+                    len(request.output_token_ids),
+                    request.banned_token_ids(),
+                    is_prefill,
                 )
             )
-        finished, self._finished_ids = self._finished_ids, []
+        # An empty step is not executed, so its finished ids wait for the next real one.
+        finished: list[str] = []
+        if seqs:
+            finished, self._finished_ids = self._finished_ids, []
         return SchedulerOutput(
             seqs=seqs,
             finished_request_ids=finished,
@@ -225,7 +231,9 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return outputs
 
-    def _append_token(self, request: Request, token: int, out: ModelRunnerOutput) -> EngineCoreOutput:
+    def _append_token(
+        self, request: Request, token: int, out: ModelRunnerOutput
+    ) -> EngineCoreOutput:
         request.append_output(token)
         cached: int | None = None
         if not request.cached_reported:
@@ -267,9 +275,10 @@ class Scheduler:
         return SchedulerStats(
             num_running=len(self.running),
             num_waiting=len(self.waiting),
-            kv_active_blocks=pool.num_active_blocks,
-            kv_total_blocks=pool.num_blocks,
-            kv_cached_blocks=pool.num_cached_blocks,
+            active_blocks=pool.num_active_blocks,
+            total_blocks=pool.num_blocks,
+            cached_blocks=pool.num_cached_blocks,
+            kv_usage=pool.usage,
             prefix_hit_rate=self.prefix_hit_rate,
             num_preemptions=self._num_preemptions,
         )

@@ -21,13 +21,14 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from lightspeed.config import WorkerConfig
-from lightspeed.engine.core import EngineCore
+from lightspeed.engine.core import EngineCore, StepInfo
 from lightspeed.engine.factory import BuiltEngine, build_engine
 from lightspeed.engine.types import EngineCoreOutput
 from lightspeed.protocol import (
     TOPIC_FORWARD_PASS,
     TOPIC_KV_EVENTS,
     TOPIC_LOAD_METRICS,
+    FinishReason,
     ForwardPassMetrics,
     KvEvent,
     KvEventData,
@@ -98,8 +99,16 @@ class Worker:
 
     async def generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         request = _decode_request(payload)
-        async for out in self.core.add_request(request):
-            yield _encode(to_wire(out))
+        try:
+            stream = self.core.add_request(request)
+        except ValueError as err:  # the engine's own limits (prompt too long, ...): a client error
+            yield _encode(LLMEngineOutput(finish_reason=FinishReason.ERROR, error=str(err)))
+            return
+        try:
+            async for out in stream:
+                yield _encode(to_wire(out))
+        finally:  # cancelled by the client: abort now so the KV blocks are freed at once
+            await stream.aclose()
 
     async def kv_dump(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         for data in self.core.dump_kv_events():
@@ -110,9 +119,9 @@ class Worker:
             self._event_id += 1
             self.publisher.publish(TOPIC_KV_EVENTS, _encode(KvEvent(self.instance_id, self._event_id, data)))
 
-    def _publish_forward_pass(self, prefill: int, decode: int, seqs: int, seconds: float) -> None:
-        stats = self.core.stats()
-        msg = ForwardPassMetrics(self.instance_id, prefill, decode, seqs, seconds, stats.kv_usage)
+    def _publish_forward_pass(self, info: StepInfo) -> None:
+        msg = ForwardPassMetrics(self.instance_id, info.num_prefill_tokens, info.num_decode_tokens,
+                                 info.num_seqs, info.step_seconds, info.kv_usage)
         self.publisher.publish(TOPIC_FORWARD_PASS, _encode(msg))
 
     async def _metrics_loop(self) -> None:

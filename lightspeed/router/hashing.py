@@ -75,7 +75,9 @@ def next_seq_hash(parent_seq_hash: int, local_hash: int) -> int:
     return _xxh3(_PAIR.pack(parent_seq_hash, local_hash), HASH_SEED)
 
 
-def compute_seq_hashes(local_hashes: Sequence[int], parent_seq_hash: int | None = None) -> list[int]:
+def compute_seq_hashes(
+    local_hashes: Sequence[int], parent_seq_hash: int | None = None
+) -> list[int]:
     """Chain local hashes into sequence hashes, optionally continuing after `parent_seq_hash`."""
     out: list[int] = []
     parent = parent_seq_hash

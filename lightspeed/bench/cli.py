@@ -1,0 +1,126 @@
+"""`lightspeed bench` flags and entry point; every flag also reads LIGHTSPEED_<FLAG>."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from lightspeed.bench.config import MODES, TRACE_FORMATS, BenchConfig
+from lightspeed.bench.report import format_summary
+from lightspeed.bench.runner import run_bench
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_SYNTHETIC_REQUESTS = 1000
+_TRUE = ("1", "true", "yes", "on")
+
+
+def _env_name(flag: str) -> str:
+    return "LIGHTSPEED_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def _opt(parser: argparse.ArgumentParser, flag: str, type_: Callable[[str], Any] | None,
+         default: Any, help_: str, **kw: Any) -> None:
+    """Add a flag whose default comes from its env var when set (argparse applies `type_` to
+    a string default, so env values are converted and validated like typed flags)."""
+    env = _env_name(flag)
+    value = os.environ.get(env)
+    if value is not None and type_ is None:  # boolean flags
+        value = value.strip().lower() in _TRUE
+    default = default if value is None else value
+    kw.setdefault("help", f"{help_} [env {env}; default: {default}]")
+    if type_ is None:
+        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+    else:
+        parser.add_argument(flag, type=type_, default=default, **kw)
+
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    """Register the `lightspeed bench` flags on `parser`."""
+    o = _opt
+    o(parser, "--url", str, "http://127.0.0.1:8000", "server base URL (OpenAI-compatible)")
+    o(parser, "--model", str, None, "model name; default: the first one /v1/models lists")
+    o(parser, "--endpoint", str, "/v1/completions", "streaming completions path")
+    o(parser, "--mode", str, "auto", "closed (fixed concurrency) | open (arrival replay) | auto",
+      choices=MODES)
+    o(parser, "--concurrency", int, 32, "closed loop: requests in flight; open loop: cap (0=none)")
+    o(parser, "--num-requests", int, None,
+      f"measured requests (synthetic default {DEFAULT_SYNTHETIC_REQUESTS}; trace default all)")
+    o(parser, "--duration", float, None, "stop sending after this many seconds")
+    o(parser, "--warmup", int, 0, "requests sent first and excluded from the report")
+    o(parser, "--isl", int, 64, "synthetic input length in tokens")
+    o(parser, "--osl", int, 16, "synthetic output length in tokens")
+    o(parser, "--shared-prefix-ratio", float, 0.0, "fraction of each synthetic prompt shared by all")
+    o(parser, "--request-rate", float, 0.0, "synthetic Poisson arrival rate req/s (0 = closed)")
+    o(parser, "--trace", str, None, "Mooncake JSONL or Azure CSV trace to replay")
+    o(parser, "--trace-format", str, "auto", "trace format", choices=TRACE_FORMATS)
+    o(parser, "--speedup", float, 1.0, "divide trace inter-arrival times by this")
+    o(parser, "--trace-start", float, 0.0, "replay from this trace time (s)")
+    o(parser, "--trace-window", float, None, "replay only this many seconds of trace time")
+    o(parser, "--max-output-tokens", int, None, "cap each request's max_tokens")
+    o(parser, "--vocab-size", int, 49152, "prompt token ids are drawn below this")
+    o(parser, "--min-token-id", int, 100, "and at or above this (skips special tokens)")
+    o(parser, "--ignore-eos", None, True, "ask the server to ignore EOS (exact output lengths)")
+    o(parser, "--seed", int, 0, "seed for prompts and arrivals")
+    o(parser, "--timeout", float, 600.0, "per-request timeout (s)")
+    o(parser, "--api-key", str, None, "bearer token sent as Authorization")
+    o(parser, "--keepalive", None, True, "reuse connections (off: one connection per request)")
+    o(parser, "--out", str, None, "directory for report.json and plots")
+    o(parser, "--label", str, "", "name of this run in the report")
+    o(parser, "--progress", None, True, "show a progress bar")
+    o(parser, "--save-requests", None, False, "also write per-request results (requests.jsonl)")
+
+
+def config_from_args(args: argparse.Namespace) -> BenchConfig:
+    """Bind parsed flags to a validated BenchConfig (raises ValueError on bad values)."""
+    num = args.num_requests
+    if num is None and args.trace is None and args.duration is None:
+        num = DEFAULT_SYNTHETIC_REQUESTS
+    return BenchConfig(
+        url=args.url, model=args.model, endpoint=args.endpoint, mode=args.mode,
+        concurrency=args.concurrency, num_requests=num, duration_s=args.duration,
+        warmup=args.warmup, isl=args.isl, osl=args.osl,
+        shared_prefix_ratio=args.shared_prefix_ratio, request_rate=args.request_rate,
+        trace=args.trace, trace_format=args.trace_format, speedup=args.speedup,
+        trace_start_s=args.trace_start, trace_window_s=args.trace_window,
+        max_output_tokens=args.max_output_tokens, vocab_size=args.vocab_size,
+        min_token_id=args.min_token_id, ignore_eos=args.ignore_eos, seed=args.seed,
+        timeout_s=args.timeout, api_key=args.api_key, keepalive=args.keepalive, out_dir=args.out, label=args.label,
+        progress=args.progress, save_requests=args.save_requests,
+    )  # fmt: skip
+
+
+def _run(cfg: BenchConfig):  # type: ignore[no-untyped-def]
+    try:
+        import uvloop
+    except ImportError:  # uvloop is a dependency; tolerate its absence on odd platforms
+        return asyncio.run(run_bench(cfg))
+    return uvloop.run(run_bench(cfg))
+
+
+def bench_main(args: argparse.Namespace) -> int:
+    """Run `lightspeed bench` from parsed args; returns a process exit code."""
+    try:
+        cfg = config_from_args(args)
+    except ValueError as exc:
+        logger.error("invalid bench configuration: %s", exc)
+        return 2
+    report = _run(cfg)
+    sys.stdout.write(format_summary(report))
+    if cfg.out_dir:
+        logger.info("report written to %s", cfg.out_dir)
+    return 0 if report.summary.completed else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="lightspeed bench", description="Load client and trace replay for OpenAI servers"
+    )
+    add_bench_args(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return bench_main(parser.parse_args(argv))

@@ -1,0 +1,137 @@
+"""Executes scheduler steps on a real model: tensors in, sampled tokens out, no decisions.
+
+The runner owns the weights, the paged KV cache (one [2, num_blocks, block_size, kv_heads,
+head_dim] tensor per layer) and the per-request sampler state. Block ids in a `SchedulerOutput`
+index straight into that cache; which blocks to use is entirely the scheduler's business.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lightspeed.engine.sampler import Sampler, SamplingRow
+from lightspeed.engine.types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
+from lightspeed.models.llama import AttentionMetadata, PagedLlama, build_attention_metadata
+from lightspeed.models.weights import ModelConfig, load_weights
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is not None:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes one block occupies across all layers (K and V)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
+
+
+def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype,
+                      kv_cache_gb: float) -> int:
+    num_blocks = int(kv_cache_gb * (1 << 30)) // kv_block_bytes(config, block_size, dtype)
+    if num_blocks < 1:
+        raise ValueError(f"kv_cache_gb={kv_cache_gb} holds no block of {block_size} tokens")
+    return num_blocks
+
+
+@dataclass(frozen=True, slots=True)
+class StepBatch:
+    """One step's device inputs, with the scheduled seqs reordered decodes-first."""
+
+    seqs: list[ScheduledSeq]
+    input_ids: torch.Tensor
+    meta: AttentionMetadata
+    logits_indices: torch.Tensor  # flat token index of each sampled seq's last token
+    sampled: list[ScheduledSeq]
+
+
+class ModelRunner:
+    def __init__(self, model_path: str | Path, block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_gb: float | None = None, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, num_threads: int | None = None) -> None:
+        if block_size < 1:
+            raise ValueError("block_size must be >= 1")
+        if (num_blocks is None) == (kv_cache_gb is None):
+            raise ValueError("give exactly one of num_blocks and kv_cache_gb")
+        if num_blocks is not None and num_blocks < 1:
+            raise ValueError("num_blocks must be >= 1")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.device = resolve_device(device)
+        # fp32 on CPU keeps results comparable with reference implementations; bf16 on GPUs.
+        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
+        self.config, state = load_weights(model_path)
+        self.model = PagedLlama(self.config, state, self.dtype, self.device)
+        del state
+        self.block_size = block_size
+        self.num_blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype,
+                                                          kv_cache_gb or 0.0)
+        self.kv_caches = self.model.allocate_kv_cache(self.num_blocks, block_size)
+        self.sampler = Sampler(self.config.vocab_size, self.device)
+        logger.info("model %s on %s/%s: %d KV blocks of %d tokens", model_path, self.device,
+                    self.dtype, self.num_blocks, block_size)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        return self.config.eos_token_ids
+
+    @property
+    def max_model_len(self) -> int:
+        return self.config.max_position_embeddings
+
+    @torch.inference_mode()
+    def execute(self, sched: SchedulerOutput) -> ModelRunnerOutput:
+        self.sampler.drop(sched.finished_request_ids)
+        if not sched.seqs:
+            return ModelRunnerOutput(sampled={})
+        batch = self._prepare(sched.seqs)
+        logits = self.model(batch.input_ids, batch.meta, self.kv_caches, batch.logits_indices)
+        if not batch.sampled:
+            return ModelRunnerOutput(sampled={})
+        rows = [SamplingRow(s.request_id, s.sampling, s.banned_token_ids) for s in batch.sampled]
+        results = self.sampler.sample(logits, rows)
+        out = ModelRunnerOutput(sampled={})
+        for seq, result in zip(batch.sampled, results):
+            out.sampled[seq.request_id] = result.token_id
+            if result.logprob is not None:
+                out.logprobs[seq.request_id] = result.logprob
+        return out
+
+    def _prepare(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+        # Single-token sequences first: they form the attention group that needs no padding.
+        seqs = sorted(scheduled, key=lambda s: len(s.token_ids) != 1)
+        self._validate(seqs)
+        qlens = [len(s.token_ids) for s in seqs]
+        meta = build_attention_metadata(
+            qlens, [s.start_pos for s in seqs], [s.block_ids for s in seqs], self.block_size,
+            self.config.num_heads // self.config.num_kv_heads, self.dtype, self.device)
+        ends = list(itertools.accumulate(qlens))
+        sampled = [s for s in seqs if s.sample]
+        last = [end - 1 for end, s in zip(ends, seqs) if s.sample]
+        input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)),
+                                 dtype=torch.int64, device=self.device)
+        return StepBatch(seqs, input_ids, meta,
+                         torch.tensor(last, dtype=torch.int64, device=self.device), sampled)
+
+    def _validate(self, seqs: list[ScheduledSeq]) -> None:
+        max_end = 0
+        for seq in seqs:
+            if not seq.token_ids:
+                raise ValueError(f"request {seq.request_id}: scheduled with no tokens")
+            if seq.block_ids and not 0 <= min(seq.block_ids) <= max(seq.block_ids) < self.num_blocks:
+                raise ValueError(f"request {seq.request_id}: block id out of [0, {self.num_blocks})")
+            max_end = max(max_end, seq.start_pos + len(seq.token_ids))
+        # Positions past the configured context still get rotary values; the caller decides limits.
+        self.model.rotary.ensure(max_end)

@@ -1,0 +1,282 @@
+"""Text -> token ids for the frontend: tokenizer, special tokens and the chat template.
+
+Loads only local files (tokenizer.json + tokenizer_config.json of an HF-style folder) with the
+`tokenizers` library, and renders chat templates with jinja2 the way HF transformers does, so a
+prompt tokenizes to the same ids a user would get from `apply_chat_template(..., tokenize=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import jinja2
+import jinja2.ext
+import jinja2.nodes
+import jinja2.parser
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+from tokenizers import Tokenizer
+
+from lightspeed.errors import InvalidRequest
+from lightspeed.models.registry import folder_eos_token_ids
+
+log = logging.getLogger(__name__)
+
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_DEFAULT_CONTEXT = 2048
+
+
+@dataclass(frozen=True, slots=True)
+class TokenizerSettings:
+    """The parts of tokenizer_config.json that change how text becomes ids."""
+
+    bos_token: str | None = None
+    eos_token: str | None = None
+    unk_token: str | None = None
+    pad_token: str | None = None
+    add_bos_token: bool = False
+    add_eos_token: bool = False
+    chat_template: str | None = None
+    model_max_length: int = _DEFAULT_CONTEXT
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any], template_file: str | None = None) -> TokenizerSettings:
+        max_len = cfg.get("model_max_length")
+        # HF writes ~1e30 for "unset"; treat absurd values as unknown.
+        if not isinstance(max_len, int) or not 0 < max_len < 1 << 24:
+            max_len = _DEFAULT_CONTEXT
+        return cls(
+            bos_token=_token_content(cfg.get("bos_token")),
+            eos_token=_token_content(cfg.get("eos_token")),
+            unk_token=_token_content(cfg.get("unk_token")),
+            pad_token=_token_content(cfg.get("pad_token")),
+            add_bos_token=bool(cfg.get("add_bos_token", False)),
+            add_eos_token=bool(cfg.get("add_eos_token", False)),
+            chat_template=template_file or _pick_template(cfg.get("chat_template")),
+            model_max_length=max_len,
+        )
+
+
+def _token_content(value: object) -> str | None:
+    if isinstance(value, dict):  # a serialized AddedToken
+        value = value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def _pick_template(value: object) -> str | None:
+    """HF allows one template or a list of named ones; the unnamed request uses "default"."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        named = {t.get("name"): t.get("template") for t in value if isinstance(t, dict)}
+        chosen = named.get("default")
+        return chosen if isinstance(chosen, str) else None
+    return None
+
+
+# ---------------------------------------------------------------- chat template environment
+
+
+class _GenerationTag(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` (HF's assistant-mask marker): render the body.
+
+    Templates written for `return_assistant_tokens_mask` use it; without this they fail to compile.
+    """
+
+    tags = {"generation"}
+
+    def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
+def _raise_exception(message: str) -> None:
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+    # Unlike jinja2's built-in tojson this does not HTML-escape, matching transformers.
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def compile_chat_template(source: str) -> jinja2.Template:
+    """Compile with the same sandbox, whitespace rules and helpers transformers provides."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env.from_string(source)
+
+
+# ---------------------------------------------------------------- messages
+
+
+def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Validate OpenAI chat messages and give each a plain-string `content` (copies, no mutation)."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages must be a non-empty list", param="messages")
+    return [_normalize_message(m, i) for i, m in enumerate(messages)]
+
+
+def _normalize_message(message: object, index: int) -> dict[str, Any]:
+    param = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"{param} must be an object", param=param)
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        raise InvalidRequest(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}",
+                             param=f"{param}.role")
+    out = dict(message)
+    content = message.get("content")
+    if content is None:
+        if not (role == "assistant" and message.get("tool_calls")):
+            raise InvalidRequest(f"{param}.content is required", param=f"{param}.content")
+        out["content"] = ""
+    else:
+        out["content"] = _content_text(content, f"{param}.content")
+    if message.get("tool_calls"):
+        out["tool_calls"] = [_parse_arguments(call) for call in message["tool_calls"]]
+    return out
+
+
+def _content_text(content: object, param: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"{param} must be a string or a list of content parts", param=param)
+    texts: list[str] = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise InvalidRequest(f"{param}[{j}]: unsupported content part type {kind!r} (only 'text')",
+                                 param=f"{param}[{j}]")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidRequest(f"{param}[{j}].text must be a string", param=f"{param}[{j}].text")
+        texts.append(text)
+    return "\n".join(texts)  # as vLLM joins text parts
+
+
+def _parse_arguments(call: object) -> object:
+    """Templates expect tool-call arguments as a mapping (they `tojson` them); OpenAI sends a
+    JSON string, so decode it when it is one."""
+    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
+        return call
+    arguments = call["function"].get("arguments")
+    if not isinstance(arguments, str):
+        return call
+    try:
+        parsed = json.loads(arguments)
+    except ValueError:
+        return call
+    if not isinstance(parsed, dict):
+        return call
+    return {**call, "function": {**call["function"], "arguments": parsed}}
+
+
+# ---------------------------------------------------------------- the preprocessor
+
+
+class Preprocessor:
+    """Tokenizer + chat template of one model folder. Thread-safe for reads (encode/decode)."""
+
+    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, eos_token_ids: list[int],
+                 vocab_size: int | None = None) -> None:
+        self._tokenizer = tokenizer
+        self.settings = settings
+        self._eos_token_ids = list(eos_token_ids)
+        # The model's embedding rows may outnumber the tokenizer's tokens (padded vocabularies).
+        self.vocab_size = max(vocab_size or 0, tokenizer.get_vocab_size(with_added_tokens=True))
+        self.bos_token_id = tokenizer.token_to_id(settings.bos_token) if settings.bos_token else None
+        self.eos_token_id = tokenizer.token_to_id(settings.eos_token) if settings.eos_token else None
+        template = settings.chat_template
+        self._template = compile_chat_template(template) if template is not None else None
+
+    @classmethod
+    def from_folder(cls, folder: Path) -> Preprocessor:
+        folder = Path(folder)
+        tokenizer_file = folder / "tokenizer.json"
+        if not tokenizer_file.is_file():
+            raise ValueError(f"{folder} has no tokenizer.json")
+        tokenizer = Tokenizer.from_file(str(tokenizer_file))
+        cfg = _read_json(folder / "tokenizer_config.json")
+        template_path = folder / "chat_template.jinja"  # newer HF folders keep it separately
+        template = template_path.read_text() if template_path.is_file() else None
+        settings = TokenizerSettings.from_dict(cfg, template)
+        vocab = _read_json(folder / "config.json").get("vocab_size")
+        return cls(tokenizer, settings, folder_eos_token_ids(folder),
+                   vocab if isinstance(vocab, int) else None)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self._tokenizer
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return list(self._eos_token_ids)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._template is not None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; BOS/EOS only when add_special_tokens and the config asks for them.
+
+        A tokenizer.json whose post-processor already adds BOS is not given a second one.
+        """
+        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        if not add_special_tokens:
+            return ids
+        bos, eos = self.bos_token_id, self.eos_token_id
+        if self.settings.add_bos_token and bos is not None and (not ids or ids[0] != bos):
+            ids.insert(0, bos)
+        if self.settings.add_eos_token and eos is not None and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: list[dict[str, Any]] | None = None) -> str:
+        """Render the conversation to prompt text (special tokens appear as text)."""
+        if self._template is None:
+            raise InvalidRequest("this model has no chat template; use /v1/completions",
+                                 param="messages")
+        normalized = normalize_messages(messages)
+        s = self.settings
+        try:
+            return self._template.render(
+                messages=normalized, tools=tools, add_generation_prompt=add_generation_prompt,
+                bos_token=s.bos_token or "", eos_token=s.eos_token or "",
+                unk_token=s.unk_token or "", pad_token=s.pad_token or "",
+            )
+        except (jinja2.exceptions.TemplateError, TypeError, ValueError) as exc:
+            # The template rejects this conversation (e.g. roles must alternate): a client error.
+            raise InvalidRequest(f"chat template error: {exc}", param="messages") from exc
+
+    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+        # The rendered text already holds BOS etc. as text, so no special tokens are added again.
+        text = self.apply_chat_template(messages, add_generation_prompt, tools)
+        return self.encode(text, add_special_tokens=False)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    return data if isinstance(data, dict) else {}

@@ -1,0 +1,66 @@
+"""The mocker's performance model: how long a simulated engine step takes.
+
+Dynamo's polynomial fits (milliseconds):
+    prefill(t) = 4.209989e-7 * t^2 + 1.518344e-2 * t + 16.50142   (t: uncached prompt tokens)
+    decode(p)  = max(1, -25.74 * p^2 + 54.01 * p + 5.74)           (p: active KV blocks / total)
+and every time is divided by `speedup_ratio`.
+
+How Dynamo's mocker combines them (ai-dynamo/dynamo, lib/mocker: the vLLM-style scheduler): a
+forward pass runs a prefill phase and then a decode phase and sleeps for each in turn, so a step
+lasts prefill + decode. The prefill phase is charged only when prefill work was scheduled
+(uncached tokens > 0). The decode phase is charged only when some sequence is ready to emit a
+token; a request whose prefill completes in this pass is such a sequence (it emits its first
+token in the same pass), so a first token costs prefill + decode, while a pass holding only
+non-final prefill chunks pays no decode. Dynamo's decode floor of 1 ms keeps token-emitting
+steps from collapsing onto the same timestamp. Two deliberate differences: (a) older Dynamo
+evaluates the prefill polynomial per request and sums, paying the 16.5 ms constant once per
+prefilling request; we evaluate it once on the step's total uncached tokens, as DESIGN §5 states
+and as a batched forward pass behaves; (b) older Dynamo feeds the decode polynomial active KV
+*tokens* / 16384 (a constant, not the cache size); we use active blocks / total blocks as DESIGN
+§5 states, so p stays a true utilisation in [0, 1] whatever the cache size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFILL_COEFFS = (4.209989e-7, 1.518344e-2, 16.50142)  # t^2, t, 1
+DECODE_COEFFS = (-25.74, 54.01, 5.74)  # p^2, p, 1
+DECODE_FLOOR_MS = 1.0
+
+
+def prefill_ms(num_tokens: int) -> float:
+    """Modelled prefill time of `num_tokens` uncached prompt tokens (0 when there are none)."""
+    if num_tokens <= 0:
+        return 0.0
+    a, b, c = PREFILL_COEFFS
+    return a * num_tokens * num_tokens + b * num_tokens + c
+
+
+def decode_ms(kv_usage: float) -> float:
+    """Modelled decode time of one step at `kv_usage` = active KV blocks / total blocks."""
+    a, b, c = DECODE_COEFFS
+    return max(DECODE_FLOOR_MS, a * kv_usage * kv_usage + b * kv_usage + c)
+
+
+@dataclass(frozen=True, slots=True)
+class MockerTiming:
+    """Step-time model scaled by `speedup_ratio` (2.0 = twice as fast as the fitted GPU)."""
+
+    speedup_ratio: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.speedup_ratio > 0:
+            raise ValueError(f"speedup_ratio must be > 0, got {self.speedup_ratio}")
+
+    def step_ms_unscaled(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> float:
+        """Prefill phase then decode phase, as in Dynamo's mocker (see module docstring)."""
+        total = prefill_ms(num_prefill_tokens)
+        if has_decode:
+            total += decode_ms(kv_usage)
+        return total
+
+    def step_seconds(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> float:
+        """Wall seconds the simulated step lasts."""
+        ms = self.step_ms_unscaled(num_prefill_tokens, kv_usage, has_decode)
+        return ms / 1000.0 / self.speedup_ratio

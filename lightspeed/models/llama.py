@@ -1,0 +1,298 @@
+"""Llama / Qwen2 / Mistral forward pass over a paged KV cache.
+
+The model computes a FLAT batch: the new tokens of every sequence in the step, concatenated
+(prefill chunks and decodes mixed). Each layer writes the new K/V into the cache slots given by
+`slot_mapping`, then attends over each sequence's whole context gathered through its block table.
+Sequences are split into at most two attention groups per step, each one SDPA call per layer:
+a leading run of single-token (decode) sequences, which needs no query padding, and the rest,
+whose queries are padded to the longest chunk. Per layer there is no per-sequence Python work.
+
+KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
+Query heads sharing a KV head are folded into the query-row axis, so GQA never copies K/V.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
+
+
+# ---------------------------------------------------------------- attention metadata
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionGroup:
+    """Sequences sharing one SDPA call: tokens [token_start, token_end) of the flat batch."""
+
+    token_start: int
+    token_end: int
+    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0 (masked out)
+    attn_mask: torch.Tensor  # additive float [B, 1, rows, max_blocks * block_size]
+    max_query_len: int
+    # None when every sequence has exactly one query token (no padding needed).
+    pad_index: torch.Tensor | None = None  # [B * max_query_len] group token index per padded row
+    unpad_index: torch.Tensor | None = None  # [token_end - token_start] padded row per token
+
+
+@dataclass(frozen=True, slots=True)
+class AttentionMetadata:
+    positions: torch.Tensor  # [T] int64
+    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
+    groups: tuple[AttentionGroup, ...]
+
+
+def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int) -> np.ndarray:
+    out = np.zeros((len(tables), max(num_blocks, 1)), dtype=np.int64)
+    for row, table in enumerate(tables):
+        used = min(len(table), num_blocks)
+        out[row, :used] = table[:used]
+    return out
+
+
+def _attn_mask(starts: np.ndarray, qlens: np.ndarray, rows_per_query: int, ctx: int,
+               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Additive mask [B, 1, rows_per_query * max_q, ctx]: causal within the chunk and cut at the
+    context length. Padded query rows repeat the last real row so no row is fully masked."""
+    max_q = int(qlens.max())
+    rows = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)  # [B, max_q]
+    last_key = torch.from_numpy(starts[:, None] + rows).to(device)
+    allowed = torch.arange(ctx, device=device)[None, None, :] <= last_key[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+    batch = len(qlens)
+    if max_q == 1:
+        return mask.view(batch, 1, 1, ctx)  # broadcast over the folded query heads
+    return mask[:, None].expand(batch, rows_per_query, max_q, ctx).reshape(batch, 1, -1, ctx)
+
+
+def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
+                 tables: Sequence[Sequence[int]], block_size: int, rows_per_query: int,
+                 dtype: torch.dtype, device: torch.device) -> AttentionGroup:
+    ctx_lens = starts + qlens
+    num_blocks = -(-int(ctx_lens.max()) // block_size)
+    padded = torch.from_numpy(_padded_tables(tables, num_blocks)).to(device)
+    mask = _attn_mask(starts, qlens, rows_per_query, num_blocks * block_size, dtype, device)
+    max_q = int(qlens.max())
+    group = AttentionGroup(token_start, token_start + int(qlens.sum()), padded, mask, max_q)
+    if max_q == 1:
+        return group
+    qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
+    col = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)
+    pad = (qstart[:, None] + col).reshape(-1)
+    seq_of_token = np.repeat(np.arange(len(qlens)), qlens)
+    unpad = seq_of_token * max_q + (np.arange(int(qlens.sum())) - np.repeat(qstart, qlens))
+    return AttentionGroup(group.token_start, group.token_end, padded, mask, max_q,
+                          torch.from_numpy(pad).to(device), torch.from_numpy(unpad).to(device))
+
+
+def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray,
+                         tables: Sequence[Sequence[int]], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    ctx_lens = starts + qlens
+    for table, ctx in zip(tables, ctx_lens):
+        if len(table) * block_size < ctx:
+            raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
+    padded = _padded_tables(tables, max(len(t) for t in tables))
+    seq = np.repeat(np.arange(len(qlens)), qlens)
+    qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
+    positions = np.arange(int(qlens.sum())) - np.repeat(qstart, qlens) + np.repeat(starts, qlens)
+    slots = padded[seq, positions // block_size] * block_size + positions % block_size
+    return positions, slots
+
+
+def build_attention_metadata(query_lens: Sequence[int], start_positions: Sequence[int],
+                             block_tables: Sequence[Sequence[int]], block_size: int,
+                             num_queries_per_kv: int, dtype: torch.dtype,
+                             device: torch.device) -> AttentionMetadata:
+    """Describe one step's flat batch. Sequence i contributes query_lens[i] tokens at positions
+    start_positions[i].. and owns block_tables[i]. Put single-token sequences first: that
+    leading run becomes the unpadded decode group."""
+    qlens = np.asarray(query_lens, dtype=np.int64)
+    starts = np.asarray(start_positions, dtype=np.int64)
+    if len(qlens) == 0 or qlens.min() < 1 or starts.min() < 0:
+        raise ValueError("need at least one sequence, each with >= 1 token at a position >= 0")
+    positions, slots = _positions_and_slots(starts, qlens, block_tables, block_size)
+    num_decode = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(qlens)
+    groups = []
+    for lo, hi in ((0, num_decode), (num_decode, len(qlens))):
+        if hi > lo:
+            groups.append(_build_group(int(qlens[:lo].sum()), starts[lo:hi], qlens[lo:hi],
+                                       block_tables[lo:hi], block_size, num_queries_per_kv,
+                                       dtype, device))
+    return AttentionMetadata(torch.from_numpy(positions).to(device),
+                             torch.from_numpy(slots).to(device), tuple(groups))
+
+
+# ---------------------------------------------------------------- rotary embedding
+
+
+def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
+    dim = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return inv if config.rope_scaling is None else _scale_inv_freq(inv, config.rope_scaling)
+
+
+def _scale_inv_freq(inv: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
+    if scaling.rope_type == "linear":
+        return inv / scaling.factor
+    # llama3: long wavelengths slowed by `factor`, short ones kept, a smooth blend between.
+    old_len = scaling.original_max_position_embeddings
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old_len / scaling.low_freq_factor, inv / scaling.factor, inv)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (
+        wavelen <= old_len / scaling.low_freq_factor)
+    return torch.where(medium, blended, scaled)
+
+
+class RotaryTable:
+    """cos/sin per position (half head_dim wide), grown on demand, looked up once per step."""
+
+    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
+        self._inv_freq = rope_inv_freq(config)
+        self._dtype = dtype
+        self._device = device
+        self.cos = torch.empty(0, config.head_dim // 2, dtype=dtype, device=device)
+        self.sin = self.cos
+        self.ensure(config.max_position_embeddings)
+
+    def ensure(self, num_positions: int) -> None:
+        if num_positions <= self.cos.shape[0]:
+            return
+        size = max(num_positions, 2 * self.cos.shape[0])  # amortize growth past the config
+        freqs = torch.outer(torch.arange(size, dtype=torch.float32), self._inv_freq)
+        self.cos = freqs.cos().to(self._device, self._dtype)
+        self.sin = freqs.sin().to(self._device, self._dtype)
+
+    def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[T, 1, head_dim/2] each, broadcasting over heads."""
+        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF `rotate_half` rotary on [T, heads, head_dim] (first half pairs with second half)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass(frozen=True, slots=True)
+class LayerWeights:
+    input_norm: torch.Tensor
+    qkv: torch.Tensor  # [q + 2 * kv, hidden]: q, k, v projections fused into one matmul
+    qkv_bias: torch.Tensor | None
+    o_proj: torch.Tensor
+    post_norm: torch.Tensor
+    gate_up: torch.Tensor  # [2 * ffn, hidden]: gate then up, fused
+    down: torch.Tensor
+
+
+class PagedLlama:
+    """Llama-family causal LM. Plain tensors (no nn.Module): inference only, nothing to train."""
+
+    def __init__(self, config: ModelConfig, state: StateDict, dtype: torch.dtype,
+                 device: torch.device) -> None:
+        self.config = config
+        self.dtype = dtype
+        self.device = device
+
+        def get(name: str) -> torch.Tensor:
+            return state[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = get("model.embed_tokens.weight")
+        tied = state["lm_head.weight"] is state["model.embed_tokens.weight"]
+        self.lm_head = self.embed if tied else get("lm_head.weight")
+        self.norm = get("model.norm.weight")
+        self.layers = [self._layer(i, get) for i in range(config.num_layers)]
+        self.rotary = RotaryTable(config, dtype, device)
+        self.scale = 1.0 / math.sqrt(config.head_dim)
+
+    def _layer(self, i: int, get: Callable[[str], torch.Tensor]) -> LayerWeights:
+        p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        qkv = torch.cat([get(attn + f"{x}_proj.weight") for x in "qkv"])
+        bias = None
+        if self.config.attention_bias:
+            bias = torch.cat([get(attn + f"{x}_proj.bias") for x in "qkv"])
+        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
+        return LayerWeights(get(p + "input_layernorm.weight"), qkv, bias,
+                            get(attn + "o_proj.weight"), get(p + "post_attention_layernorm.weight"),
+                            gate_up, get(p + "mlp.down_proj.weight"))
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
+        shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
+                for _ in range(self.config.num_layers)]
+
+    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
+                kv_caches: Sequence[torch.Tensor],
+                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits [len(logits_indices) or T, vocab] for the flat batch `input_ids`."""
+        cos, sin = self.rotary.lookup(meta.positions)
+        hidden = F.embedding(input_ids, self.embed)
+        residual = None
+        for layer, cache in zip(self.layers, kv_caches, strict=True):
+            hidden, residual = self._layer_forward(layer, hidden, residual, cos, sin, cache, meta)
+        hidden = hidden + residual
+        if logits_indices is not None:
+            hidden = hidden.index_select(0, logits_indices)
+        hidden = F.rms_norm(hidden, self.norm.shape, self.norm, self.config.rms_norm_eps)
+        return F.linear(hidden, self.lm_head).float()
+
+    __call__ = forward
+
+    def _layer_forward(self, w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None,
+                       cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
+                       meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg = self.config
+        residual = hidden if residual is None else hidden + residual
+        x = F.rms_norm(residual, w.input_norm.shape, w.input_norm, cfg.rms_norm_eps)
+        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        tokens = qkv.shape[0]
+        # Rotate q and k together: they are adjacent heads in the fused projection.
+        qk = apply_rope(qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim), cos, sin)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        attn = self._attention(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v, cache, meta)
+        residual = F.linear(attn, w.o_proj) + residual
+        x = F.rms_norm(residual, w.post_norm.shape, w.post_norm, cfg.rms_norm_eps)
+        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w.down), residual
+
+    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
+                   meta: AttentionMetadata) -> torch.Tensor:
+        """Write the new K/V into the cache, then attend per group. Returns [T, heads * dim]."""
+        cfg = self.config
+        flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
+        flat[0].index_copy_(0, meta.slot_mapping, k)
+        flat[1].index_copy_(0, meta.slot_mapping, v)
+        outs = [self._group_attention(q[g.token_start:g.token_end], cache, g) for g in meta.groups]
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,
+                         group: AttentionGroup) -> torch.Tensor:
+        cfg = self.config
+        batch, max_blocks = group.block_tables.shape
+        kvh, dim, per_kv = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        kv = cache.index_select(1, group.block_tables.view(-1))  # one gather for K and V
+        kv = kv.view(2, batch, max_blocks * cache.shape[2], kvh, dim).transpose(2, 3)
+        max_q = group.max_query_len
+        if group.pad_index is None:
+            queries = q.reshape(batch, kvh, per_kv, dim)
+        else:
+            padded = q.index_select(0, group.pad_index).view(batch, max_q, kvh, per_kv, dim)
+            queries = padded.permute(0, 2, 3, 1, 4).reshape(batch, kvh, per_kv * max_q, dim)
+        out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.attn_mask,
+                                             scale=self.scale)
+        if group.pad_index is None:
+            return out.reshape(batch, cfg.q_size)
+        out = out.view(batch, kvh, per_kv, max_q, dim).permute(0, 3, 1, 2, 4)
+        return out.reshape(batch * max_q, cfg.q_size).index_select(0, group.unpad_index)

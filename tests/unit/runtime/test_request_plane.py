@@ -1,0 +1,384 @@
+"""Request plane: framing, streaming, multiplexing, cancellation, failures, drain."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+
+import pytest
+
+from lightspeed.errors import WorkerError, WorkerLost
+from lightspeed.runtime.framing import (
+    Cancel,
+    Data,
+    End,
+    Error,
+    FrameDecoder,
+    FrameError,
+    Request,
+    encode_frame,
+)
+from lightspeed.runtime.request_plane import (
+    RequestContext,
+    RequestPlaneClient,
+    RequestPlaneServer,
+)
+
+# ---------------------------------------------------------------- framing
+
+
+def test_frame_roundtrip_all_types() -> None:
+    frames = [
+        Request(1, "generate", b"\x00\x01"),
+        Cancel(1),
+        Data(1, b"tok"),
+        End(1),
+        Error(2, "ValueError", "bad"),
+    ]
+    wire = b"".join(encode_frame(f) for f in frames)
+    assert FrameDecoder().feed(wire) == frames
+
+
+def test_frame_header_is_big_endian_body_length() -> None:
+    buf = encode_frame(End(7))
+    assert int.from_bytes(buf[:4], "big") == len(buf) - 4
+
+
+def test_decoder_reassembles_byte_by_byte() -> None:
+    frames = [Data(3, b"x" * 300), End(3)]
+    wire = b"".join(encode_frame(f) for f in frames)
+    dec = FrameDecoder()
+    got = []
+    for i in range(len(wire)):
+        got.extend(dec.feed(wire[i : i + 1]))
+    assert got == frames
+    assert dec.pending_bytes == 0
+
+
+def test_decoder_keeps_partial_tail() -> None:
+    wire = bytes(encode_frame(Data(1, b"a"))) + bytes(encode_frame(Data(2, b"b")))
+    dec = FrameDecoder()
+    assert dec.feed(wire[:-3]) == [Data(1, b"a")]
+    assert dec.pending_bytes == len(wire) // 2 - 3
+    assert dec.feed(wire[-3:]) == [Data(2, b"b")]
+
+
+def test_decoder_rejects_oversized_and_garbage() -> None:
+    with pytest.raises(FrameError):
+        FrameDecoder(max_frame=10).feed((11).to_bytes(4, "big") + b"\x00" * 11)
+    with pytest.raises(FrameError):
+        FrameDecoder().feed((1).to_bytes(4, "big") + b"\xc1")
+
+
+# ---------------------------------------------------------------- handlers
+
+
+async def count(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    for i in range(int(payload)):
+        yield str(i).encode()
+
+
+async def tagged(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    tag, n = payload.decode().split(":")
+    for i in range(int(n)):
+        await asyncio.sleep(0)  # interleave with the other streams
+        yield f"{tag}:{i}".encode()
+
+
+async def echo_twice(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    yield payload
+    yield payload[::-1]
+
+
+async def fail_after_one(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    yield b"first"
+    raise ValueError("boom")
+
+
+class Blocking:
+    """Yields one item, then waits forever; records how it ended."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.contexts: list[RequestContext] = []
+        self.finished = 0
+        self.all_done = asyncio.Event()
+        self.expected = 1
+
+    async def __call__(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        self.contexts.append(ctx)
+        try:
+            yield b"started"
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.log.append(f"cancelled:{payload.decode()}")
+            raise
+        finally:
+            self.log.append(f"finally:{payload.decode()}")
+            self.finished += 1
+            if self.finished == self.expected:
+                self.all_done.set()
+
+
+async def slow_three(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+    for i in range(3):
+        await asyncio.sleep(0.05)
+        yield str(i).encode()
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[RequestPlaneServer]:
+    srv = RequestPlaneServer()
+    srv.register("count", count)
+    srv.register("tagged", tagged)
+    srv.register("echo", echo_twice)
+    srv.register("fail", fail_after_one)
+    srv.register("slow", slow_three)
+    await srv.start()
+    yield srv
+    await srv.stop(drain_timeout=0)
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[RequestPlaneClient]:
+    cl = RequestPlaneClient()
+    yield cl
+    await cl.close()
+
+
+async def collect(stream: AsyncIterator[bytes]) -> list[bytes]:
+    return [item async for item in stream]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---------------------------------------------------------------- streaming
+
+
+async def test_start_returns_bound_address(server: RequestPlaneServer) -> None:
+    host, port = server.address.split(":")
+    assert host == "127.0.0.1"
+    assert int(port) > 0
+
+
+async def test_streams_payloads_in_order(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
+    stream = await client.stream(server.address, "count", b"100")
+    assert await collect(stream) == [str(i).encode() for i in range(100)]
+    assert not stream.open
+
+
+async def test_empty_stream_ends(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
+    assert await collect(await client.stream(server.address, "count", b"0")) == []
+
+
+async def test_concurrent_streams_share_one_connection(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    async def one(tag: int) -> list[bytes]:
+        return await collect(await client.stream(server.address, "tagged", f"{tag}:20".encode()))
+
+    results = await asyncio.gather(*(one(tag) for tag in range(50)))
+    for tag, got in enumerate(results):
+        assert got == [f"{tag}:{i}".encode() for i in range(20)]
+    assert server.num_connections == 1
+    assert server.num_inflight == 0
+
+
+async def test_large_payload_roundtrip(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
+    payload = bytes(range(256)) * 4096  # 1 MiB
+    got = await collect(await client.stream(server.address, "echo", payload))
+    assert got == [payload, payload[::-1]]
+
+
+# ---------------------------------------------------------------- cancellation
+
+
+async def test_cancel_reaches_handler_finally(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    blocking = Blocking()
+    server.register("block", blocking)
+    stream = await client.stream(server.address, "block", b"a")
+    assert await stream.__anext__() == b"started"
+    await stream.cancel()
+    await asyncio.wait_for(blocking.all_done.wait(), 2.0)
+    assert blocking.log == ["cancelled:a", "finally:a"]
+    assert blocking.contexts[0].cancelled
+    assert await collect(stream) == []
+    await asyncio.sleep(0)
+    assert server.num_inflight == 0
+
+
+async def test_aclose_of_finished_stream_sends_nothing(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    async with await client.stream(server.address, "count", b"2") as stream:
+        assert await collect(stream) == [b"0", b"1"]
+    # The connection is still healthy for the next stream.
+    assert await collect(await client.stream(server.address, "count", b"1")) == [b"0"]
+
+
+async def test_client_close_cancels_server_handlers(server: RequestPlaneServer) -> None:
+    blocking = Blocking()
+    blocking.expected = 3
+    server.register("block", blocking)
+    client = RequestPlaneClient()
+    streams = [await client.stream(server.address, "block", str(i).encode()) for i in range(3)]
+    for stream in streams:
+        assert await stream.__anext__() == b"started"
+    await client.close()
+    await asyncio.wait_for(blocking.all_done.wait(), 2.0)
+    assert sorted(blocking.log) == sorted(
+        [f"cancelled:{i}" for i in range(3)] + [f"finally:{i}" for i in range(3)]
+    )
+    assert all(ctx.cancelled for ctx in blocking.contexts)
+    for stream in streams:
+        with pytest.raises(WorkerLost):
+            await stream.__anext__()
+
+
+async def test_wait_cancelled_wakes_on_cancel(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    seen = asyncio.Event()
+
+    async def watcher(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        yield b"go"
+        try:
+            await ctx.wait_cancelled()
+        finally:
+            seen.set()
+
+    server.register("watch", watcher)
+    stream = await client.stream(server.address, "watch", b"")
+    assert await stream.__anext__() == b"go"
+    await stream.aclose()
+    await asyncio.wait_for(seen.wait(), 2.0)
+
+
+# ---------------------------------------------------------------- errors
+
+
+async def test_handler_error_becomes_worker_error(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    stream = await client.stream(server.address, "fail", b"")
+    assert await stream.__anext__() == b"first"
+    with pytest.raises(WorkerError) as info:
+        await stream.__anext__()
+    assert info.value.code == "ValueError"
+    assert info.value.message == "boom"
+
+
+async def test_unknown_endpoint(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
+    stream = await client.stream(server.address, "nope", b"")
+    with pytest.raises(WorkerError) as info:
+        await stream.__anext__()
+    assert info.value.code == "UnknownEndpoint"
+
+
+async def test_connect_failure_is_worker_lost(client: RequestPlaneClient) -> None:
+    with pytest.raises(WorkerLost) as info:
+        await client.stream(f"127.0.0.1:{free_port()}", "count", b"1")
+    assert info.value.code == "ConnectFailed"
+
+
+async def test_bad_address_is_value_error(client: RequestPlaneClient) -> None:
+    with pytest.raises(ValueError):
+        await client.stream("no-port", "count", b"1")
+
+
+async def test_server_crash_mid_stream_is_worker_lost(client: RequestPlaneClient) -> None:
+    """A peer that sends one Data frame and then drops the socket, like a killed worker."""
+
+    async def crashing_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        dec = FrameDecoder()
+        frames: list[object] = []
+        while not frames:
+            frames = dec.feed(await reader.read(65536))
+        writer.write(encode_frame(Data(frames[0].id, b"partial")))  # type: ignore[attr-defined]
+        await writer.drain()
+        writer.transport.abort()
+
+    peer = await asyncio.start_server(crashing_peer, "127.0.0.1", 0)
+    port = peer.sockets[0].getsockname()[1]
+    try:
+        stream = await client.stream(f"127.0.0.1:{port}", "generate", b"")
+        assert await stream.__anext__() == b"partial"
+        with pytest.raises(WorkerLost):
+            await stream.__anext__()
+    finally:
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_reconnects_after_connection_drop(client: RequestPlaneClient) -> None:
+    port = free_port()
+    first = RequestPlaneServer(port=port)
+    first.register("count", count)
+    address = await first.start()
+    assert await collect(await client.stream(address, "count", b"1")) == [b"0"]
+    await first.stop(drain_timeout=0)
+
+    second = RequestPlaneServer(port=port)
+    second.register("count", count)
+    await second.start()
+    try:
+        await asyncio.sleep(0.01)  # let the client notice the old connection closed
+        assert await collect(await client.stream(address, "count", b"2")) == [b"0", b"1"]
+    finally:
+        await second.stop(drain_timeout=0)
+
+
+# ---------------------------------------------------------------- graceful stop
+
+
+async def test_stop_drains_inflight_and_rejects_new(server: RequestPlaneServer) -> None:
+    client = RequestPlaneClient()
+    try:
+        stream = await client.stream(server.address, "slow", b"")
+        assert await stream.__anext__() == b"0"
+        stopping = asyncio.create_task(server.stop(drain_timeout=5.0))
+        await asyncio.sleep(0)
+        late = await client.stream(server.address, "count", b"1")
+        with pytest.raises(WorkerLost) as info:
+            await late.__anext__()
+        assert info.value.code == "ShuttingDown"
+        assert await collect(stream) == [b"1", b"2"]
+        await asyncio.wait_for(stopping, 2.0)
+        assert server.num_inflight == 0
+        with pytest.raises(WorkerLost):
+            await client.stream(server.address, "count", b"1")
+    finally:
+        await client.close()
+
+
+async def test_stop_cancels_streams_past_drain_timeout(server: RequestPlaneServer) -> None:
+    blocking = Blocking()
+    server.register("block", blocking)
+    client = RequestPlaneClient()
+    try:
+        stream = await client.stream(server.address, "block", b"z")
+        assert await stream.__anext__() == b"started"
+        await asyncio.wait_for(server.stop(drain_timeout=0.05), 2.0)
+        assert blocking.log == ["cancelled:z", "finally:z"]
+        with pytest.raises(WorkerLost):
+            await stream.__anext__()
+    finally:
+        await client.close()
+
+
+def test_register_validation() -> None:
+    srv = RequestPlaneServer()
+    srv.register("a", count)
+    with pytest.raises(ValueError):
+        srv.register("a", count)
+    with pytest.raises(ValueError):
+        srv.register("", count)
+    with pytest.raises(ValueError):
+        RequestPlaneServer(port=70000)
