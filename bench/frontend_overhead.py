@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,6 +39,7 @@ logger = logging.getLogger("frontend_overhead")
 
 TARGETS = ("lightspeed", "dynamo")
 CONNECTIONS = ("keepalive", "fresh")
+COLORS = {"lightspeed": "tab:blue", "dynamo": "tab:orange"}
 READY_TIMEOUT_S = 180.0
 STOP_TIMEOUT_S = 20.0
 
@@ -81,8 +82,14 @@ class Service:
             log = open(self.log_dir / f"{self.name}-{i}.log", "wb")
             logger.info("start %s: %s", self.name, shlex.join(cmd))
             # Own process group, so stop() reaches the children a launcher may spawn.
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self.procs.append(proc)
 
     def stop(self) -> None:
@@ -118,15 +125,45 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _flags(values: dict[str, object]) -> list[str]:
+    return [part for flag, value in values.items() for part in (flag, str(value))]
+
+
+def _engine_flags(p: Params) -> dict[str, object]:
+    return {
+        "--speedup-ratio": p.speedup_ratio,
+        "--block-size": p.block_size,
+        "--max-num-seqs": p.max_num_seqs,
+        "--max-num-batched-tokens": p.max_num_batched_tokens,
+    }
+
+
 def lightspeed_service(p: Params, log_dir: Path, discovery_dir: Path) -> Service:
     port = _free_port()
-    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker",
-           "--workers", str(p.workers), "--speedup-ratio", str(p.speedup_ratio),
-           "--port", str(port), "--host", "127.0.0.1", "--block-size", str(p.block_size),
-           "--num-gpu-blocks", str(p.num_gpu_blocks), "--max-num-seqs", str(p.max_num_seqs),
-           "--max-num-batched-tokens", str(p.max_num_batched_tokens),
-           "--router-mode", p.router_mode, "--discovery-path", str(discovery_dir)]  # fmt: skip
+    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker"]
+    cmd += _flags(
+        {
+            "--workers": p.workers,
+            **_engine_flags(p),
+            "--port": port,
+            "--host": "127.0.0.1",
+            "--num-gpu-blocks": p.num_gpu_blocks,
+            "--router-mode": p.router_mode,
+            "--discovery-path": discovery_dir,
+        }
+    )
     return Service("lightspeed", f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
+
+
+# Loopback for every internal plane: by default Dynamo advertises the host's public address
+# for its TCP request plane and ZMQ event plane. DYN_SELF_HOST_METADATA=0 silences a warning.
+DYNAMO_ENV = {
+    "DYN_TCP_RPC_HOST": "127.0.0.1",
+    "DYN_EVENT_PLANE_HOST": "127.0.0.1",
+    "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
+    "DYN_SELF_HOST_METADATA": "0",
+}
+DYNAMO_PLANES = {"--discovery-backend": "file", "--request-plane": "tcp", "--event-plane": "zmq"}
 
 
 def dynamo_service(
@@ -134,20 +171,27 @@ def dynamo_service(
 ) -> Service:
     port = _free_port()
     py = str(venv / "bin" / "python")
-    planes = ["--discovery-backend", "file", "--request-plane", "tcp", "--event-plane", "zmq"]
-    frontend = [py, "-m", "dynamo.frontend", "--http-host", "127.0.0.1", "--http-port",
-                str(port), "--router-mode", p.router_mode, *planes]  # fmt: skip
-    mocker = [py, "-m", "dynamo.mocker", "--model-path", str(model_dir), "--model-name",
-              model_name, "--num-workers", str(p.workers), "--speedup-ratio",
-              str(p.speedup_ratio), "--block-size", str(p.block_size),
-              "--num-gpu-blocks-override", str(p.num_gpu_blocks), "--max-num-seqs",
-              str(p.max_num_seqs), "--max-num-batched-tokens", str(p.max_num_batched_tokens),
-              *planes]  # fmt: skip
-    # Loopback for every internal plane: by default Dynamo advertises the host's public
-    # address for its TCP request plane and ZMQ event plane.
-    env = {**os.environ, "DYN_FILE_KV": str(kv_dir), "DYN_TCP_RPC_HOST": "127.0.0.1",
-           "DYN_EVENT_PLANE_HOST": "127.0.0.1", "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
-           "DYN_SELF_HOST_METADATA": "0"}  # fmt: skip
+    frontend = [py, "-m", "dynamo.frontend"]
+    frontend += _flags(
+        {
+            "--http-host": "127.0.0.1",
+            "--http-port": port,
+            "--router-mode": p.router_mode,
+            **DYNAMO_PLANES,
+        }
+    )
+    mocker = [py, "-m", "dynamo.mocker"]
+    mocker += _flags(
+        {
+            "--model-path": model_dir,
+            "--model-name": model_name,
+            "--num-workers": p.workers,
+            **_engine_flags(p),
+            "--num-gpu-blocks-override": p.num_gpu_blocks,
+            **DYNAMO_PLANES,
+        }
+    )
+    env = {**os.environ, **DYNAMO_ENV, "DYN_FILE_KV": str(kv_dir)}
     return Service("dynamo", f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
 
 
@@ -162,7 +206,7 @@ async def wait_ready(service: Service) -> str:
                     data = (await resp.json()).get("data", []) if resp.status == 200 else []
                 if data:
                     return str(data[0]["id"])
-            except (aiohttp.ClientError, asyncio.TimeoutError):
+            except (TimeoutError, aiohttp.ClientError):
                 pass
             await asyncio.sleep(0.5)
     raise RuntimeError(f"{service.name} did not list a model within {READY_TIMEOUT_S} s")
@@ -183,18 +227,43 @@ class RunResult(msgspec.Struct):
 
 
 async def bench_once(url: str, p: Params, target: str, rnd: int, connection: str) -> RunResult:
-    cfg = BenchConfig(url=url, concurrency=p.concurrency, num_requests=p.num_requests,
-                      warmup=p.warmup, isl=p.isl, osl=p.osl, progress=False,
-                      keepalive=connection == "keepalive", seed=rnd,
-                      label=f"{target}-{connection}-r{rnd}")  # fmt: skip
+    cfg = BenchConfig(
+        url=url,
+        concurrency=p.concurrency,
+        num_requests=p.num_requests,
+        warmup=p.warmup,
+        isl=p.isl,
+        osl=p.osl,
+        progress=False,
+        keepalive=connection == "keepalive",
+        seed=rnd,
+        label=f"{target}-{connection}-r{rnd}",
+    )
     s = (await run_bench(cfg)).summary
     ttft = s.ttft_s
     e2e = s.e2e_s
-    result = RunResult(target, rnd, connection, s.req_per_s, s.output_tok_per_s,
-                       ttft.p50 * 1e3 if ttft else 0.0, ttft.p90 * 1e3 if ttft else 0.0,
-                       e2e.p50 * 1e3 if e2e else 0.0, s.completed, s.failed, s.failures)  # fmt: skip
-    logger.info("%s %s round %d: %.1f req/s, ttft p50 %.2f ms, %d failed",
-                target, connection, rnd, result.req_per_s, result.ttft_p50_ms, s.failed)  # fmt: skip
+    result = RunResult(
+        target,
+        rnd,
+        connection,
+        s.req_per_s,
+        s.output_tok_per_s,
+        ttft.p50 * 1e3 if ttft else 0.0,
+        ttft.p90 * 1e3 if ttft else 0.0,
+        e2e.p50 * 1e3 if e2e else 0.0,
+        s.completed,
+        s.failed,
+        s.failures,
+    )
+    logger.info(
+        "%s %s round %d: %.1f req/s, ttft p50 %.2f ms, %d failed",
+        target,
+        connection,
+        rnd,
+        result.req_per_s,
+        result.ttft_p50_ms,
+        s.failed,
+    )
     return result
 
 
@@ -214,10 +283,16 @@ def aggregate(runs: list[RunResult], target: str, connection: str) -> Aggregate 
     if not mine:
         return None
     n = len(mine)
-    return Aggregate(target, connection, n, sum(r.req_per_s for r in mine) / n,
-                     sum(r.output_tok_per_s for r in mine) / n,
-                     sum(r.ttft_p50_ms for r in mine) / n, sum(r.ttft_p90_ms for r in mine) / n,
-                     sum(r.failed for r in mine))  # fmt: skip
+    return Aggregate(
+        target,
+        connection,
+        n,
+        sum(r.req_per_s for r in mine) / n,
+        sum(r.output_tok_per_s for r in mine) / n,
+        sum(r.ttft_p50_ms for r in mine) / n,
+        sum(r.ttft_p90_ms for r in mine) / n,
+        sum(r.failed for r in mine),
+    )
 
 
 class Ratio(msgspec.Struct):
@@ -245,18 +320,24 @@ def ratios(aggs: list[Aggregate]) -> list[Ratio]:
         ours = next((a for a in aggs if a.target == "lightspeed" and a.connection == conn), None)
         dyn = next((a for a in aggs if a.target == "dynamo" and a.connection == conn), None)
         if ours and dyn and dyn.req_per_s and dyn.output_tok_per_s and dyn.ttft_p50_ms:
-            out.append(Ratio(conn, ours.req_per_s / dyn.req_per_s,
-                             ours.output_tok_per_s / dyn.output_tok_per_s,
-                             ours.ttft_p50_ms / dyn.ttft_p50_ms))  # fmt: skip
+            out.append(
+                Ratio(
+                    conn,
+                    ours.req_per_s / dyn.req_per_s,
+                    ours.output_tok_per_s / dyn.output_tok_per_s,
+                    ours.ttft_p50_ms / dyn.ttft_p50_ms,
+                )
+            )
     return out
 
 
 NOTE = (
     "keepalive: one pooled connection per concurrent user, reused (what SDK clients do). "
-    "fresh: a new TCP connection per request. Dynamo 1.6.1's HTTP frontend leaves Nagle on, "
-    "so on a reused connection its last small SSE segment waits for the client's delayed ACK "
-    "(~40 ms on Linux): at concurrency 32 that caps it near 32/0.045 s = ~700 req/s; with "
-    "fresh connections that wait disappears. Both modes are reported; compare like with like."
+    "fresh: a new TCP connection per request. On a reused connection Dynamo 1.6.1's HTTP "
+    "frontend takes ~44 ms per request even at concurrency 1 (2 ms on a fresh one; an aiohttp "
+    "server shows no such wait), the signature of Nagle on the server side meeting the "
+    "client's delayed ACK (~40 ms on Linux): at concurrency 32 that caps it near 700 req/s. "
+    "Both modes are reported; compare like with like."
 )
 
 
@@ -274,22 +355,28 @@ def plot(report: OverheadReport, path: Path) -> None:
     for t_index, target in enumerate(TARGETS):
         xs, ys = [], []
         for c_index, conn in enumerate(CONNECTIONS):
-            agg = next((a for a in report.aggregates
-                        if a.target == target and a.connection == conn), None)  # fmt: skip
+            agg = next(
+                (a for a in report.aggregates if a.target == target and a.connection == conn), None
+            )
             if agg is None:
                 continue
             x = c_index + (t_index - 0.5) * width
             xs.append(x)
             ys.append(agg.req_per_s)
-            rounds = [r.req_per_s for r in report.runs if r.target == target and r.connection == conn]
+            rounds = [
+                r.req_per_s for r in report.runs if r.target == target and r.connection == conn
+            ]
             ax.scatter([x] * len(rounds), rounds, color="black", s=12, zorder=3)
-        bars = ax.bar(xs, ys, width, label=target)
-        ax.bar_label(bars, fmt="%.0f")
+        if xs:
+            bars = ax.bar(xs, ys, width, label=target, color=COLORS[target])
+            ax.bar_label(bars, fmt="%.0f", label_type="center", color="white")
     ax.set_xticks(range(len(CONNECTIONS)), [f"{c} connections" for c in CONNECTIONS])
     ax.set_ylabel("requests / s (mean of rounds; dots = rounds)")
     p = report.params
-    ax.set_title(f"Frontend overhead: {p.workers} mockers x{p.speedup_ratio:g}, ISL {p.isl}, "
-                 f"OSL {p.osl}, concurrency {p.concurrency}")  # fmt: skip
+    ax.set_title(
+        f"Frontend overhead: {p.workers} mockers x{p.speedup_ratio:g}, ISL {p.isl}, "
+        f"OSL {p.osl}, concurrency {p.concurrency}"
+    )
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
@@ -324,7 +411,7 @@ async def run_rounds(services: list[Service], p: Params, connections: list[str])
 
 
 async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
-    started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         services = build_services(args, p, tmp)
@@ -340,8 +427,17 @@ async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
             _keep_logs(tmp, Path(args.out))
         commands = {s.name: [shlex.join(c) for c in s.commands] for s in services}
     aggs = [a for t in TARGETS for c in CONNECTIONS if (a := aggregate(runs, t, c))]
-    return OverheadReport(shlex.join([sys.executable, *sys.argv]), started,
-                          f"{os.cpu_count()} CPUs", p, commands, runs, aggs, ratios(aggs), NOTE)  # fmt: skip
+    return OverheadReport(
+        shlex.join([sys.executable, *sys.argv]),
+        started,
+        f"{os.cpu_count()} CPUs",
+        p,
+        commands,
+        runs,
+        aggs,
+        ratios(aggs),
+        NOTE,
+    )
 
 
 def _keep_logs(tmp: Path, out: Path) -> None:
@@ -354,19 +450,31 @@ def _keep_logs(tmp: Path, out: Path) -> None:
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
     d = Params()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for name in Params.__dataclass_fields__:
         default = getattr(d, name)
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                        help=f"default {default}")  # fmt: skip
+        ap.add_argument(
+            "--" + name.replace("_", "-"),
+            type=type(default),
+            default=default,
+            help=f"default {default}",
+        )
     work = ROOT / "bench" / ".work"
     ap.add_argument("--only", choices=("both", "lightspeed", "dynamo"), default="both")
-    ap.add_argument("--connections", default="keepalive,fresh",
-                    help="comma list of client connection modes: keepalive, fresh")
+    ap.add_argument(
+        "--connections",
+        default="keepalive,fresh",
+        help="comma list of client connection modes: keepalive, fresh",
+    )
     ap.add_argument("--dynamo-venv", default=str(work / "dynamo-venv"))
     ap.add_argument("--dynamo-model-dir", default=str(work / "dynamo-model"))
-    ap.add_argument("--model-name", default="HuggingFaceTB/SmolLM2-135M-Instruct",
-                    help="name Dynamo's mocker serves (match lightspeed's)")
+    ap.add_argument(
+        "--model-name",
+        default="HuggingFaceTB/SmolLM2-135M-Instruct",
+        help="name Dynamo's mocker serves (match lightspeed's)",
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = ap.parse_args(argv)
     if any(c not in CONNECTIONS for c in args.connections.split(",")):
@@ -376,7 +484,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Param
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     args, params = parse_args(argv)
     import uvloop
 
@@ -388,12 +498,24 @@ def main(argv: list[str] | None = None) -> int:
     path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
     plot(report, path.with_suffix(".png"))
     for agg in report.aggregates:
-        logger.info("%-10s %-9s %8.1f req/s  %9.1f out tok/s  TTFT p50 %.2f ms p90 %.2f ms  failed %d",
-                    agg.target, agg.connection, agg.req_per_s, agg.output_tok_per_s,
-                    agg.ttft_p50_ms, agg.ttft_p90_ms, agg.failed)  # fmt: skip
+        logger.info(
+            "%-10s %-9s %8.1f req/s  %9.1f out tok/s  TTFT p50 %.2f ms p90 %.2f ms  failed %d",
+            agg.target,
+            agg.connection,
+            agg.req_per_s,
+            agg.output_tok_per_s,
+            agg.ttft_p50_ms,
+            agg.ttft_p90_ms,
+            agg.failed,
+        )
     for r in report.ratios:
-        logger.info("ours/dynamo (%s): req/s x%.2f, out tok/s x%.2f, TTFT p50 x%.2f",
-                    r.connection, r.req_per_s, r.output_tok_per_s, r.ttft_p50)  # fmt: skip
+        logger.info(
+            "ours/dynamo (%s): req/s x%.2f, out tok/s x%.2f, TTFT p50 x%.2f",
+            r.connection,
+            r.req_per_s,
+            r.output_tok_per_s,
+            r.ttft_p50,
+        )
     logger.info("wrote %s", path)
     return 0
 

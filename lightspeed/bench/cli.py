@@ -8,6 +8,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from lightspeed.bench.config import MODES, TRACE_FORMATS, BenchConfig
@@ -24,56 +25,72 @@ def _env_name(flag: str) -> str:
     return "LIGHTSPEED_" + flag.lstrip("-").replace("-", "_").upper()
 
 
-def _opt(parser: argparse.ArgumentParser, flag: str, type_: Callable[[str], Any] | None,
-         default: Any, help_: str, **kw: Any) -> None:
+@dataclass(frozen=True, slots=True)
+class Flag:
+    """One `lightspeed bench` flag; `type_` None makes a --x/--no-x boolean."""
+
+    name: str
+    type_: Callable[[str], Any] | None
+    default: Any
+    help: str
+    choices: tuple[str, ...] | None = None
+
+
+FLAGS = (
+    Flag("--url", str, "http://127.0.0.1:8000", "server base URL (OpenAI-compatible)"),
+    Flag("--model", str, None, "model name; default: the first one /v1/models lists"),
+    Flag("--endpoint", str, "/v1/completions", "streaming completions path"),
+    Flag("--mode", str, "auto", "closed (fixed concurrency) | open (arrival replay)", MODES),
+    Flag("--concurrency", int, 32, "closed loop: requests in flight; open loop: cap (0=none)"),
+    Flag("--num-requests", int, None, "measured requests (synthetic 1000; trace: all)"),
+    Flag("--duration", float, None, "stop sending after this many seconds"),
+    Flag("--warmup", int, 0, "requests sent first and excluded from the report"),
+    Flag("--isl", int, 64, "synthetic input length in tokens"),
+    Flag("--osl", int, 16, "synthetic output length in tokens"),
+    Flag("--shared-prefix-ratio", float, 0.0, "fraction of each synthetic prompt shared by all"),
+    Flag("--request-rate", float, 0.0, "synthetic Poisson arrival rate req/s (0 = closed)"),
+    Flag("--trace", str, None, "Mooncake JSONL or Azure CSV trace to replay"),
+    Flag("--trace-format", str, "auto", "trace format", TRACE_FORMATS),
+    Flag("--speedup", float, 1.0, "divide trace inter-arrival times by this"),
+    Flag("--trace-start", float, 0.0, "replay from this trace time (s)"),
+    Flag("--trace-window", float, None, "replay only this many seconds of trace time"),
+    Flag("--max-output-tokens", int, None, "cap each request's max_tokens"),
+    Flag("--vocab-size", int, 49152, "prompt token ids are drawn below this"),
+    Flag("--min-token-id", int, 100, "and at or above this (skips special tokens)"),
+    Flag("--ignore-eos", None, True, "ask the server to ignore EOS (exact output lengths)"),
+    Flag("--seed", int, 0, "seed for prompts and arrivals"),
+    Flag("--timeout", float, 600.0, "per-request timeout (s)"),
+    Flag("--api-key", str, None, "bearer token sent as Authorization"),
+    Flag("--keepalive", None, True, "reuse connections (off: one connection per request)"),
+    Flag("--out", str, None, "directory for report.json and plots"),
+    Flag("--label", str, "", "name of this run in the report"),
+    Flag("--progress", None, True, "show a progress bar"),
+    Flag("--save-requests", None, False, "also write per-request results (requests.jsonl)"),
+)
+
+
+def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
     """Add a flag whose default comes from its env var when set (argparse applies `type_` to
     a string default, so env values are converted and validated like typed flags)."""
-    env = _env_name(flag)
-    value = os.environ.get(env)
-    if value is not None and type_ is None:  # boolean flags
+    env = _env_name(flag.name)
+    value: Any = os.environ.get(env)
+    if value is not None and flag.type_ is None:
         value = value.strip().lower() in _TRUE
-    default = default if value is None else value
-    kw.setdefault("help", f"{help_} [env {env}; default: {default}]")
-    if type_ is None:
-        parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, **kw)
+    default = flag.default if value is None else value
+    help_ = f"{flag.help} [env {env}; default: {default}]"
+    if flag.type_ is None:
+        action = argparse.BooleanOptionalAction
+        parser.add_argument(flag.name, action=action, default=default, help=help_)
     else:
-        parser.add_argument(flag, type=type_, default=default, **kw)
+        parser.add_argument(
+            flag.name, type=flag.type_, default=default, help=help_, choices=flag.choices
+        )
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Register the `lightspeed bench` flags on `parser`."""
-    o = _opt
-    o(parser, "--url", str, "http://127.0.0.1:8000", "server base URL (OpenAI-compatible)")
-    o(parser, "--model", str, None, "model name; default: the first one /v1/models lists")
-    o(parser, "--endpoint", str, "/v1/completions", "streaming completions path")
-    o(parser, "--mode", str, "auto", "closed (fixed concurrency) | open (arrival replay) | auto",
-      choices=MODES)
-    o(parser, "--concurrency", int, 32, "closed loop: requests in flight; open loop: cap (0=none)")
-    o(parser, "--num-requests", int, None,
-      f"measured requests (synthetic default {DEFAULT_SYNTHETIC_REQUESTS}; trace default all)")
-    o(parser, "--duration", float, None, "stop sending after this many seconds")
-    o(parser, "--warmup", int, 0, "requests sent first and excluded from the report")
-    o(parser, "--isl", int, 64, "synthetic input length in tokens")
-    o(parser, "--osl", int, 16, "synthetic output length in tokens")
-    o(parser, "--shared-prefix-ratio", float, 0.0, "fraction of each synthetic prompt shared by all")
-    o(parser, "--request-rate", float, 0.0, "synthetic Poisson arrival rate req/s (0 = closed)")
-    o(parser, "--trace", str, None, "Mooncake JSONL or Azure CSV trace to replay")
-    o(parser, "--trace-format", str, "auto", "trace format", choices=TRACE_FORMATS)
-    o(parser, "--speedup", float, 1.0, "divide trace inter-arrival times by this")
-    o(parser, "--trace-start", float, 0.0, "replay from this trace time (s)")
-    o(parser, "--trace-window", float, None, "replay only this many seconds of trace time")
-    o(parser, "--max-output-tokens", int, None, "cap each request's max_tokens")
-    o(parser, "--vocab-size", int, 49152, "prompt token ids are drawn below this")
-    o(parser, "--min-token-id", int, 100, "and at or above this (skips special tokens)")
-    o(parser, "--ignore-eos", None, True, "ask the server to ignore EOS (exact output lengths)")
-    o(parser, "--seed", int, 0, "seed for prompts and arrivals")
-    o(parser, "--timeout", float, 600.0, "per-request timeout (s)")
-    o(parser, "--api-key", str, None, "bearer token sent as Authorization")
-    o(parser, "--keepalive", None, True, "reuse connections (off: one connection per request)")
-    o(parser, "--out", str, None, "directory for report.json and plots")
-    o(parser, "--label", str, "", "name of this run in the report")
-    o(parser, "--progress", None, True, "show a progress bar")
-    o(parser, "--save-requests", None, False, "also write per-request results (requests.jsonl)")
+    for flag in FLAGS:
+        _add_flag(parser, flag)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -82,17 +99,36 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     if num is None and args.trace is None and args.duration is None:
         num = DEFAULT_SYNTHETIC_REQUESTS
     return BenchConfig(
-        url=args.url, model=args.model, endpoint=args.endpoint, mode=args.mode,
-        concurrency=args.concurrency, num_requests=num, duration_s=args.duration,
-        warmup=args.warmup, isl=args.isl, osl=args.osl,
-        shared_prefix_ratio=args.shared_prefix_ratio, request_rate=args.request_rate,
-        trace=args.trace, trace_format=args.trace_format, speedup=args.speedup,
-        trace_start_s=args.trace_start, trace_window_s=args.trace_window,
-        max_output_tokens=args.max_output_tokens, vocab_size=args.vocab_size,
-        min_token_id=args.min_token_id, ignore_eos=args.ignore_eos, seed=args.seed,
-        timeout_s=args.timeout, api_key=args.api_key, keepalive=args.keepalive, out_dir=args.out, label=args.label,
-        progress=args.progress, save_requests=args.save_requests,
-    )  # fmt: skip
+        url=args.url,
+        model=args.model,
+        endpoint=args.endpoint,
+        mode=args.mode,
+        concurrency=args.concurrency,
+        num_requests=num,
+        duration_s=args.duration,
+        warmup=args.warmup,
+        isl=args.isl,
+        osl=args.osl,
+        shared_prefix_ratio=args.shared_prefix_ratio,
+        request_rate=args.request_rate,
+        trace=args.trace,
+        trace_format=args.trace_format,
+        speedup=args.speedup,
+        trace_start_s=args.trace_start,
+        trace_window_s=args.trace_window,
+        max_output_tokens=args.max_output_tokens,
+        vocab_size=args.vocab_size,
+        min_token_id=args.min_token_id,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+        timeout_s=args.timeout,
+        api_key=args.api_key,
+        keepalive=args.keepalive,
+        out_dir=args.out,
+        label=args.label,
+        progress=args.progress,
+        save_requests=args.save_requests,
+    )
 
 
 def _run(cfg: BenchConfig):  # type: ignore[no-untyped-def]

@@ -8,14 +8,20 @@ when the bytes were read.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from time import perf_counter
 
 import aiohttp
 import msgspec
 
-from lightspeed.bench.sse import DONE, SseLineBuffer, StreamChunk, Usage, carries_token, decode_chunk
+from lightspeed.bench.sse import (
+    DONE,
+    SseLineBuffer,
+    StreamChunk,
+    Usage,
+    carries_token,
+    decode_chunk,
+)
 from lightspeed.bench.workload import RequestSpec
 
 logger = logging.getLogger(__name__)
@@ -63,7 +69,9 @@ def completions_url(base_url: str, endpoint: str = "/v1/completions") -> str:
     return base + endpoint
 
 
-def make_session(concurrency: int, timeout_s: float, keepalive: bool = True) -> aiohttp.ClientSession:
+def make_session(
+    concurrency: int, timeout_s: float, keepalive: bool = True
+) -> aiohttp.ClientSession:
     """One pooled session for the whole run; the pool size matches the request concurrency
     (0 = unbounded) so connections are reused instead of re-opened per request.
 
@@ -156,7 +164,7 @@ class OpenAIClient:
                     return self._failure(start, f"http_{resp.status}", detail, resp.status)
                 state = await self._read_stream(resp)
                 return self._result(spec, start, state)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return self._failure(start, "timeout", "request timed out", 0)
         except aiohttp.ClientError as exc:
             return self._failure(start, "connection", f"{type(exc).__name__}: {exc}", 0)
@@ -199,14 +207,16 @@ class OpenAIClient:
         cached = None
         if usage is not None:
             output = usage.completion_tokens if usage.completion_tokens is not None else output
-            prompt_tokens = usage.prompt_tokens if usage.prompt_tokens is not None else prompt_tokens
+            prompt_tokens = (
+                usage.prompt_tokens if usage.prompt_tokens is not None else prompt_tokens
+            )
             details = usage.prompt_tokens_details
             cached = details.cached_tokens if details is not None else None
         return RequestResult(
             start_s=start - self.t0,
             e2e_s=state.end - start,
             ttft_s=times[0] - start,
-            itls_s=[b - a for a, b in zip(times, times[1:])],
+            itls_s=[b - a for a, b in zip(times, times[1:], strict=False)],
             output_tokens=output,
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,

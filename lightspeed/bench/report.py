@@ -39,7 +39,8 @@ class BenchReport(msgspec.Struct):
 def _ms(d: Distribution | None) -> str:
     if d is None:
         return "n/a"
-    return f"p50 {d.p50 * 1e3:.2f}  p90 {d.p90 * 1e3:.2f}  p99 {d.p99 * 1e3:.2f}  mean {d.mean * 1e3:.2f}"
+    ms = {name: getattr(d, name) * 1e3 for name in ("p50", "p90", "p99", "mean")}
+    return "  ".join(f"{name} {value:.2f}" for name, value in ms.items())
 
 
 def format_summary(report: BenchReport) -> str:
@@ -110,7 +111,7 @@ def _plot_cdfs(plt, results: Sequence[RequestResult], path: Path, title: str) ->
         "E2E": [r.e2e_s * 1e3 for r in ok],
     }
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, (name, values) in zip(axes, samples.items()):
+    for ax, (name, values) in zip(axes, samples.items(), strict=True):
         values.sort()
         n = len(values)
         ax.plot(values, [(i + 1) / n for i in range(n)])

@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import logging
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from time import perf_counter
 
 import aiohttp
@@ -146,7 +146,7 @@ async def _measure(
 async def run_bench(cfg: BenchConfig) -> BenchReport:
     """Run one benchmark against `cfg.url` and return (and, with out_dir, write) its report."""
     workload = build_workload(cfg)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     async with make_session(cfg.concurrency, cfg.timeout_s, cfg.keepalive) as session:
         model = await _resolve_model(cfg, session)
         url = completions_url(cfg.url, cfg.endpoint)

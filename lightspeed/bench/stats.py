@@ -151,6 +151,6 @@ def time_series(results: Sequence[RequestResult], bucket_s: float = 1.0) -> Time
             b_start = min(n - 1, max(0, int(r.start_s / bucket_s)))
             ttft_sum[b_start] += r.ttft_s
             ttft_n[b_start] += 1
-    mean_ttft = [s / c if c else 0.0 for s, c in zip(ttft_sum, ttft_n)]
+    mean_ttft = [s / c if c else 0.0 for s, c in zip(ttft_sum, ttft_n, strict=True)]
     starts = [i * bucket_s for i in range(n)]
     return TimeSeries(bucket_s, starts, done, tokens, mean_ttft, failed)

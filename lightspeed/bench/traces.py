@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 import numpy as np
 
-from lightspeed.bench.workload import RequestSpec, TokenSpace
+from lightspeed.bench.workload import DEFAULT_TOKENS, RequestSpec, TokenSpace
 
 MOONCAKE_BLOCK_TOKENS = 512
 
@@ -50,6 +50,9 @@ class TraceWindow:
     def output_tokens(self, n: int) -> int:
         n = max(1, n)
         return n if self.max_output_tokens is None else min(n, self.max_output_tokens)
+
+
+WHOLE_TRACE = TraceWindow()
 
 
 class MooncakeRow(msgspec.Struct, frozen=True):
@@ -90,16 +93,16 @@ class MooncakeTrace:
     rows: tuple[MooncakeRow, ...]
     arrivals: tuple[float, ...]
     seed: int = 0
-    tokens: TokenSpace = TokenSpace()
+    tokens: TokenSpace = DEFAULT_TOKENS
     block_tokens: int = MOONCAKE_BLOCK_TOKENS
-    window: TraceWindow = TraceWindow()
+    window: TraceWindow = WHOLE_TRACE
 
     @property
     def size(self) -> int:
         return len(self.rows)
 
     def __iter__(self) -> Iterator[RequestSpec]:
-        for row, arrival in zip(self.rows, self.arrivals):
+        for row, arrival in zip(self.rows, self.arrivals, strict=True):
             prompt = mooncake_prompt(
                 row.hash_ids, row.input_length, self.seed, self.tokens, self.block_tokens
             )
@@ -112,9 +115,9 @@ def load_mooncake(
     path: str | Path,
     *,
     seed: int = 0,
-    tokens: TokenSpace = TokenSpace(),
+    tokens: TokenSpace = DEFAULT_TOKENS,
     block_tokens: int = MOONCAKE_BLOCK_TOKENS,
-    window: TraceWindow = TraceWindow(),
+    window: TraceWindow = WHOLE_TRACE,
 ) -> MooncakeTrace:
     """Read a Mooncake JSONL trace; arrival offsets are relative to the window start."""
     decoder = msgspec.json.Decoder(MooncakeRow)
@@ -146,8 +149,8 @@ class AzureRow:
 class AzureTrace:
     rows: tuple[AzureRow, ...]
     seed: int = 0
-    tokens: TokenSpace = TokenSpace()
-    window: TraceWindow = TraceWindow()
+    tokens: TokenSpace = DEFAULT_TOKENS
+    window: TraceWindow = WHOLE_TRACE
 
     @property
     def size(self) -> int:
@@ -165,8 +168,8 @@ def load_azure(
     path: str | Path,
     *,
     seed: int = 0,
-    tokens: TokenSpace = TokenSpace(),
-    window: TraceWindow = TraceWindow(),
+    tokens: TokenSpace = DEFAULT_TOKENS,
+    window: TraceWindow = WHOLE_TRACE,
 ) -> AzureTrace:
     """Read an Azure `TIMESTAMP,ContextTokens,GeneratedTokens` CSV; offsets are relative to the
     first row's timestamp, then to the window start."""
@@ -191,8 +194,8 @@ def load_trace(
     fmt: str = "auto",
     *,
     seed: int = 0,
-    tokens: TokenSpace = TokenSpace(),
-    window: TraceWindow = TraceWindow(),
+    tokens: TokenSpace = DEFAULT_TOKENS,
+    window: TraceWindow = WHOLE_TRACE,
 ) -> MooncakeTrace | AzureTrace:
     """Load a trace by format name, or by file extension when `fmt` is "auto"."""
     if fmt == "auto":

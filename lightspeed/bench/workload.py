@@ -67,6 +67,9 @@ class TokenSpace:
         return rng.integers(self.min_token_id, self.vocab_size, size=n, dtype=np.int64)
 
 
+DEFAULT_TOKENS = TokenSpace()
+
+
 @dataclass(frozen=True, slots=True)
 class SyntheticWorkload:
     """Random token-id prompts of `isl` tokens, the first `shared_prefix_ratio` of them common
@@ -82,7 +85,7 @@ class SyntheticWorkload:
     shared_prefix_ratio: float = 0.0
     request_rate: float = 0.0
     seed: int = 0
-    tokens: TokenSpace = TokenSpace()
+    tokens: TokenSpace = DEFAULT_TOKENS
 
     def __post_init__(self) -> None:
         if self.isl < 1 or self.osl < 1:
@@ -90,7 +93,9 @@ class SyntheticWorkload:
         if self.count is not None and self.count < 0:
             raise ValueError(f"count must be >= 0; got {self.count}")
         if not 0.0 <= self.shared_prefix_ratio <= 1.0:
-            raise ValueError(f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}")
+            raise ValueError(
+                f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}"
+            )
         if self.request_rate < 0:
             raise ValueError(f"request_rate must be >= 0; got {self.request_rate}")
 

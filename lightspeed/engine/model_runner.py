@@ -75,6 +75,7 @@ class ModelRunner:
         self.num_blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype,
                                                           kv_cache_gb or 0.0)
         self.kv_caches = self.model.allocate_kv_cache(self.num_blocks, block_size)
+        self.layout = self.model.cache_layout(self.num_blocks, block_size)
         self.sampler = Sampler(self.config.vocab_size, self.device)
         logger.info("model %s on %s/%s: %d KV blocks of %d tokens", model_path, self.device,
                     self.dtype, self.num_blocks, block_size)
@@ -114,9 +115,8 @@ class ModelRunner:
         seqs = sorted(scheduled, key=lambda s: len(s.token_ids) != 1)
         self._validate(seqs)
         qlens = [len(s.token_ids) for s in seqs]
-        meta = build_attention_metadata(
-            qlens, [s.start_pos for s in seqs], [s.block_ids for s in seqs], self.block_size,
-            self.config.num_heads // self.config.num_kv_heads, self.dtype, self.device)
+        meta = build_attention_metadata(qlens, [s.start_pos for s in seqs],
+                                        [s.block_ids for s in seqs], self.layout, self.device)
         ends = list(itertools.accumulate(qlens))
         sampled = [s for s in seqs if s.sample]
         last = [end - 1 for end, s in zip(ends, seqs) if s.sample]

@@ -13,6 +13,7 @@ Query heads sharing a KV head are folded into the query-row axis, so GQA never c
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,12 +29,25 @@ from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
 
 
 @dataclass(frozen=True, slots=True)
+class CacheLayout:
+    """What the metadata builder needs to know about the KV cache and the attention heads."""
+
+    num_blocks: int
+    block_size: int
+    num_queries_per_kv: int
+    dtype: torch.dtype  # of the attention mask: the model's compute dtype
+
+
+@dataclass(frozen=True, slots=True)
 class AttentionGroup:
     """Sequences sharing one SDPA call: tokens [token_start, token_end) of the flat batch."""
 
     token_start: int
     token_end: int
-    block_tables: torch.Tensor  # [B, max_blocks] int64, padded with block 0 (masked out)
+    num_seqs: int
+    # Rows of the cache viewed as [2 * num_blocks, ...]: every sequence's K blocks (block table
+    # padded with block 0, masked out), then the same for V, so one index op gathers both.
+    kv_index: torch.Tensor  # [2 * num_seqs * max_blocks] int64
     attn_mask: torch.Tensor  # additive float [B, 1, rows, max_blocks * block_size]
     max_query_len: int
     # None when every sequence has exactly one query token (no padding needed).
@@ -72,14 +86,17 @@ def _attn_mask(starts: np.ndarray, qlens: np.ndarray, rows_per_query: int, ctx: 
 
 
 def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
-                 tables: Sequence[Sequence[int]], block_size: int, rows_per_query: int,
-                 dtype: torch.dtype, device: torch.device) -> AttentionGroup:
+                 tables: Sequence[Sequence[int]], layout: CacheLayout,
+                 device: torch.device) -> AttentionGroup:
     ctx_lens = starts + qlens
-    num_blocks = -(-int(ctx_lens.max()) // block_size)
-    padded = torch.from_numpy(_padded_tables(tables, num_blocks)).to(device)
-    mask = _attn_mask(starts, qlens, rows_per_query, num_blocks * block_size, dtype, device)
+    num_blocks = -(-int(ctx_lens.max()) // layout.block_size)
+    padded = _padded_tables(tables, num_blocks).reshape(-1)
+    kv_index = torch.from_numpy(np.concatenate((padded, padded + layout.num_blocks))).to(device)
+    mask = _attn_mask(starts, qlens, layout.num_queries_per_kv, num_blocks * layout.block_size,
+                      layout.dtype, device)
     max_q = int(qlens.max())
-    group = AttentionGroup(token_start, token_start + int(qlens.sum()), padded, mask, max_q)
+    group = AttentionGroup(token_start, token_start + int(qlens.sum()), len(qlens), kv_index,
+                           mask, max_q)
     if max_q == 1:
         return group
     qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
@@ -87,8 +104,8 @@ def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
     pad = (qstart[:, None] + col).reshape(-1)
     seq_of_token = np.repeat(np.arange(len(qlens)), qlens)
     unpad = seq_of_token * max_q + (np.arange(int(qlens.sum())) - np.repeat(qstart, qlens))
-    return AttentionGroup(group.token_start, group.token_end, padded, mask, max_q,
-                          torch.from_numpy(pad).to(device), torch.from_numpy(unpad).to(device))
+    return dataclasses.replace(group, pad_index=torch.from_numpy(pad).to(device),
+                               unpad_index=torch.from_numpy(unpad).to(device))
 
 
 def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray,
@@ -106,8 +123,7 @@ def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray,
 
 
 def build_attention_metadata(query_lens: Sequence[int], start_positions: Sequence[int],
-                             block_tables: Sequence[Sequence[int]], block_size: int,
-                             num_queries_per_kv: int, dtype: torch.dtype,
+                             block_tables: Sequence[Sequence[int]], layout: CacheLayout,
                              device: torch.device) -> AttentionMetadata:
     """Describe one step's flat batch. Sequence i contributes query_lens[i] tokens at positions
     start_positions[i].. and owns block_tables[i]. Put single-token sequences first: that
@@ -116,14 +132,13 @@ def build_attention_metadata(query_lens: Sequence[int], start_positions: Sequenc
     starts = np.asarray(start_positions, dtype=np.int64)
     if len(qlens) == 0 or qlens.min() < 1 or starts.min() < 0:
         raise ValueError("need at least one sequence, each with >= 1 token at a position >= 0")
-    positions, slots = _positions_and_slots(starts, qlens, block_tables, block_size)
+    positions, slots = _positions_and_slots(starts, qlens, block_tables, layout.block_size)
     num_decode = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(qlens)
     groups = []
     for lo, hi in ((0, num_decode), (num_decode, len(qlens))):
         if hi > lo:
             groups.append(_build_group(int(qlens[:lo].sum()), starts[lo:hi], qlens[lo:hi],
-                                       block_tables[lo:hi], block_size, num_queries_per_kv,
-                                       dtype, device))
+                                       block_tables[lo:hi], layout, device))
     return AttentionMetadata(torch.from_numpy(positions).to(device),
                              torch.from_numpy(slots).to(device), tuple(groups))
 
@@ -228,6 +243,10 @@ class PagedLlama:
                             get(attn + "o_proj.weight"), get(p + "post_attention_layernorm.weight"),
                             gate_up, get(p + "mlp.down_proj.weight"))
 
+    def cache_layout(self, num_blocks: int, block_size: int) -> CacheLayout:
+        return CacheLayout(num_blocks, block_size,
+                           self.config.num_heads // self.config.num_kv_heads, self.dtype)
+
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
         return [torch.zeros(shape, dtype=self.dtype, device=self.device)
@@ -280,10 +299,10 @@ class PagedLlama:
     def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,
                          group: AttentionGroup) -> torch.Tensor:
         cfg = self.config
-        batch, max_blocks = group.block_tables.shape
+        batch = group.num_seqs
         kvh, dim, per_kv = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
-        kv = cache.index_select(1, group.block_tables.view(-1))  # one gather for K and V
-        kv = kv.view(2, batch, max_blocks * cache.shape[2], kvh, dim).transpose(2, 3)
+        kv = cache.view(-1, *cache.shape[2:]).index_select(0, group.kv_index)
+        kv = kv.view(2, batch, -1, kvh, dim).transpose(2, 3)  # [2, B, kv_heads, ctx, dim]
         max_q = group.max_query_len
         if group.pad_index is None:
             queries = q.reshape(batch, kvh, per_kv, dim)

@@ -12,8 +12,23 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def test_flags_bind_to_config() -> None:
-    cfg = config_from_args(_parse(["--url", "http://h:1", "--concurrency", "8", "--isl", "32",
-                                   "--osl", "4", "--no-keepalive", "--out", "/tmp/x"]))  # fmt: skip
+    cfg = config_from_args(
+        _parse(
+            [
+                "--url",
+                "http://h:1",
+                "--concurrency",
+                "8",
+                "--isl",
+                "32",
+                "--osl",
+                "4",
+                "--no-keepalive",
+                "--out",
+                "/tmp/x",
+            ]
+        )
+    )
     assert (cfg.url, cfg.concurrency, cfg.isl, cfg.osl) == ("http://h:1", 8, 32, 4)
     assert (cfg.num_requests, cfg.keepalive, cfg.out_dir) == (1000, False, "/tmp/x")
     assert cfg.resolved_mode == "closed"
@@ -25,7 +40,12 @@ def test_env_vars_are_defaults_and_flags_win(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("LIGHTSPEED_PROGRESS", "false")
     monkeypatch.setenv("LIGHTSPEED_TRACE", "t.jsonl")
     cfg = config_from_args(_parse(["--concurrency", "6", "--speedup", "10"]))
-    assert (cfg.url, cfg.concurrency, cfg.progress, cfg.trace) == ("http://env:9", 6, False, "t.jsonl")
+    assert (cfg.url, cfg.concurrency, cfg.progress, cfg.trace) == (
+        "http://env:9",
+        6,
+        False,
+        "t.jsonl",
+    )
     assert cfg.num_requests is None  # a trace replays all of itself by default
     assert cfg.resolved_mode == "open" and cfg.speedup == 10.0
 

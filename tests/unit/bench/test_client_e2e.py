@@ -39,8 +39,11 @@ async def _completions(request: web.Request) -> web.StreamResponse:
         await resp.write(_sse({"choices": [{"text": text, "index": 0}], "usage": None}))
     await resp.write(_sse({"choices": [{"text": "", "index": 0, "finish_reason": "length"}]}))
     if body["model"] != "nousage":
-        usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": len(TOKENS),
-                 "prompt_tokens_details": {"cached_tokens": 8}}  # fmt: skip
+        usage = {
+            "prompt_tokens": len(body["prompt"]),
+            "completion_tokens": len(TOKENS),
+            "prompt_tokens_details": {"cached_tokens": 8},
+        }
         await resp.write(_sse({"choices": [], "usage": usage}))
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()
@@ -71,7 +74,9 @@ def _cfg(url: str, **kw: object) -> BenchConfig:
     return BenchConfig(**{**base, **kw})
 
 
-async def test_ttft_itl_and_usage_accounting(server: tuple[str, list[dict]], tmp_path: Path) -> None:
+async def test_ttft_itl_and_usage_accounting(
+    server: tuple[str, list[dict]], tmp_path: Path
+) -> None:
     url, bodies = server
     report = await run_bench(_cfg(url, out_dir=str(tmp_path), save_requests=True, warmup=1))
     assert report.model == "fake-model"

@@ -25,10 +25,25 @@ def test_distribution_matches_known_values() -> None:
     assert distribution([]) is None
 
 
-def _ok(start: float, ttft: float, e2e: float, itls: list[float], out: int, prompt: int,
-        cached: int | None) -> RequestResult:
-    return RequestResult(start_s=start, e2e_s=e2e, ttft_s=ttft, itls_s=itls, output_tokens=out,
-                         prompt_tokens=prompt, cached_tokens=cached, status=200)  # fmt: skip
+def _ok(
+    start: float,
+    ttft: float,
+    e2e: float,
+    itls: list[float],
+    out: int,
+    prompt: int,
+    cached: int | None,
+) -> RequestResult:
+    return RequestResult(
+        start_s=start,
+        e2e_s=e2e,
+        ttft_s=ttft,
+        itls_s=itls,
+        output_tokens=out,
+        prompt_tokens=prompt,
+        cached_tokens=cached,
+        status=200,
+    )
 
 
 def test_summarize_throughput_cache_and_failures() -> None:

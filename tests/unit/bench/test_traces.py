@@ -2,7 +2,13 @@ from pathlib import Path
 
 import pytest
 
-from lightspeed.bench.traces import TraceWindow, load_azure, load_mooncake, load_trace, mooncake_prompt
+from lightspeed.bench.traces import (
+    TraceWindow,
+    load_azure,
+    load_mooncake,
+    load_trace,
+    mooncake_prompt,
+)
 from lightspeed.bench.workload import TokenSpace
 
 MOONCAKE = (
