@@ -130,8 +130,10 @@ class ModelRunner:
         for seq in seqs:
             if not seq.token_ids:
                 raise ValueError(f"request {seq.request_id}: scheduled with no tokens")
-            if seq.block_ids and not 0 <= min(seq.block_ids) <= max(seq.block_ids) < self.num_blocks:
-                raise ValueError(f"request {seq.request_id}: block id out of [0, {self.num_blocks})")
+            ids = seq.block_ids
+            if ids and not 0 <= min(ids) <= max(ids) < self.num_blocks:
+                raise ValueError(f"request {seq.request_id}: block id out of "
+                                 f"[0, {self.num_blocks})")
             max_end = max(max_end, seq.start_pos + len(seq.token_ids))
         # Positions past the configured context still get rotary values; the caller decides limits.
         self.model.rotary.ensure(max_end)

@@ -79,7 +79,8 @@ class Sampler:
             tokens[index] = work.index_select(0, index).argmax(dim=-1)
         if random:
             index = torch.tensor(random, device=logits.device)
-            tokens[index] = self._sample_random(work.index_select(0, index), [rows[i] for i in random])
+            tokens[index] = self._sample_random(work.index_select(0, index),
+                                                [rows[i] for i in random])
         token_list = tokens.tolist()
         self._record(rows, token_list)
         return [SampleResult(tok, self._token_logprob(logprobs, i, tok, rows[i]))
@@ -134,8 +135,8 @@ class Sampler:
             probs = ordered.softmax(dim=-1)
             before = probs.cumsum(dim=-1) - probs  # mass strictly above this token
             p = torch.tensor(top_p, device=logits.device, dtype=probs.dtype).unsqueeze(1)
-            # The top token always survives (before == 0), so a row is never fully masked.
-            ordered = ordered.masked_fill((before > p) & (rank > 0), float("-inf"))
+            # Keep the smallest prefix whose mass reaches p; the top token always survives.
+            ordered = ordered.masked_fill((before >= p) & (rank > 0), float("-inf"))
         return torch.full_like(logits, float("-inf")).scatter_(1, order, ordered)
 
     def _exponential_noise(self, probs: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:

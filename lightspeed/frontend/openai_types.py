@@ -165,7 +165,7 @@ class ChatChunkChoice(msgspec.Struct):
     logprobs: dict[str, Any] | None = None
 
 
-class ChatCompletionChunk(msgspec.Struct, omit_defaults=True):
+class ChatCompletionChunk(msgspec.Struct):
     id: str
     created: int
     model: str
@@ -202,7 +202,7 @@ class CompletionChoice(msgspec.Struct):
     logprobs: dict[str, Any] | None = None
 
 
-class Completion(msgspec.Struct, omit_defaults=True):
+class Completion(msgspec.Struct):
     id: str
     created: int
     model: str

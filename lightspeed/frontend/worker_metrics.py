@@ -13,14 +13,14 @@ import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
 from lightspeed.protocol import TOPIC_LOAD_METRICS, LoadMetrics, WorkerCard
-from lightspeed.runtime.event_plane import EventSubscriber
+from lightspeed.runtime.event_plane import Subscriber
 
 log = logging.getLogger(__name__)
 _decode = msgspec.msgpack.Decoder(LoadMetrics).decode
 
 
 class WorkerMetricsWatcher:
-    def __init__(self, subscriber: EventSubscriber, registry: CollectorRegistry) -> None:
+    def __init__(self, subscriber: Subscriber, registry: CollectorRegistry) -> None:
         self._sub = subscriber
         self._addresses: dict[str, str] = {}
         self.latest: dict[str, LoadMetrics] = {}

@@ -6,9 +6,11 @@ The model computes a FLAT batch: the new tokens of every sequence in the step, c
 Sequences are split into at most two attention groups per step, each one SDPA call per layer:
 a leading run of single-token (decode) sequences, which needs no query padding, and the rest,
 whose queries are padded to the longest chunk. Per layer there is no per-sequence Python work.
+In the decode group the query heads sharing a KV head are folded into the query-row axis, so
+GQA costs no K/V copy; the prefill group uses SDPA's own GQA support so its causal mask is not
+repeated per head (and a lone fresh prompt needs no mask at all: `is_causal`).
 
 KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
-Query heads sharing a KV head are folded into the query-row axis, so GQA never copies K/V.
 """
 
 from __future__ import annotations
@@ -30,11 +32,10 @@ from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
 
 @dataclass(frozen=True, slots=True)
 class CacheLayout:
-    """What the metadata builder needs to know about the KV cache and the attention heads."""
+    """What the metadata builder needs to know about the KV cache."""
 
     num_blocks: int
     block_size: int
-    num_queries_per_kv: int
     dtype: torch.dtype  # of the attention mask: the model's compute dtype
 
 
@@ -48,9 +49,11 @@ class AttentionGroup:
     # Rows of the cache viewed as [2 * num_blocks, ...]: every sequence's K blocks (block table
     # padded with block 0, masked out), then the same for V, so one index op gathers both.
     kv_index: torch.Tensor  # [2 * num_seqs * max_blocks] int64
-    attn_mask: torch.Tensor  # additive float [B, 1, rows, max_blocks * block_size]
+    # Additive float [B, 1, max_query_len, max_blocks * block_size]; None for a single sequence
+    # starting at position 0, where plain causal attention over its own tokens is exact.
+    attn_mask: torch.Tensor | None
     max_query_len: int
-    # None when every sequence has exactly one query token (no padding needed).
+    # None when no query padding is needed (one sequence, or one token per sequence).
     pad_index: torch.Tensor | None = None  # [B * max_query_len] group token index per padded row
     unpad_index: torch.Tensor | None = None  # [token_end - token_start] padded row per token
 
@@ -70,19 +73,16 @@ def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int) -> np.ndarr
     return out
 
 
-def _attn_mask(starts: np.ndarray, qlens: np.ndarray, rows_per_query: int, ctx: int,
-               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Additive mask [B, 1, rows_per_query * max_q, ctx]: causal within the chunk and cut at the
-    context length. Padded query rows repeat the last real row so no row is fully masked."""
+def _attn_mask(starts: np.ndarray, qlens: np.ndarray, ctx: int, dtype: torch.dtype,
+               device: torch.device) -> torch.Tensor:
+    """Additive mask [B, 1, max_q, ctx]: causal within the chunk and cut at the context length.
+    Padded query rows repeat the last real row so no row is fully masked (which would NaN)."""
     max_q = int(qlens.max())
     rows = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)  # [B, max_q]
     last_key = torch.from_numpy(starts[:, None] + rows).to(device)
     allowed = torch.arange(ctx, device=device)[None, None, :] <= last_key[:, :, None]
     mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-    batch = len(qlens)
-    if max_q == 1:
-        return mask.view(batch, 1, 1, ctx)  # broadcast over the folded query heads
-    return mask[:, None].expand(batch, rows_per_query, max_q, ctx).reshape(batch, 1, -1, ctx)
+    return mask.unsqueeze(1)  # broadcast over heads
 
 
 def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
@@ -92,12 +92,13 @@ def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
     num_blocks = -(-int(ctx_lens.max()) // layout.block_size)
     padded = _padded_tables(tables, num_blocks).reshape(-1)
     kv_index = torch.from_numpy(np.concatenate((padded, padded + layout.num_blocks))).to(device)
-    mask = _attn_mask(starts, qlens, layout.num_queries_per_kv, num_blocks * layout.block_size,
-                      layout.dtype, device)
     max_q = int(qlens.max())
+    fresh_single = len(qlens) == 1 and starts[0] == 0 and max_q > 1
+    mask = None if fresh_single else _attn_mask(starts, qlens, num_blocks * layout.block_size,
+                                                layout.dtype, device)
     group = AttentionGroup(token_start, token_start + int(qlens.sum()), len(qlens), kv_index,
                            mask, max_q)
-    if max_q == 1:
+    if max_q == 1 or len(qlens) == 1:
         return group
     qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
     col = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)
@@ -108,8 +109,8 @@ def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
                                unpad_index=torch.from_numpy(unpad).to(device))
 
 
-def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray,
-                         tables: Sequence[Sequence[int]], block_size: int) -> tuple[np.ndarray, np.ndarray]:
+def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray, tables: Sequence[Sequence[int]],
+                         block_size: int) -> tuple[np.ndarray, np.ndarray]:
     ctx_lens = starts + qlens
     for table, ctx in zip(tables, ctx_lens):
         if len(table) * block_size < ctx:
@@ -168,13 +169,15 @@ def _scale_inv_freq(inv: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
 
 
 class RotaryTable:
-    """cos/sin per position (half head_dim wide), grown on demand, looked up once per step."""
+    """Per position: cos duplicated over both halves, and sin negated on the first half, so
+    rotary is x * cos + roll(x, d/2) * sin (4 kernels instead of rotate_half's 8).
+    Grown on demand, looked up once per step."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
         self._inv_freq = rope_inv_freq(config)
         self._dtype = dtype
         self._device = device
-        self.cos = torch.empty(0, config.head_dim // 2, dtype=dtype, device=device)
+        self.cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
         self.sin = self.cos
         self.ensure(config.max_position_embeddings)
 
@@ -183,18 +186,19 @@ class RotaryTable:
             return
         size = max(num_positions, 2 * self.cos.shape[0])  # amortize growth past the config
         freqs = torch.outer(torch.arange(size, dtype=torch.float32), self._inv_freq)
-        self.cos = freqs.cos().to(self._device, self._dtype)
-        self.sin = freqs.sin().to(self._device, self._dtype)
+        cos, sin = freqs.cos(), freqs.sin()
+        self.cos = torch.cat((cos, cos), dim=-1).to(self._device, self._dtype)
+        self.sin = torch.cat((-sin, sin), dim=-1).to(self._device, self._dtype)
 
     def lookup(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T, 1, head_dim/2] each, broadcasting over heads."""
+        """[T, 1, head_dim] each, broadcasting over heads."""
         return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """HF `rotate_half` rotary on [T, heads, head_dim] (first half pairs with second half)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """HF `rotate_half` rotary on [T, heads, head_dim] (first half pairs with second half):
+    [x1 * c - x2 * s, x2 * c + x1 * s] with `cos`/`sin` as laid out by RotaryTable."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, dims=-1), sin)
 
 
 # ---------------------------------------------------------------- model
@@ -244,8 +248,7 @@ class PagedLlama:
                             gate_up, get(p + "mlp.down_proj.weight"))
 
     def cache_layout(self, num_blocks: int, block_size: int) -> CacheLayout:
-        return CacheLayout(num_blocks, block_size,
-                           self.config.num_heads // self.config.num_kv_heads, self.dtype)
+        return CacheLayout(num_blocks, block_size, self.dtype)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
@@ -299,19 +302,19 @@ class PagedLlama:
     def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,
                          group: AttentionGroup) -> torch.Tensor:
         cfg = self.config
-        batch = group.num_seqs
-        kvh, dim, per_kv = cfg.num_kv_heads, cfg.head_dim, cfg.num_heads // cfg.num_kv_heads
+        batch, max_q = group.num_seqs, group.max_query_len
+        kvh, dim = cfg.num_kv_heads, cfg.head_dim
         kv = cache.view(-1, *cache.shape[2:]).index_select(0, group.kv_index)
         kv = kv.view(2, batch, -1, kvh, dim).transpose(2, 3)  # [2, B, kv_heads, ctx, dim]
-        max_q = group.max_query_len
-        if group.pad_index is None:
-            queries = q.reshape(batch, kvh, per_kv, dim)
-        else:
-            padded = q.index_select(0, group.pad_index).view(batch, max_q, kvh, per_kv, dim)
-            queries = padded.permute(0, 2, 3, 1, 4).reshape(batch, kvh, per_kv * max_q, dim)
-        out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.attn_mask,
-                                             scale=self.scale)
-        if group.pad_index is None:
+        if max_q == 1:  # decode: the query heads of one KV head become that head's query rows
+            queries = q.reshape(batch, kvh, cfg.num_heads // kvh, dim)
+            out = F.scaled_dot_product_attention(queries, kv[0], kv[1],
+                                                 attn_mask=group.attn_mask, scale=self.scale)
             return out.reshape(batch, cfg.q_size)
-        out = out.view(batch, kvh, per_kv, max_q, dim).permute(0, 3, 1, 2, 4)
-        return out.reshape(batch * max_q, cfg.q_size).index_select(0, group.unpad_index)
+        padded = q if group.pad_index is None else q.index_select(0, group.pad_index)
+        queries = padded.view(batch, max_q, cfg.num_heads, dim).transpose(1, 2)
+        out = F.scaled_dot_product_attention(
+            queries, kv[0], kv[1], attn_mask=group.attn_mask, is_causal=group.attn_mask is None,
+            scale=self.scale, enable_gqa=True)
+        out = out.transpose(1, 2).reshape(batch * max_q, cfg.q_size)
+        return out if group.unpad_index is None else out.index_select(0, group.unpad_index)

@@ -25,7 +25,8 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
+             "mistral": "MistralForCausalLM"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,11 +235,13 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     """Parse a Llama / Qwen2 / Mistral `config.json`."""
     arch = raw.get("model_type", "")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {arch!r}; expected one of {SUPPORTED_ARCHITECTURES}")
+        raise ValueError(f"unsupported model_type {arch!r}; "
+                         f"expected one of {SUPPORTED_ARCHITECTURES}")
     if raw.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
     if arch == "mistral" and raw.get("sliding_window"):
-        logger.warning("sliding_window=%s ignored: attention is full-context", raw["sliding_window"])
+        logger.warning("sliding_window=%s ignored: attention is full-context",
+                       raw["sliding_window"])
     heads = int(raw["num_attention_heads"])
     theta, scaling = _rope_settings(raw)
     return ModelConfig(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lightspeed.config import PlaneConfig
 from lightspeed.runtime.discovery import Discovery, make_discovery
-from lightspeed.runtime.event_plane import EventPublisher, EventSubscriber, make_publisher, make_subscriber
+from lightspeed.runtime.event_plane import Publisher, Subscriber, make_publisher, make_subscriber
 
 
 def default_discovery_path(namespace: str) -> Path:
@@ -20,9 +20,9 @@ def discovery_from_config(cfg: PlaneConfig) -> Discovery:
     return make_discovery(cfg.discovery, path=path, name=cfg.namespace, ttl=cfg.discovery_ttl)
 
 
-def publisher_from_config(cfg: PlaneConfig, host: str) -> EventPublisher:
-    return make_publisher(cfg.event_plane, bind=f"tcp://{host}:0")
+def publisher_from_config(cfg: PlaneConfig, host: str) -> Publisher:
+    return make_publisher(cfg.event_plane, address=f"tcp://{host}:0")
 
 
-def subscriber_from_config(cfg: PlaneConfig, topics: list[str]) -> EventSubscriber:
+def subscriber_from_config(cfg: PlaneConfig, topics: list[str]) -> Subscriber:
     return make_subscriber(cfg.event_plane, topics=topics)

@@ -18,6 +18,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 from lightspeed.errors import WorkerError, WorkerLost
 from lightspeed.runtime.framing import (
@@ -62,8 +63,8 @@ class _FrameProtocol(asyncio.Protocol):
     # ---------------------------------------------------------------- asyncio.Protocol
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # Not an isinstance check: uvloop's transports do not subclass asyncio.Transport.
+        self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:

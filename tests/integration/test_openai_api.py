@@ -45,7 +45,7 @@ def test_chat_completion_streaming_with_usage(client: openai.OpenAI) -> None:
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 12
-    assert all(c.id == chunks[0].id for c in chunks)
+    assert all(c.id == chunks[0].id and c.object == "chat.completion.chunk" for c in chunks)
 
 
 def test_completion_with_token_ids_reports_cached_tokens(client: openai.OpenAI) -> None:

@@ -76,7 +76,8 @@ def reference_logits(cfg: ModelConfig, state: StateDict, ids: Sequence[int]) -> 
         x = x + _reference_attention(cfg, state, p, h, cos, sin)
         h = _rms(x, state[p + "post_attention_layernorm.weight"], cfg.rms_norm_eps)
         gate = torch.nn.functional.silu(h @ state[p + "mlp.gate_proj.weight"].T)
-        x = x + (gate * (h @ state[p + "mlp.up_proj.weight"].T)) @ state[p + "mlp.down_proj.weight"].T
+        up = h @ state[p + "mlp.up_proj.weight"].T
+        x = x + (gate * up) @ state[p + "mlp.down_proj.weight"].T
     return _rms(x, state["model.norm.weight"], cfg.rms_norm_eps) @ state["lm_head.weight"].T
 
 
@@ -146,7 +147,7 @@ def _tiny_qwen2() -> tuple[ModelConfig, StateDict]:
 
 
 def test_metadata_layout() -> None:
-    layout = CacheLayout(num_blocks=10, block_size=4, num_queries_per_kv=2, dtype=torch.float32)
+    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
     # Two decodes (positions 5 and 0), then a 3-token chunk at positions 6..8.
     meta = build_attention_metadata([1, 1, 3], [5, 0, 6], [[7, 2], [4], [9, 3, 1]], layout, CPU)
     assert isinstance(meta, AttentionMetadata)
@@ -160,13 +161,25 @@ def test_metadata_layout() -> None:
     assert allowed == [[True] * 6 + [False] * 2, [True] + [False] * 7]
     assert (prefill.token_start, prefill.token_end, prefill.max_query_len) == (2, 5, 3)
     assert prefill.kv_index.tolist() == [9, 3, 1, 19, 13, 11]
-    assert prefill.pad_index.tolist() == [0, 1, 2] and prefill.unpad_index.tolist() == [0, 1, 2]
-    rows = (prefill.attn_mask == 0).view(2, 3, 12)[0]  # query-head group 0 of 2 (identical)
+    assert prefill.pad_index is None and prefill.unpad_index is None  # one sequence: no padding
+    rows = (prefill.attn_mask == 0).view(3, 12)
     assert rows.sum(-1).tolist() == [7, 8, 9]  # causal: key positions 0..6, 0..7, 0..8
 
 
+def test_metadata_padding_and_fresh_prompt() -> None:
+    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
+    # A fresh 2-token prompt and a 3-token chunk at positions 4..6: padded to 3 query rows.
+    (group,) = build_attention_metadata([2, 3], [0, 4], [[1], [2, 3]], layout, CPU).groups
+    assert group.kv_index.tolist() == [1, 0, 2, 3, 11, 10, 12, 13]
+    assert group.pad_index.tolist() == [0, 1, 1, 2, 3, 4]  # seq 0 repeats its last token
+    assert group.unpad_index.tolist() == [0, 1, 3, 4, 5]
+    assert (group.attn_mask == 0).view(2, 3, 8).sum(-1).tolist() == [[1, 2, 2], [5, 6, 7]]
+    (fresh,) = build_attention_metadata([5], [0], [[0, 1]], layout, CPU).groups
+    assert fresh.attn_mask is None and fresh.pad_index is None  # plain causal attention
+
+
 def test_metadata_rejects_short_block_table() -> None:
-    layout = CacheLayout(num_blocks=10, block_size=4, num_queries_per_kv=2, dtype=torch.float32)
+    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
     with pytest.raises(ValueError, match="cannot hold 9 tokens"):
         build_attention_metadata([3], [6], [[0, 1]], layout, CPU)
 
@@ -223,7 +236,8 @@ def test_qwen2_biases_match_reference() -> None:
     cfg, state = _tiny_qwen2()
     ids = [3, 17, 5, 39, 0, 22, 8, 8, 14]
     paged = Paged(PagedLlama(cfg, state, torch.float32, CPU))
-    got = torch.cat([paged.step([ids[:5]], [0], [[6, 1, 9]]), paged.step([ids[5:]], [5], [[6, 1, 9]])])
+    table = [6, 1, 9]
+    got = torch.cat([paged.step([ids[:5]], [0], [table]), paged.step([ids[5:]], [5], [table])])
     torch.testing.assert_close(got, reference_logits(cfg, state, ids), atol=1e-4, rtol=0)
 
 

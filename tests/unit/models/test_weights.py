@@ -149,7 +149,8 @@ def test_export_hf_folder_round_trip(tmp_path: Path,
     export_hf_folder(SMOLLM2, tmp_path, dtype=torch.bfloat16)
     raw = json.loads((tmp_path / "config.json").read_text())
     assert raw["architectures"] == ["LlamaForCausalLM"]
-    assert (raw["rope_theta"], raw["rms_norm_eps"], raw["torch_dtype"]) == (100000.0, 1e-5, "bfloat16")
+    assert raw["rope_theta"] == 100000.0 and raw["rms_norm_eps"] == 1e-5
+    assert raw["torch_dtype"] == "bfloat16"
     config, state = load_hf_folder(tmp_path)
     assert config == SMOLLM2_CONFIG
     original = smollm2[1]
