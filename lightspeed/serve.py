@@ -86,15 +86,28 @@ async def run_serve(cfg: ServeConfig) -> int:
             await sup.spawn(ChildSpec(f"worker-{i}", worker_args(cfg.worker)))
         for i in range(cfg.frontend.processes):
             await sup.spawn(ChildSpec(f"frontend-{i}", frontend_args(cfg.frontend)))
-        url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
-        ready = asyncio.create_task(wait_ready(url, cfg.workers, timeout=600))
-        await asyncio.wait([ready, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
-        if ready.done() and ready.result():
-            log.info("Lightspeed is ready: %s/v1 (%d %s workers)", url, cfg.workers, cfg.worker.engine)
-        ready.cancel()
-        await stop.wait()
-        log.info("shutting down")
+        return await _until_stopped(cfg, sup, stop)
     finally:
         await sup.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def _until_stopped(cfg: ServeConfig, sup: Supervisor, stop: asyncio.Event) -> int:
+    """Announce readiness, then wait for a signal (exit 0) or a child that gave up (exit 1)."""
+    url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
+    ready = asyncio.create_task(wait_ready(url, cfg.workers, timeout=600))
+    stopped = asyncio.create_task(stop.wait())
+    failed = asyncio.create_task(sup.failed.wait())
+    try:
+        await asyncio.wait([ready, stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+        if ready.done() and ready.result():
+            log.info("Lightspeed is ready: %s/v1 (%d %s workers)", url, cfg.workers, cfg.worker.engine)
+        await asyncio.wait([stopped, failed], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (ready, stopped, failed):
+            task.cancel()
+    if failed.done() and not failed.cancelled():
+        log.error("a process failed for good; shutting everything down")
+        return 1
+    log.info("shutting down")
     return 0

@@ -19,7 +19,7 @@ import os
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -64,8 +64,10 @@ class Discovery(abc.ABC):
         """Live cards, sorted by instance_id."""
 
     @abc.abstractmethod
-    def watch(self) -> AsyncIterator[DiscoveryEvent]:
-        """A put for every live card, then puts/deletes as the registry changes."""
+    def watch(self) -> AsyncGenerator[DiscoveryEvent, None]:
+        """A put for every live card, then puts/deletes as the registry changes.
+
+        An async generator, so a caller that stops early can `aclose()` it to unsubscribe."""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -111,7 +113,7 @@ class MemDiscovery(Discovery):
     async def list_cards(self) -> list[WorkerCard]:
         return sorted(self._registry.cards.values(), key=lambda c: c.instance_id)
 
-    async def watch(self) -> AsyncIterator[DiscoveryEvent]:
+    async def watch(self) -> AsyncGenerator[DiscoveryEvent, None]:
         queue: asyncio.Queue[DiscoveryEvent] = asyncio.Queue()
         # Subscribe and snapshot with no await in between, so no change can fall in the gap;
         # a change queued while the snapshot is yielded is replayed after it (puts are idempotent).
@@ -242,8 +244,11 @@ class FileDiscovery(Discovery):
         heartbeat_interval: float = 2.0,
         poll_interval: float = 0.25,
     ) -> None:
-        for name, value in (("ttl", ttl), ("heartbeat_interval", heartbeat_interval),
-                            ("poll_interval", poll_interval)):
+        for name, value in (
+            ("ttl", ttl),
+            ("heartbeat_interval", heartbeat_interval),
+            ("poll_interval", poll_interval),
+        ):
             if value <= 0:
                 raise ValueError(f"{name} must be > 0; got {value}")
         if heartbeat_interval >= ttl:
@@ -275,7 +280,7 @@ class FileDiscovery(Discovery):
         scanner.scan()
         return sorted((e.card for e in scanner.entries.values()), key=lambda c: c.instance_id)
 
-    async def watch(self) -> AsyncIterator[DiscoveryEvent]:
+    async def watch(self) -> AsyncGenerator[DiscoveryEvent, None]:
         scanner = _DirScanner(self.root, self.ttl)
         while True:
             for event in scanner.scan():

@@ -208,7 +208,10 @@ def make_publisher(kind: str = "zmq", *, address: str | None = None, hwm: int = 
 
 
 def make_subscriber(
-    kind: str = "zmq", topics: list[str] | None = None, *, address: str | None = None,
+    kind: str = "zmq",
+    topics: list[str] | None = None,
+    *,
+    address: str | None = None,
     hwm: int = DEFAULT_HWM,
 ) -> Subscriber:
     return _backend(kind).subscriber(list(topics or []), EventPlaneSpec(address, hwm))

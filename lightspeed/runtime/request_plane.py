@@ -153,7 +153,7 @@ class _FrameProtocol(asyncio.Protocol):
 class RequestContext:
     """Per-stream state a handler can consult: whether the client cancelled or went away."""
 
-    __slots__ = ("stream_id", "_cancelled", "_event")
+    __slots__ = ("_cancelled", "_event", "stream_id")
 
     def __init__(self, stream_id: int) -> None:
         self.stream_id = stream_id
@@ -276,9 +276,7 @@ class RequestPlaneServer:
         if self._server is not None:
             raise RuntimeError("server already started")
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _ServerConnection(self), self._host, self._port
-        )
+        self._server = await loop.create_server(lambda: _ServerConnection(self), self._host, self._port)
         port = self._server.sockets[0].getsockname()[1]
         self._address = f"{self._host}:{port}"
         log.info("request plane listening on %s", self._address)
@@ -337,7 +335,7 @@ class ResponseStream:
     drops first. `aclose()`/`cancel()` tell the server to stop if the stream is still open.
     """
 
-    __slots__ = ("_conn", "stream_id", "_items", "_waiter", "_finished", "_error")
+    __slots__ = ("_conn", "_error", "_finished", "_items", "_waiter", "stream_id")
 
     def __init__(self, conn: _ClientConnection, stream_id: int) -> None:
         self._conn = conn
@@ -505,7 +503,7 @@ class RequestPlaneClient:
                 loop.create_connection(lambda: _ClientConnection(address, self._dropped), host, port),
                 self._connect_timeout,
             )
-        except (OSError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, OSError) as exc:
             raise WorkerLost(f"cannot connect to {address}: {exc!r}", code="ConnectFailed") from exc
         return conn
 

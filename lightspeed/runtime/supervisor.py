@@ -40,6 +40,7 @@ class Supervisor:
         self._children: list[_Child] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
+        self.failed = asyncio.Event()  # set when a child has exited for good
 
     async def spawn(self, spec: ChildSpec) -> None:
         child = _Child(spec)
@@ -63,9 +64,10 @@ class Supervisor:
             log.error("%s exited with code %s", child.spec.name, code)
             if not child.spec.restart or child.restarts >= self._max_restarts:
                 log.error("%s will not be restarted", child.spec.name)
+                self.failed.set()
                 return
             child.restarts += 1
-            await asyncio.sleep(min(2.0 ** child.restarts * 0.25, 5.0))
+            await asyncio.sleep(min(2.0**child.restarts * 0.25, 5.0))
             await self._start(child)
 
     @property

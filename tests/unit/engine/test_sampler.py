@@ -80,12 +80,13 @@ def test_top_k_and_top_p_truncate() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
     sampler = Sampler(4, CPU)
-    top_k = _draw(sampler, logits, SamplingRow("k", SamplingOptions(temperature=1.0, top_k=2, seed=0)), 300)
-    assert set(top_k) == {0, 1}
-    top_p = _draw(sampler, logits, SamplingRow("p", SamplingOptions(temperature=1.0, top_p=0.7, seed=0)), 300)
-    assert set(top_p) == {0, 1}
-    full = _draw(sampler, logits, SamplingRow("f", SamplingOptions(temperature=1.0, seed=0)), 300)
-    assert set(full) == {0, 1, 2, 3}
+    def draw(**options: float) -> set[int]:
+        row = SamplingRow("r", SamplingOptions(temperature=1.0, seed=0, **options))
+        return set(_draw(sampler, logits, row, 300))
+
+    assert draw(top_k=2) == {0, 1}
+    assert draw(top_p=0.7) == {0, 1}
+    assert draw() == {0, 1, 2, 3}
 
 
 def test_frequency_penalty_alternates_greedy_choice() -> None:

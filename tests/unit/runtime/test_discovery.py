@@ -6,7 +6,7 @@ import asyncio
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import msgspec
@@ -45,11 +45,13 @@ def delete(instance_id: str) -> DiscoveryEvent:
     return DiscoveryEvent("delete", instance_id, None)
 
 
-async def take(events: AsyncIterator[DiscoveryEvent], n: int, timeout: float = 2.0) -> list[DiscoveryEvent]:
+async def take(
+    events: AsyncGenerator[DiscoveryEvent, None], n: int, timeout: float = 2.0
+) -> list[DiscoveryEvent]:
     return [await asyncio.wait_for(anext(events), timeout) for _ in range(n)]
 
 
-async def assert_quiet(events: AsyncIterator[DiscoveryEvent], seconds: float) -> None:
+async def assert_quiet(events: AsyncGenerator[DiscoveryEvent, None], seconds: float) -> None:
     task = asyncio.ensure_future(anext(events))
     done, _ = await asyncio.wait({task}, timeout=seconds)
     assert not done, f"unexpected event {task.result() if done else None}"

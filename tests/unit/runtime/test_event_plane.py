@@ -39,7 +39,7 @@ async def wait_live(pub: Publisher, sub: Subscriber, topic: str, timeout: float 
         try:
             await asyncio.wait_for(sub.recv(), 0.02)
             break
-        except asyncio.TimeoutError:
+        except TimeoutError:
             continue
     marker = f"marker-{next(_sync_ids)}".encode()
     pub.publish(topic, marker)

@@ -15,6 +15,7 @@ from lightspeed.runtime.framing import (
     End,
     Error,
     FrameDecoder,
+    Frame,
     FrameError,
     Request,
     encode_frame,
@@ -29,7 +30,7 @@ from lightspeed.runtime.request_plane import (
 
 
 def test_frame_roundtrip_all_types() -> None:
-    frames = [
+    frames: list[Frame] = [
         Request(1, "generate", b"\x00\x01"),
         Cancel(1),
         Data(1, b"tok"),
@@ -46,7 +47,7 @@ def test_frame_header_is_big_endian_body_length() -> None:
 
 
 def test_decoder_reassembles_byte_by_byte() -> None:
-    frames = [Data(3, b"x" * 300), End(3)]
+    frames: list[Frame] = [Data(3, b"x" * 300), End(3)]
     wire = b"".join(encode_frame(f) for f in frames)
     dec = FrameDecoder()
     got = []
@@ -154,7 +155,8 @@ async def collect(stream: AsyncIterator[bytes]) -> list[bytes]:
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 # ---------------------------------------------------------------- streaming
@@ -198,9 +200,7 @@ async def test_large_payload_roundtrip(server: RequestPlaneServer, client: Reque
 # ---------------------------------------------------------------- cancellation
 
 
-async def test_cancel_reaches_handler_finally(
-    server: RequestPlaneServer, client: RequestPlaneClient
-) -> None:
+async def test_cancel_reaches_handler_finally(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
     blocking = Blocking()
     server.register("block", blocking)
     stream = await client.stream(server.address, "block", b"a")
@@ -242,9 +242,7 @@ async def test_client_close_cancels_server_handlers(server: RequestPlaneServer) 
             await stream.__anext__()
 
 
-async def test_wait_cancelled_wakes_on_cancel(
-    server: RequestPlaneServer, client: RequestPlaneClient
-) -> None:
+async def test_wait_cancelled_wakes_on_cancel(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
     seen = asyncio.Event()
 
     async def watcher(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -298,10 +296,10 @@ async def test_server_crash_mid_stream_is_worker_lost(client: RequestPlaneClient
 
     async def crashing_peer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         dec = FrameDecoder()
-        frames: list[object] = []
+        frames: list[Frame] = []
         while not frames:
             frames = dec.feed(await reader.read(65536))
-        writer.write(encode_frame(Data(frames[0].id, b"partial")))  # type: ignore[attr-defined]
+        writer.write(encode_frame(Data(frames[0].id, b"partial")))
         await writer.drain()
         writer.transport.abort()
 
