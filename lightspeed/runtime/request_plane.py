@@ -228,8 +228,9 @@ class _ServerConnection(_FrameProtocol):
             task.cancel()
 
     async def _run(self, handler: Handler, req: Request, ctx: RequestContext) -> None:
-        gen = handler(req.payload, ctx)
+        gen: AsyncIterator[bytes] | None = None
         try:
+            gen = handler(req.payload, ctx)
             async for payload in gen:
                 if self._paused:
                     await self.writable()
@@ -238,15 +239,25 @@ class _ServerConnection(_FrameProtocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the handler's failure belongs to this stream only
-            log.debug("handler for %s failed", req.endpoint, exc_info=True)
+            log.warning(
+                "handler for %r failed: %r", req.endpoint, exc, exc_info=log.isEnabledFor(logging.DEBUG)
+            )
             self.send(Error(req.id, type(exc).__name__, str(exc)))
         finally:
-            # Cancelled between items, the generator is parked at a `yield`: close it so its
-            # `finally` runs now rather than whenever it is garbage collected.
-            aclose = getattr(gen, "aclose", None)
-            if aclose is not None:
-                await aclose()
             self._streams.pop(req.id, None)
+            await _close_generator(gen)
+
+
+async def _close_generator(gen: AsyncIterator[bytes] | None) -> None:
+    """Cancelled between items, a generator is parked at a `yield`: close it so its `finally`
+    runs now rather than whenever it is garbage collected."""
+    aclose = getattr(gen, "aclose", None)
+    if aclose is None:
+        return
+    try:
+        await aclose()
+    except Exception:  # its cleanup failing must not mask how the stream ended
+        log.exception("handler cleanup failed")
 
 
 class RequestPlaneServer:
@@ -313,7 +324,9 @@ class RequestPlaneServer:
         if pending:
             log.warning("cancelling %d streams still running after drain", len(pending))
             for conn in list(self._conns):
-                conn.cancel_all()
+                conn.cancel_all()  # marks each stream's context cancelled, then its task
+            for task in pending:
+                task.cancel()  # also those already past their handler, still cleaning up
             await asyncio.gather(*pending, return_exceptions=True)
         conns = list(self._conns)
         for conn in conns:

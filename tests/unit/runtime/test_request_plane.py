@@ -14,8 +14,8 @@ from lightspeed.runtime.framing import (
     Data,
     End,
     Error,
-    FrameDecoder,
     Frame,
+    FrameDecoder,
     FrameError,
     Request,
     encode_frame,
@@ -271,6 +271,19 @@ async def test_handler_error_becomes_worker_error(
         await stream.__anext__()
     assert info.value.code == "ValueError"
     assert info.value.message == "boom"
+
+
+async def test_handler_failing_before_iteration_becomes_worker_error(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    def not_a_generator(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
+        raise KeyError("missing")
+
+    server.register("sync-fail", not_a_generator)
+    with pytest.raises(WorkerError) as info:
+        await collect(await client.stream(server.address, "sync-fail", b""))
+    assert (info.value.code, info.value.message) == ("KeyError", "'missing'")
+    assert server.num_inflight == 0
 
 
 async def test_unknown_endpoint(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
