@@ -74,7 +74,9 @@ class Sampler:
         tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         greedy = [i for i, row in enumerate(rows) if is_greedy(row.options)]
         random = [i for i, row in enumerate(rows) if not is_greedy(row.options)]
-        if greedy:
+        if len(greedy) == len(rows):
+            tokens = work.argmax(dim=-1)
+        elif greedy:
             index = torch.tensor(greedy, device=logits.device)
             tokens[index] = work.index_select(0, index).argmax(dim=-1)
         if random:

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import random
+import struct
 import time
 from collections.abc import Iterable
+
+import xxhash
 
 from lightspeed.engine.config import EngineConfig
 from lightspeed.engine.types import ModelRunnerOutput, SchedulerOutput
@@ -21,6 +24,8 @@ MIN_SLEEP_S = 50e-6
 # Cap on carried time so one stall (GC pause, busy loop) is not repaid by a long burst of
 # zero-time steps, which would distort the modelled latency for everyone after it.
 MAX_CARRY_S = 0.05
+_SEED_KEY = struct.Struct("<QQI")
+_MASK64 = (1 << 64) - 1
 
 
 class MockerExecutor:
@@ -55,7 +60,12 @@ class MockerExecutor:
         for seq in output.seqs:
             if seq.sample:
                 has_decode = True
-                sampled[seq.request_id] = self._sample(seq.banned_token_ids)
+                seed = seq.sampling.seed
+                if seed is None:
+                    sampled[seq.request_id] = self._sample(seq.banned_token_ids)
+                else:
+                    position = seq.start_pos + len(seq.token_ids)
+                    sampled[seq.request_id] = self._sample_seeded(seed, position, seq.banned_token_ids)
         seconds = self.timing.step_seconds(output.num_prefill_tokens, output.kv_usage, has_decode)
         self.num_steps += 1
         self.modelled_seconds += seconds
@@ -72,6 +82,17 @@ class MockerExecutor:
         await asyncio.sleep(target)
         slept = time.perf_counter() - started
         self._carry = min(max(target - slept, -MAX_CARRY_S), MAX_CARRY_S)
+
+    def _sample_seeded(self, seed: int, position: int, banned: tuple[int, ...]) -> int:
+        """A token fixed by (seed, position): a seeded request gives the same stream on any
+        worker, alone or batched, and after preemption or migration."""
+        salt = 0
+        while True:
+            digest = xxhash.xxh3_64_intdigest(_SEED_KEY.pack(seed & _MASK64, position, salt))
+            token = digest % self.vocab_size
+            if token not in self.avoid_token_ids and token not in banned:
+                return token
+            salt += 1
 
     def _sample(self, banned: tuple[int, ...]) -> int:
         avoid = self.avoid_token_ids

@@ -98,3 +98,34 @@ def test_metrics_exposes_frontend_and_worker_series(client: openai.OpenAI, mocke
                  "lightspeed_frontend_input_sequence_tokens_bucket", "lightspeed_frontend_inflight_requests",
                  "lightspeed_worker_kv_total_blocks"):
         assert name in text, name
+
+
+def test_stop_string_truncates_the_stream(client: openai.OpenAI) -> None:
+    """Seeded mocker output is reproducible, so a stop string taken from the middle of a first
+    answer must cut the second answer exactly there, streamed and not."""
+    prompt = token_prompt(20, seed=11)
+    full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234)
+    text = full.choices[0].text
+    assert full.choices[0].finish_reason == "length" and len(text) > 30
+    stop = text[len(text) // 2: len(text) // 2 + 4]
+    expected = text[: text.index(stop)]
+    cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234, stop=[stop])
+    assert cut.choices[0].text == expected
+    assert cut.choices[0].finish_reason == "stop"
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234,
+                                            stop=stop, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+
+
+def test_least_loaded_and_random_modes_serve(tmp_path) -> None:  # noqa: ANN001
+    from tests.integration.conftest import MOCKER_ARGS, start_serve, stop_serve
+
+    for mode in ("least-loaded", "random"):
+        server = start_serve([*MOCKER_ARGS, "--router-mode", mode, "--speedup-ratio", "1000"], workers=2)
+        try:
+            c = openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0)
+            for _ in range(4):
+                assert c.completions.create(model=MODEL, prompt="x", max_tokens=2).usage.completion_tokens == 2
+        finally:
+            assert stop_serve(server) == 0

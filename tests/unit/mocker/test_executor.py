@@ -81,3 +81,24 @@ async def test_tiny_steps_do_not_sleep() -> None:
 def test_vocab_must_leave_ids() -> None:
     with pytest.raises(ValueError):
         MockerExecutor(CONFIG, vocab_size=2, avoid_token_ids={0, 1})
+
+
+async def test_seeded_requests_are_reproducible_by_position() -> None:
+    from lightspeed.engine.config import EngineConfig
+    from lightspeed.engine.types import ScheduledSeq, SchedulerOutput
+    from lightspeed.mocker.executor import MockerExecutor
+    from lightspeed.protocol import SamplingOptions
+
+    cfg = EngineConfig(block_size=4, num_gpu_blocks=64, max_model_len=128)
+
+    def seq(rid: str, seed: int | None, start: int) -> ScheduledSeq:
+        return ScheduledSeq(rid, [5], start, [0], True, SamplingOptions(seed=seed), is_prefill=False)
+
+    a = MockerExecutor(cfg, speedup_ratio=1e9, vocab_size=1000, seed=1)
+    b = MockerExecutor(cfg, speedup_ratio=1e9, vocab_size=1000, seed=2)
+    out_a = await a.execute(SchedulerOutput([seq("x", 7, 10), seq("y", None, 3)]))
+    out_b = await b.execute(SchedulerOutput([seq("z", 7, 10)]))
+    assert out_a.sampled["x"] == out_b.sampled["z"]  # same seed and position, other worker/batch
+    out_c = await b.execute(SchedulerOutput([seq("z", 7, 11)]))
+    out_d = await b.execute(SchedulerOutput([seq("z", 8, 10)]))
+    assert len({out_a.sampled["x"], out_c.sampled["z"], out_d.sampled["z"]}) == 3
