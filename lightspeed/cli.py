@@ -16,6 +16,7 @@ from typing import Any
 
 from lightspeed.config import (
     DISCOVERY_KINDS,
+    DTYPES,
     ENGINE_KINDS,
     EVENT_PLANE_KINDS,
     ROLES,
@@ -74,8 +75,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--model", str, "", "model folder, .gguf file or packaged model name ('' = SmolLM2-135M-Instruct)")
     add_flag(p, "--served-model-name", str, "", "name clients use (default: the model's name)")
     add_flag(p, "--block-size", int, 64, "tokens per KV block")
-    add_flag(p, "--num-gpu-blocks", int, 16384, "KV cache size in blocks")
-    add_flag(p, "--kv-cache-gb", float, 0.0, "native engine: KV cache size in GB (overrides --num-gpu-blocks)")
+    add_flag(p, "--num-gpu-blocks", int, 0, "KV cache size in blocks (0 = mocker 16384, native from --kv-cache-gb)")
+    add_flag(p, "--kv-cache-gb", float, 0.0, "native engine: KV cache size in GB when --num-gpu-blocks is 0 (0 = 2 GB)")
+    add_flag(p, "--dtype", str, "auto", "native engine weights/KV dtype (auto: float32 on CPU, bfloat16 on CUDA)",
+             DTYPES)
     add_flag(p, "--max-num-seqs", int, 256, "max sequences per step")
     add_flag(p, "--max-num-batched-tokens", int, 8192, "token budget per step")
     add_flag(p, "--max-model-len", int, 0, "context length (0 = the model's)")
@@ -100,7 +103,7 @@ def worker_config(a: argparse.Namespace) -> WorkerConfig:
         engine=a.engine, model=a.model, served_model_name=a.served_model_name, role=a.role,
         host=a.worker_host, planes=_planes(a), block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks,
         max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        max_model_len=a.max_model_len, speedup_ratio=a.speedup_ratio, kv_cache_gb=a.kv_cache_gb,
+        max_model_len=a.max_model_len, speedup_ratio=a.speedup_ratio, kv_cache_gb=a.kv_cache_gb, dtype=a.dtype,
         enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
     )
 

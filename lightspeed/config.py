@@ -14,6 +14,7 @@ DISCOVERY_KINDS = ("mem", "file")
 EVENT_PLANE_KINDS = ("zmq",)
 ENGINE_KINDS = ("mocker", "native")
 ROLES = ("agg", "prefill", "decode")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
@@ -79,12 +80,13 @@ class WorkerConfig:
     port: int = 0  # request-plane port; 0 = ephemeral
     planes: PlaneConfig = PlaneConfig()
     block_size: int = 64
-    num_gpu_blocks: int = 16384
+    num_gpu_blocks: int = 0  # 0 = the engine's default (mocker 16384; native sized by kv_cache_gb)
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
     max_model_len: int = 0  # 0 = the model's context length
     speedup_ratio: float = 1.0
     kv_cache_gb: float = 0.0  # native engine: size the cache in GB instead of blocks
+    dtype: str = "auto"  # native engine: auto = float32 on CPU, bfloat16 on CUDA
     enable_prefix_caching: bool = True
     metrics_interval: float = 0.5
     seed: int = 0
@@ -92,8 +94,11 @@ class WorkerConfig:
     def __post_init__(self) -> None:
         _check_choice("engine", self.engine, ENGINE_KINDS)
         _check_choice("role", self.role, ROLES)
+        _check_choice("dtype", self.dtype, DTYPES)
         _check_port(self.port)
-        for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):
+        if self.num_gpu_blocks < 0:
+            raise ValueError(f"num_gpu_blocks must be >= 0; got {self.num_gpu_blocks}")
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
             _check_positive(name, getattr(self, name))
         _check_positive("speedup_ratio", self.speedup_ratio)
         _check_positive("metrics_interval", self.metrics_interval)

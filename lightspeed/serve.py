@@ -32,7 +32,7 @@ def worker_args(w: WorkerConfig) -> list[str]:
     return [
         "worker", "--engine", w.engine, "--model", w.model, "--served-model-name", w.served_model_name,
         "--role", w.role, "--worker-host", w.host, "--block-size", str(w.block_size),
-        "--num-gpu-blocks", str(w.num_gpu_blocks), "--kv-cache-gb", str(w.kv_cache_gb),
+        "--num-gpu-blocks", str(w.num_gpu_blocks), "--kv-cache-gb", str(w.kv_cache_gb), "--dtype", w.dtype,
         "--max-num-seqs", str(w.max_num_seqs), "--max-num-batched-tokens", str(w.max_num_batched_tokens),
         "--max-model-len", str(w.max_model_len), "--speedup-ratio", str(w.speedup_ratio),
         "--enable-prefix-caching", str(w.enable_prefix_caching), "--seed", str(w.seed),

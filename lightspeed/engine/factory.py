@@ -18,6 +18,9 @@ from lightspeed.models.registry import ResolvedModel, resolve_model
 
 log = logging.getLogger(__name__)
 
+MOCKER_DEFAULT_BLOCKS = 16384  # Dynamo's mocker default
+NATIVE_DEFAULT_KV_GB = 2.0
+
 
 @dataclass
 class BuiltEngine:
@@ -52,22 +55,28 @@ def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> 
 def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     from lightspeed.mocker.executor import MockerExecutor
 
-    ecfg = _engine_config(cfg, model, cfg.num_gpu_blocks)
+    num_blocks = cfg.num_gpu_blocks or MOCKER_DEFAULT_BLOCKS
+    ecfg = _engine_config(cfg, model, num_blocks)
     executor = MockerExecutor(ecfg, speedup_ratio=cfg.speedup_ratio, vocab_size=model.vocab_size,
                               seed=cfg.seed, avoid_token_ids=set(model.eos_token_ids))
-    return ExecutorBuild(executor, cfg.num_gpu_blocks)
+    return ExecutorBuild(executor, num_blocks)
 
 
 def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     from lightspeed.engine.model_runner import ModelRunner
     from lightspeed.engine.native_executor import NativeExecutor
 
+    import torch
+
     source = model.gguf_path if model.gguf_path is not None else model.folder
-    runner = ModelRunner(source, block_size=cfg.block_size,
-                         num_blocks=None if cfg.kv_cache_gb else cfg.num_gpu_blocks,
-                         kv_cache_gb=cfg.kv_cache_gb or None)
+    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    if cfg.num_gpu_blocks:
+        runner = ModelRunner(source, block_size=cfg.block_size, num_blocks=cfg.num_gpu_blocks, dtype=dtype)
+    else:
+        runner = ModelRunner(source, block_size=cfg.block_size, dtype=dtype,
+                             kv_cache_gb=cfg.kv_cache_gb or NATIVE_DEFAULT_KV_GB)
     executor = NativeExecutor(runner)
-    return ExecutorBuild(executor, runner.num_blocks, getattr(executor, "close", None))
+    return ExecutorBuild(executor, runner.num_blocks, executor.shutdown)
 
 
 EXECUTORS: dict[str, Callable[[WorkerConfig, ResolvedModel], ExecutorBuild]] = {

@@ -44,9 +44,8 @@ def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype,
 
 @dataclass(frozen=True, slots=True)
 class StepBatch:
-    """One step's device inputs, with the scheduled seqs reordered decodes-first."""
+    """One step's device inputs (scheduled seqs reordered decodes-first)."""
 
-    seqs: list[ScheduledSeq]
     input_ids: torch.Tensor
     meta: AttentionMetadata
     logits_indices: torch.Tensor  # flat token index of each sampled seq's last token
@@ -122,7 +121,7 @@ class ModelRunner:
         last = [end - 1 for end, s in zip(ends, seqs) if s.sample]
         input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)),
                                  dtype=torch.int64, device=self.device)
-        return StepBatch(seqs, input_ids, meta,
+        return StepBatch(input_ids, meta,
                          torch.tensor(last, dtype=torch.int64, device=self.device), sampled)
 
     def _validate(self, seqs: list[ScheduledSeq]) -> None:

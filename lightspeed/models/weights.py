@@ -311,9 +311,10 @@ def load_weights(path: str | Path) -> tuple[ModelConfig, StateDict]:
         raise ValueError(f"model path {path} is neither a .gguf file nor a folder")
     if (path / "config.json").is_file() and any(path.glob("*.safetensors")):
         return load_hf_folder(path)
-    gguf_file = find_gguf(path)
+    gguf_file = find_gguf(path)  # e.g. a tokenizer/config folder with a link to its GGUF
     if gguf_file is not None:
-        return load_gguf(gguf_file)
+        config, state = load_gguf(gguf_file)
+        return _with_generation_eos(config, path / "generation_config.json"), state
     raise ValueError(f"{path} has neither config.json + *.safetensors nor a single .gguf file")
 
 

@@ -14,7 +14,7 @@ def test_frontend_config_rejects(kw: dict) -> None:
 
 
 @pytest.mark.parametrize("kw", [{"engine": "gpu"}, {"role": "boss"}, {"block_size": 0},
-                                {"speedup_ratio": 0}, {"num_gpu_blocks": -1}])
+                                {"speedup_ratio": 0}, {"num_gpu_blocks": -1}, {"max_num_seqs": 0}])
 def test_worker_config_rejects(kw: dict) -> None:
     with pytest.raises(ValueError):
         WorkerConfig(**kw)

@@ -30,7 +30,8 @@ SYSTEM_TURN = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM,
 SYSTEM_TURN_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
                    411, 407, 19712, 8182, 2, 198]
 CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>",
-                  "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>", "<issue_closed>",
+                  "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
+                  "<issue_closed>",
                   "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
                   "<jupyter_script>", "<empty_output>"]
 

@@ -158,3 +158,11 @@ def test_export_hf_folder_round_trip(tmp_path: Path,
     name = "model.layers.7.self_attn.q_proj.weight"
     assert state[name].dtype == torch.bfloat16
     assert torch.equal(state[name], original[name].to(torch.bfloat16))
+
+
+def test_folder_with_linked_gguf_merges_generation_eos(tmp_path: Path) -> None:
+    (tmp_path / "model.gguf").symlink_to(SMOLLM2)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 0]}))
+    config, state = load_weights(tmp_path)
+    assert config.eos_token_ids == (2, 0)
+    assert config.num_layers == 30 and state["model.norm.weight"].shape == (576,)
