@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 
+import msgspec
 from aiohttp import web
 
 from lightspeed.errors import LightspeedError
@@ -91,6 +92,4 @@ async def serve_whole(pipeline: Pipeline, builder: ResponseBuilder, metrics: Fro
 
 
 def _error_json(err: LightspeedError) -> bytes:
-    import msgspec
-
     return msgspec.json.encode(err.to_openai())
