@@ -19,10 +19,12 @@ from lightspeed.config import (
     DTYPES,
     ENGINE_KINDS,
     EVENT_PLANE_KINDS,
+    QUEUE_POLICIES,
     ROLES,
     ROUTER_MODES,
     FrontendConfig,
     PlaneConfig,
+    RouterConfig,
     ServeConfig,
     WorkerConfig,
 )
@@ -68,6 +70,23 @@ def add_frontend_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--max-body-bytes", int, 8 * 1024 * 1024, "largest accepted request body")
     add_flag(p, "--frontend-processes", int, 1, "frontend processes sharing the port (SO_REUSEPORT)")
     add_flag(p, "--migration-limit", int, 0, "times a request may move to another worker if its worker dies")
+    add_router_flags(p)
+
+
+def add_router_flags(p: argparse.ArgumentParser) -> None:
+    add_flag(p, "--kv-overlap-score-weight", float, 1.0, "kv mode: weight of prefill blocks against decode blocks")
+    add_flag(p, "--router-temperature", float, 0.0, "kv modes: softmax sampling temperature (0 = argmin)")
+    add_flag(p, "--kv-events", _bool, True, "kv modes: index fed by worker KV events (false = approximate mode)")
+    add_flag(p, "--router-approx-ttl", float, 120.0, "approximate mode: seconds a routed prefix counts as cached")
+    add_flag(p, "--busy-decode-threshold", float, 0.0, "worker busy above this fraction of KV blocks active (0 = off)")
+    add_flag(p, "--busy-prefill-frac", float, 0.0,
+             "worker busy above this multiple of max_num_batched_tokens queued for prefill (0 = off)")
+    add_flag(p, "--router-queue-policy", str, "fcfs", "admission queue order when all workers are busy",
+             QUEUE_POLICIES)
+    add_flag(p, "--router-max-queue", int, 1024, "queued requests past this are refused with 503")
+    add_flag(p, "--router-queue-timeout", float, 60.0, "seconds a request may wait for a free worker")
+    add_flag(p, "--session-ttl", float, 600.0, "seconds a session (x-session-id) stays bound to its worker")
+    add_flag(p, "--router-replica-sync", _bool, True, "share active load with other frontends (event plane)")
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
@@ -95,7 +114,16 @@ def _planes(a: argparse.Namespace) -> PlaneConfig:
 def frontend_config(a: argparse.Namespace) -> FrontendConfig:
     return FrontendConfig(host=a.host, port=a.port, router_mode=a.router_mode, planes=_planes(a),
                           max_body_bytes=a.max_body_bytes, processes=a.frontend_processes,
-                          migration_limit=a.migration_limit)
+                          migration_limit=a.migration_limit, router=router_config(a))
+
+
+def router_config(a: argparse.Namespace) -> RouterConfig:
+    return RouterConfig(
+        overlap_score_weight=a.kv_overlap_score_weight, temperature=a.router_temperature,
+        kv_events=a.kv_events, approx_ttl=a.router_approx_ttl, busy_decode_threshold=a.busy_decode_threshold,
+        busy_prefill_frac=a.busy_prefill_frac, queue_policy=a.router_queue_policy,
+        max_queue=a.router_max_queue, queue_timeout=a.router_queue_timeout, session_ttl=a.session_ttl,
+        replica_sync=a.router_replica_sync)
 
 
 def worker_config(a: argparse.Namespace) -> WorkerConfig:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-ROUTER_MODES = ("round-robin", "random", "least-loaded", "direct", "kv")
+ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "direct", "kv", "kv-latency")
+KV_ROUTER_MODES = ("kv", "kv-latency")
+QUEUE_POLICIES = ("fcfs", "wspt")
 DISCOVERY_KINDS = ("mem", "file")
 EVENT_PLANE_KINDS = ("zmq",)
 ENGINE_KINDS = ("mocker", "native")
@@ -51,6 +53,32 @@ class PlaneConfig:
 
 
 @dataclass(frozen=True)
+class RouterConfig:
+    """Knobs of the KV-aware modes (DESIGN §4) and of session affinity / replica sync."""
+
+    overlap_score_weight: float = 1.0
+    temperature: float = 0.0
+    kv_events: bool = True  # False = approximate mode: no events, own decisions with a TTL
+    approx_ttl: float = 120.0
+    busy_decode_threshold: float = 0.0  # busy above this fraction of KV blocks active; 0 = off
+    busy_prefill_frac: float = 0.0  # busy above this multiple of max_num_batched_tokens queued; 0 = off
+    queue_policy: str = "fcfs"
+    max_queue: int = 1024  # waiting requests past this get 503
+    queue_timeout: float = 60.0
+    session_ttl: float = 600.0
+    replica_sync: bool = True  # share active load with other frontends over the event plane
+
+    def __post_init__(self) -> None:
+        _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
+        for name in ("overlap_score_weight", "temperature", "busy_decode_threshold", "busy_prefill_frac",
+                     "max_queue"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        for name in ("approx_ttl", "queue_timeout", "session_ttl"):
+            _check_positive(name, getattr(self, name))
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     host: str = "127.0.0.1"
     port: int = 8000
@@ -60,6 +88,7 @@ class FrontendConfig:
     processes: int = 1  # frontend processes sharing the port (SO_REUSEPORT)
     migration_limit: int = 0  # re-sends of a request after its worker is lost
     served_model_name: str = ""  # "" = whatever workers register
+    router: RouterConfig = RouterConfig()
 
     def __post_init__(self) -> None:
         _check_port(self.port)

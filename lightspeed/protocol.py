@@ -159,6 +159,21 @@ class WorkerRole(str, enum.Enum):
     DECODE = "decode"
 
 
+class PerfModel(msgspec.Struct, frozen=True, omit_defaults=True):
+    """A worker's step-time model, published on its card for latency-aware routing.
+
+    Step milliseconds = prefill(t) + decode(p), with prefill(t) = a*t^2 + b*t + c for t
+    uncached tokens in the step (0 when t = 0) and decode(p) = max(floor, d*p^2 + e*p + f) at
+    KV usage p; all divided by `speedup_ratio`. The mocker reports its exact model; a real engine
+    reports a fit of its measured steps.
+    """
+
+    prefill_coeffs: tuple[float, float, float]
+    decode_coeffs: tuple[float, float, float]
+    decode_floor_ms: float = 1.0
+    speedup_ratio: float = 1.0
+
+
 class WorkerCard(msgspec.Struct, frozen=True, omit_defaults=True):
     """What a worker registers in discovery. The frontend builds its view of the fleet from these."""
 
@@ -178,6 +193,7 @@ class WorkerCard(msgspec.Struct, frozen=True, omit_defaults=True):
     model_path: str = ""  # local folder with tokenizer.json / tokenizer_config.json
     events_address: str = ""  # event-plane publisher address of this worker ("tcp://host:port")
     pid: int = 0
+    perf: PerfModel | None = None  # step-time model for the predicted-latency router policy
 
 
 TOPIC_KV_EVENTS = "kv-events"

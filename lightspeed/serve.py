@@ -16,7 +16,7 @@ import time
 
 import aiohttp
 
-from lightspeed.config import FrontendConfig, PlaneConfig, ServeConfig, WorkerConfig
+from lightspeed.config import FrontendConfig, PlaneConfig, RouterConfig, ServeConfig, WorkerConfig
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,18 @@ def frontend_args(f: FrontendConfig) -> list[str]:
     return [
         "frontend", "--host", f.host, "--port", str(f.port), "--router-mode", f.router_mode,
         "--max-body-bytes", str(f.max_body_bytes), "--frontend-processes", str(f.processes),
-        "--migration-limit", str(f.migration_limit), *plane_args(f.planes),
+        "--migration-limit", str(f.migration_limit), *router_args(f.router), *plane_args(f.planes),
+    ]
+
+
+def router_args(r: RouterConfig) -> list[str]:
+    return [
+        "--kv-overlap-score-weight", str(r.overlap_score_weight), "--router-temperature", str(r.temperature),
+        "--kv-events", str(r.kv_events), "--router-approx-ttl", str(r.approx_ttl),
+        "--busy-decode-threshold", str(r.busy_decode_threshold), "--busy-prefill-frac", str(r.busy_prefill_frac),
+        "--router-queue-policy", r.queue_policy, "--router-max-queue", str(r.max_queue),
+        "--router-queue-timeout", str(r.queue_timeout), "--session-ttl", str(r.session_ttl),
+        "--router-replica-sync", str(r.replica_sync),
     ]
 
 

@@ -15,6 +15,7 @@ from lightspeed.engine.config import EngineConfig
 from lightspeed.engine.core import EngineCore
 from lightspeed.engine.types import Executor
 from lightspeed.models.registry import ResolvedModel, resolve_model
+from lightspeed.protocol import PerfModel
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +31,7 @@ class BuiltEngine:
     model_folder: Path
     max_model_len: int
     closers: list[Callable[[], None]] = field(default_factory=list)
+    perf: PerfModel | None = None  # step-time model published on the worker card
 
     def close(self) -> None:
         for closer in self.closers:
@@ -41,6 +43,7 @@ class ExecutorBuild:
     executor: Executor
     num_blocks: int
     close: Callable[[], None] | None = None
+    perf: PerfModel | None = None
 
 
 def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> EngineConfig:
@@ -54,12 +57,13 @@ def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> 
 
 def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     from lightspeed.mocker.executor import MockerExecutor
+    from lightspeed.mocker.timing import perf_model
 
     num_blocks = cfg.num_gpu_blocks or MOCKER_DEFAULT_BLOCKS
     ecfg = _engine_config(cfg, model, num_blocks)
     executor = MockerExecutor(ecfg, speedup_ratio=cfg.speedup_ratio, vocab_size=model.vocab_size,
                               seed=cfg.seed, avoid_token_ids=set(model.eos_token_ids))
-    return ExecutorBuild(executor, num_blocks)
+    return ExecutorBuild(executor, num_blocks, perf=perf_model(cfg.speedup_ratio))
 
 
 def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
@@ -94,4 +98,4 @@ def build_engine(cfg: WorkerConfig) -> BuiltEngine:
     log.info("built %s engine for %s: %d blocks of %d tokens", cfg.engine, served, built.num_blocks,
              cfg.block_size)
     return BuiltEngine(core, built.num_blocks, served, model.folder,
-                       cfg.max_model_len or model.context_length, closers)
+                       cfg.max_model_len or model.context_length, closers, built.perf)

@@ -2,7 +2,7 @@
 
 Endpoints on the request plane:
   generate  PreprocessedRequest -> stream of LLMEngineOutput (Cancel frame aborts, freeing KV)
-  kv_dump   () -> the worker's cached blocks as KvEvents (router gap recovery)
+  kv_dump   () -> Cleared + the worker's cached blocks as KvEvents (router gap recovery)
 Publishes on the event plane: `kv-events` (monotonic event ids), `load-metrics` (periodic),
 `forward-pass-metrics` (every step). Stops gracefully: deregister first so no new requests
 arrive, drain in-flight streams, then stop the engine.
@@ -30,6 +30,7 @@ from lightspeed.protocol import (
     TOPIC_LOAD_METRICS,
     FinishReason,
     ForwardPassMetrics,
+    KvCleared,
     KvEvent,
     KvEventData,
     LLMEngineOutput,
@@ -94,7 +95,7 @@ class Worker:
             block_size=cfg.block_size, total_kv_blocks=built.num_blocks,
             max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
             context_length=built.max_model_len, model_path=str(built.model_folder),
-            events_address=self.publisher.address, pid=os.getpid(),
+            events_address=self.publisher.address, pid=os.getpid(), perf=built.perf,
         )
 
     async def generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -111,8 +112,15 @@ class Worker:
             await stream.aclose()
 
     async def kv_dump(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
-        for data in self.core.dump_kv_events():
-            yield _encode(KvEvent(self.instance_id, self._event_id, data))
+        """A snapshot: Cleared, then every cached block, all stamped with the current event id.
+
+        Taken synchronously (one loop, no await in between), so it is exactly the state after
+        event `event_id`; the subscriber resumes the live stream from event_id + 1. The leading
+        Cleared makes the snapshot self-describing even when the cache is empty."""
+        event_id = self._event_id
+        snapshot = [KvCleared(), *self.core.dump_kv_events()]
+        for data in snapshot:
+            yield _encode(KvEvent(self.instance_id, event_id, data))
 
     def _publish_kv_events(self, events: list[KvEventData]) -> None:
         for data in events:

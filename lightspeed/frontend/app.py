@@ -7,7 +7,7 @@ unexpected exception is logged and answered with a 500 body, and the server keep
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 
 import msgspec
 from aiohttp import web
@@ -24,6 +24,7 @@ from lightspeed.frontend.openai_types import (
 from lightspeed.frontend.pipeline import Pipeline, new_request_id
 from lightspeed.frontend.responses import ResponseBuilder, TokenText
 from lightspeed.frontend.streaming import serve_stream, serve_whole
+from lightspeed.router.selector import RouterOverrides
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 PINNED_HEADER = "x-worker-instance-id"
 SESSION_HEADER = "x-session-id"
+WEIGHT_HEADER = "x-router-overlap-weight"
+TEMPERATURE_HEADER = "x-router-temperature"
 
 
 def error_response(err: LightspeedError) -> web.Response:
@@ -96,7 +99,8 @@ class FrontendApp:
         self.metrics.inflight.labels(model).inc()
         try:
             gen = self.pipeline.prepare(req, rid, request.headers.get(PINNED_HEADER),
-                                        request.headers.get(SESSION_HEADER))
+                                        request.headers.get(SESSION_HEADER),
+                                        router_overrides(req, request.headers))
             builder = ResponseBuilder(chat, gen, gen.entry.name, self._token_text_for(gen.entry.name))
             if req.stream:
                 resp = await serve_stream(request, self.pipeline, builder, self.metrics, req.include_usage)
@@ -151,3 +155,29 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):  # noqa: ANN202 - typed
         raise InvalidRequest(f"invalid request: {err}") from None
     except msgspec.DecodeError as err:
         raise InvalidRequest(f"request body is not valid JSON: {err}") from None
+
+
+def router_overrides(req: ChatCompletionRequest | CompletionRequest,
+                     headers: Mapping[str, str]) -> RouterOverrides | None:
+    """KV-router knobs for this request: the body's `nvext.router_config_override`, then headers."""
+    override = req.nvext.router_config_override if req.nvext is not None else None
+    weight = override.overlap_score_weight if override is not None else None
+    temperature = override.router_temperature if override is not None else None
+    weight = _header_float(headers, WEIGHT_HEADER, weight)
+    temperature = _header_float(headers, TEMPERATURE_HEADER, temperature)
+    if weight is None and temperature is None:
+        return None
+    try:
+        return RouterOverrides(weight, temperature)
+    except ValueError as err:
+        raise InvalidRequest(str(err), param="nvext.router_config_override") from None
+
+
+def _header_float(headers: Mapping[str, str], name: str, default: float | None) -> float | None:
+    raw = headers.get(name)
+    if raw is None:
+        return default
+    try:
+        return float(raw)
+    except ValueError:
+        raise InvalidRequest(f"header {name} must be a number, got {raw!r}", param=name) from None

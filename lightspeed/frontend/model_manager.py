@@ -19,6 +19,7 @@ from lightspeed.protocol import WorkerCard, WorkerRole
 from lightspeed.runtime.discovery import Discovery
 
 log = logging.getLogger(__name__)
+BACKEND_COMPONENT = "backend"
 
 
 @dataclass
@@ -46,6 +47,10 @@ class ModelManager:
         self._task: asyncio.Task[None] | None = None
         self.on_worker_removed: list[Callable[[str], None]] = []
         self.on_worker_added: list[Callable[[WorkerCard], None]] = []
+        # Cards of other components (router replicas) are not workers: they go to these instead.
+        self.on_peer_added: list[Callable[[WorkerCard], None]] = []
+        self.on_peer_removed: list[Callable[[str], None]] = []
+        self._peers: set[str] = set()
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._watch(), name="model-manager-watch")
@@ -76,6 +81,11 @@ class ModelManager:
                 log.exception("discovery event %s for %s failed", event.kind, event.instance_id)
 
     async def _add(self, card: WorkerCard) -> None:
+        if card.component != BACKEND_COMPONENT:
+            self._peers.add(card.instance_id)
+            for peer_callback in self.on_peer_added:
+                peer_callback(card)
+            return
         name = self._override or card.model
         if self._worker_model.get(card.instance_id) == name:
             self._models[name].workers[card.instance_id] = card
@@ -92,6 +102,11 @@ class ModelManager:
             callback(card)
 
     def _remove(self, instance_id: str) -> None:
+        if instance_id in self._peers:
+            self._peers.discard(instance_id)
+            for peer_callback in self.on_peer_removed:
+                peer_callback(instance_id)
+            return
         name = self._worker_model.pop(instance_id, None)
         if name is None:
             return

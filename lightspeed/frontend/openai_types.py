@@ -29,6 +29,19 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
+class RouterConfigOverride(msgspec.Struct, frozen=True):
+    """Per-request KV-router knobs (Dynamo's `nvext.router_config_override`)."""
+
+    overlap_score_weight: float | None = None
+    router_temperature: float | None = None
+
+
+class NvExt(msgspec.Struct, frozen=True):
+    """Dynamo-style request extensions."""
+
+    router_config_override: RouterConfigOverride | None = None
+
+
 class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     """Fields shared by chat and text completions (OpenAI + vLLM/Dynamo extensions)."""
 
@@ -48,6 +61,7 @@ class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     ignore_eos: bool = False
     min_tokens: int = 0
     user: str | None = None
+    nvext: NvExt | None = None
 
     def validate_sampling(self) -> None:
         _check(self.model != "", "model must not be empty", "model")
@@ -66,6 +80,12 @@ class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
             _check(value is None or -2.0 <= value <= 2.0, f"{name} must be between -2 and 2", name)
         _check(len(self.stop_list) <= 16, "at most 16 stop sequences are allowed", "stop")
         _check(all(self.stop_list), "stop sequences must not be empty", "stop")
+        override = self.nvext.router_config_override if self.nvext is not None else None
+        if override is not None:
+            _check(override.overlap_score_weight is None or override.overlap_score_weight >= 0,
+                   "overlap_score_weight must be >= 0", "nvext.router_config_override.overlap_score_weight")
+            _check(override.router_temperature is None or override.router_temperature >= 0,
+                   "router_temperature must be >= 0", "nvext.router_config_override.router_temperature")
 
     @property
     def stop_list(self) -> list[str]:

@@ -21,14 +21,13 @@ from lightspeed.frontend.openai_types import ChatCompletionRequest, CompletionRe
 from lightspeed.protocol import (
     FinishReason,
     LLMEngineOutput,
-    WorkerCard,
     PreprocessedRequest,
     SamplingOptions,
     StopConditions,
     TokenLogprob,
 )
 from lightspeed.router.push_router import PushRouter
-from lightspeed.router.selector import RouteRequest
+from lightspeed.router.selector import RouteDecision, RouteRequest, RouterOverrides
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +52,7 @@ class Generation:
     stop_strings: list[str]
     pinned_worker: str | None = None
     session_id: str | None = None
+    overrides: RouterOverrides | None = None
     completion_tokens: int = 0
     cached_tokens: int = 0
     worker_id: str = ""
@@ -74,7 +74,7 @@ class Pipeline:
         self._migration_limit = migration_limit
 
     def prepare(self, req: AnyRequest, request_id: str, pinned: str | None = None,
-                session: str | None = None) -> Generation:
+                session: str | None = None, overrides: RouterOverrides | None = None) -> Generation:
         """Validate against the model, tokenize, and build the worker request (raises 4xx)."""
         entry = self._models.get(req.model)
         if entry is None:
@@ -97,7 +97,7 @@ class Pipeline:
             ),
             eos_token_ids=eos,
         )
-        return Generation(request_id, entry, preq, req.stop_list, pinned, session)
+        return Generation(request_id, entry, preq, req.stop_list, pinned, session, overrides)
 
     async def stream(self, gen: Generation) -> AsyncIterator[Delta]:
         """Yield text deltas; the last one carries the finish reason."""
@@ -117,9 +117,9 @@ class Pipeline:
 
     async def _stream_once(self, gen: Generation, detok: IncrementalDetokenizer) -> AsyncIterator[Delta]:
         request = _continuation(gen)
-        card = self._choose(gen, request.token_ids)
-        gen.worker_id = card.instance_id
-        agen = self._router.generate(card, request)
+        decision = await self._route(gen, request.token_ids)
+        gen.worker_id = decision.card.instance_id
+        agen = self._router.generate(decision, request)
         try:
             async for out in agen:
                 delta = _apply(gen, detok, out)
@@ -129,13 +129,15 @@ class Pipeline:
                         return
         finally:
             await agen.aclose()  # a stop string ends the stream early: cancel upstream
+            self._router.release(gen.request_id)  # also when the stream never started
 
-    def _choose(self, gen: Generation, token_ids: list[int]) -> WorkerCard:
+    async def _route(self, gen: Generation, token_ids: list[int]) -> RouteDecision:
         workers = gen.entry.serving_workers()
         if not workers:
             raise Overloaded(f"no workers are serving `{gen.entry.name}`")
-        route = RouteRequest(gen.request_id, token_ids, gen.pinned_worker, gen.session_id)
-        return self._router.choose(route, workers)
+        route = RouteRequest(gen.request_id, token_ids, gen.pinned_worker, gen.session_id,
+                             gen.request.lora_name, gen.overrides)
+        return await self._router.route(route, workers)
 
 
 def _apply(gen: Generation, detok: IncrementalDetokenizer, out: LLMEngineOutput) -> Delta | None:

@@ -14,13 +14,20 @@ from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
 from lightspeed.router.active import ActiveLoad
+from lightspeed.router.factory import STATEFUL_MODES, build_selector
+from lightspeed.router.indexer import KvIndex
+from lightspeed.router.kv_events import KvEventFeed
+from lightspeed.router.kv_router import KvSelector
+from lightspeed.router.metrics import RouterMetrics
 from lightspeed.router.push_router import PushRouter
-from lightspeed.router.selector import make_selector
+from lightspeed.router.replica_sync import TOPIC_ROUTER_SYNC, ReplicaSync
+from lightspeed.router.selector import WorkerSelector
+from lightspeed.router.session import SessionAffinity
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.request_plane import RequestPlaneClient
-from lightspeed.runtime.planes import discovery_from_config, subscriber_from_config
+from lightspeed.runtime.planes import discovery_from_config, publisher_from_config, subscriber_from_config
 from lightspeed.frontend.worker_metrics import WorkerMetricsWatcher
-from lightspeed.protocol import TOPIC_LOAD_METRICS
+from lightspeed.protocol import TOPIC_KV_EVENTS, TOPIC_LOAD_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +39,15 @@ class Frontend:
         self.models = ModelManager(self.discovery, cfg.served_model_name)
         self.client = RequestPlaneClient()
         self.active = ActiveLoad()
-        self.router = PushRouter(self.client, make_selector(cfg.router_mode, self.active), self.active)
-        self.models.on_worker_removed.append(self.active.remove_worker)
+        metrics = FrontendMetrics()
+        self.router_metrics = RouterMetrics(metrics.registry)
+        selector = build_selector(cfg.router_mode, cfg.router, self.active, self.router_metrics)
+        self.router = PushRouter(self.client, selector, self.active, SessionAffinity(cfg.router.session_ttl))
+        self.models.on_worker_removed.append(self.router.remove_worker)
+        self.kv_feed = self._kv_feed(selector)
+        self.replicas = self._replica_sync(selector)
         self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit)
-        self.http = FrontendApp(self.models, self.pipeline, FrontendMetrics(), cfg.max_body_bytes)
+        self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry)
         self.models.on_worker_added.append(self.worker_metrics.worker_added)
@@ -43,7 +55,33 @@ class Frontend:
         self._runner: web.AppRunner | None = None
         self.port = cfg.port
 
+    def _kv_feed(self, selector: WorkerSelector) -> KvEventFeed | None:
+        """KV modes with events: keep the selector's prefix index fed from every worker."""
+        if not isinstance(selector, KvSelector) or not isinstance(selector.index, KvIndex):
+            return None
+        feed = KvEventFeed(subscriber_from_config(self.cfg.planes, [TOPIC_KV_EVENTS]), selector.index,
+                           self.client, self.router_metrics)
+        self.models.on_worker_added.append(feed.worker_added)
+        self.models.on_worker_removed.append(feed.worker_removed)
+        return feed
+
+    def _replica_sync(self, selector: WorkerSelector) -> ReplicaSync | None:
+        """Stateful modes: share active load with the other frontends of this namespace."""
+        if not self.cfg.router.replica_sync or self.cfg.router_mode not in STATEFUL_MODES:
+            return None
+        planes = self.cfg.planes
+        sync = ReplicaSync(self.active, publisher_from_config(planes, self.cfg.host),
+                           subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]), self.discovery,
+                           planes.namespace, selector.mirror if isinstance(selector, KvSelector) else None)
+        self.models.on_peer_added.append(sync.peer_added)
+        self.models.on_peer_removed.append(sync.peer_removed)
+        return sync
+
     async def start(self) -> None:
+        if self.kv_feed is not None:
+            await self.kv_feed.start()
+        if self.replicas is not None:
+            await self.replicas.start()
         await self.worker_metrics.start()
         await self.models.start()
         self._runner = web.AppRunner(self.http.app, handler_cancellation=True, access_log=None)
@@ -60,7 +98,11 @@ class Frontend:
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+        if self.replicas is not None:
+            await self.replicas.stop()
         await self.models.stop()
+        if self.kv_feed is not None:
+            await self.kv_feed.stop()
         await self.worker_metrics.stop()
         await self.client.close()
         await self.discovery.close()

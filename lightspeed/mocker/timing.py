@@ -24,6 +24,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lightspeed.protocol import PerfModel
+
 PREFILL_COEFFS = (4.209989e-7, 1.518344e-2, 16.50142)  # t^2, t, 1
 DECODE_COEFFS = (-25.74, 54.01, 5.74)  # p^2, p, 1
 DECODE_FLOOR_MS = 1.0
@@ -64,3 +66,8 @@ class MockerTiming:
         """Wall seconds the simulated step lasts."""
         ms = self.step_ms_unscaled(num_prefill_tokens, kv_usage, has_decode)
         return ms / 1000.0 / self.speedup_ratio
+
+
+def perf_model(speedup_ratio: float) -> PerfModel:
+    """This model as a worker card publishes it (for the predicted-latency router)."""
+    return PerfModel(PREFILL_COEFFS, DECODE_COEFFS, DECODE_FLOOR_MS, speedup_ratio)

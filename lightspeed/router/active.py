@@ -1,13 +1,21 @@
-"""In-flight load per worker, as seen by one router.
+"""In-flight load per worker, as seen by one router (and its replicas).
 
 Load is added when a request is routed, its prefill tokens are dropped at the first token, and
 everything is released when the stream ends. Entries older than `stale_after` are expired so a
 lost "free" (a crashed stream handler) cannot pin load on a worker forever.
+
+Decode load is counted in *unique* KV blocks: requests sharing a prefix on one worker share its
+blocks there, so each worker keeps a refcount per sequence hash of its active requests (plus the
+trailing partial blocks, which are never shared). That is Dynamo's `active_unique_blocks`.
+
+Listeners hear every local change so router replicas can mirror it (see `replica_sync`); changes
+applied *from* a replica pass `notify=False` so they are not echoed back.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -15,7 +23,8 @@ from dataclasses import dataclass, field
 class _Entry:
     worker_id: str
     prefill_tokens: int
-    blocks: int
+    hashes: tuple[int, ...]
+    extra_blocks: int  # blocks not named by a hash (the partial tail), never shared
     started: float
 
 
@@ -23,56 +32,131 @@ class _Entry:
 class WorkerLoad:
     requests: int = 0
     prefill_tokens: int = 0
-    blocks: int = 0
+    extra_blocks: int = 0
+    refs: dict[int, int] = field(default_factory=dict)  # sequence hash -> active requests using it
+
+    @property
+    def blocks(self) -> int:
+        """Active decode blocks, each shared prefix block counted once."""
+        return len(self.refs) + self.extra_blocks
+
+    def new_blocks(self, hashes: Sequence[int]) -> int:
+        """How many of `hashes` are not active on this worker yet."""
+        refs = self.refs
+        return sum(1 for h in hashes if h not in refs)
+
+
+@dataclass(frozen=True, slots=True)
+class LoadChange:
+    """One change to the active set, as broadcast to router replicas."""
+
+    kind: str  # "add" | "prefill_done" | "free"
+    request_id: str
+    worker_id: str = ""
+    prefill_tokens: int = 0
+    hashes: tuple[int, ...] = ()
+    extra_blocks: int = 0
+
+
+LoadListener = Callable[[LoadChange], None]
 
 
 @dataclass
 class ActiveLoad:
     stale_after: float = 300.0
+    clock: Callable[[], float] = time.monotonic
+    listeners: list[LoadListener] = field(default_factory=list)
+    # Called whenever load goes down (local or mirrored): the admission queue re-checks then.
+    on_release: list[Callable[[], None]] = field(default_factory=list)
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _load: dict[str, WorkerLoad] = field(default_factory=dict)
 
-    def add(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int = 0) -> None:
+    def add(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int = 0,
+            hashes: Sequence[int] = (), *, notify: bool = True) -> None:
+        """Track a routed request; `blocks` is its total block count (>= len(hashes))."""
         if request_id in self._entries:
-            self.free(request_id)
-        self._entries[request_id] = _Entry(worker_id, prefill_tokens, blocks, time.monotonic())
+            self.free(request_id, notify=False)
+        hashes = tuple(hashes)
+        extra = max(0, blocks - len(hashes))
+        self._entries[request_id] = _Entry(worker_id, prefill_tokens, hashes, extra, self.clock())
         load = self._load.setdefault(worker_id, WorkerLoad())
         load.requests += 1
         load.prefill_tokens += prefill_tokens
-        load.blocks += blocks
+        load.extra_blocks += extra
+        refs = load.refs
+        for h in hashes:
+            refs[h] = refs.get(h, 0) + 1
+        if notify:
+            self._emit(LoadChange("add", request_id, worker_id, prefill_tokens, hashes, extra))
 
-    def prefill_done(self, request_id: str) -> None:
+    def prefill_done(self, request_id: str, *, notify: bool = True) -> None:
         entry = self._entries.get(request_id)
         if entry is None or entry.prefill_tokens == 0:
             return
         self._load[entry.worker_id].prefill_tokens -= entry.prefill_tokens
         entry.prefill_tokens = 0
+        if notify:
+            self._emit(LoadChange("prefill_done", request_id))
+        self._released()
 
-    def free(self, request_id: str) -> None:
+    def free(self, request_id: str, *, notify: bool = True) -> None:
         entry = self._entries.pop(request_id, None)
         if entry is None:
             return
         load = self._load[entry.worker_id]
         load.requests -= 1
         load.prefill_tokens -= entry.prefill_tokens
-        load.blocks -= entry.blocks
+        load.extra_blocks -= entry.extra_blocks
+        refs = load.refs
+        for h in entry.hashes:
+            left = refs[h] - 1
+            if left:
+                refs[h] = left
+            else:
+                del refs[h]
+        if notify:
+            self._emit(LoadChange("free", request_id))
+        self._released()
+
+    def apply(self, change: LoadChange) -> None:
+        """Mirror a replica's change (not re-broadcast)."""
+        if change.kind == "add":
+            self.add(change.request_id, change.worker_id, change.prefill_tokens,
+                     len(change.hashes) + change.extra_blocks, change.hashes, notify=False)
+        elif change.kind == "prefill_done":
+            self.prefill_done(change.request_id, notify=False)
+        elif change.kind == "free":
+            self.free(change.request_id, notify=False)
+        else:
+            raise ValueError(f"unknown load change kind {change.kind!r}")
 
     def get(self, worker_id: str) -> WorkerLoad:
-        return self._load.get(worker_id, WorkerLoad())
+        return self._load.get(worker_id) or WorkerLoad()
 
     def remove_worker(self, worker_id: str) -> None:
         for rid in [r for r, e in self._entries.items() if e.worker_id == worker_id]:
-            self.free(rid)
+            self.free(rid, notify=False)
         self._load.pop(worker_id, None)
 
     def expire(self, now: float | None = None) -> int:
         """Drop entries older than `stale_after`; returns how many were dropped."""
-        cutoff = (time.monotonic() if now is None else now) - self.stale_after
+        cutoff = (self.clock() if now is None else now) - self.stale_after
         stale = [rid for rid, e in self._entries.items() if e.started < cutoff]
         for rid in stale:
-            self.free(rid)
+            self.free(rid, notify=False)  # every replica expires on its own clock
         return len(stale)
+
+    def __contains__(self, request_id: str) -> bool:
+        return request_id in self._entries
 
     @property
     def total_requests(self) -> int:
         return len(self._entries)
+
+    def _emit(self, change: LoadChange) -> None:
+        for listener in self.listeners:
+            listener(change)
+
+    def _released(self) -> None:
+        for callback in self.on_release:
+            callback()

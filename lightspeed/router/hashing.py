@@ -110,3 +110,46 @@ def extend_seq_hashes(
     existing_local.extend(new_local)
     existing_seq.extend(compute_seq_hashes(new_local, parent))
     return len(new_local)
+
+
+def _pack_u32_prefix(token_ids: Sequence[int], count: int) -> bytes:
+    """The first `count` tokens as little-endian u32 bytes, packed as cheaply as possible.
+
+    `array.fromlist` takes CPython's list fast path and is ~1.5x faster than `array(list)` for
+    an 8k-token prompt; any other sequence goes through the generic constructor.
+    """
+    packed = array.array("I")
+    if type(token_ids) is list:
+        packed.fromlist(token_ids if len(token_ids) == count else token_ids[:count])
+    else:
+        packed.extend(token_ids[:count])
+    if _NEEDS_BYTESWAP:  # pragma: no cover - exercised only on big-endian hosts
+        packed.byteswap()
+    return packed.tobytes()
+
+
+def compute_prompt_seq_hashes(
+    token_ids: Sequence[int], block_size: int, lora_name: str | None = None
+) -> list[int]:
+    """Sequence hashes of every full block of a prompt in one pass (the router's hot path).
+
+    Identical to `compute_seq_hashes(compute_block_hashes(token_ids, block_size, lora_name))`,
+    but packs the tokens once and chains each block as soon as its local hash is known, which
+    makes an 8k-token prompt about a third cheaper to hash.
+    """
+    if block_size <= 0:
+        raise ValueError(f"block_size must be positive, got {block_size}")
+    num_blocks = len(token_ids) // block_size
+    if num_blocks == 0:
+        return []
+    data = memoryview(_pack_u32_prefix(token_ids, num_blocks * block_size))
+    seed = lora_seed(lora_name)
+    stride = block_size * 4
+    pack, xxh3 = _PAIR.pack, _xxh3
+    parent = xxh3(data[:stride], seed)
+    out = [parent]
+    append = out.append
+    for start in range(stride, num_blocks * stride, stride):
+        parent = xxh3(pack(parent, xxh3(data[start : start + stride], seed)), HASH_SEED)
+        append(parent)
+    return out

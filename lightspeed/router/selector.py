@@ -17,17 +17,53 @@ from lightspeed.router.active import ActiveLoad
 
 
 @dataclass(frozen=True, slots=True)
+class RouterOverrides:
+    """Per-request knobs of the KV cost (`nvext.router_config_override` or x-router-* headers)."""
+
+    overlap_score_weight: float | None = None
+    temperature: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.overlap_score_weight is not None and self.overlap_score_weight < 0:
+            raise ValueError(f"overlap_score_weight must be >= 0, got {self.overlap_score_weight}")
+        if self.temperature is not None and self.temperature < 0:
+            raise ValueError(f"router temperature must be >= 0, got {self.temperature}")
+
+
+@dataclass(frozen=True, slots=True)
 class RouteRequest:
     request_id: str
     token_ids: list[int]
     pinned_worker: str | None = None  # direct routing (header x-worker-instance-id)
-    session_id: str | None = None
+    session_id: str | None = None  # session affinity (header x-session-id)
+    lora_name: str | None = None
+    overrides: RouterOverrides | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RouteDecision:
+    """The chosen worker and the load the request puts on it (what the active set records)."""
+
+    card: WorkerCard
+    prefill_tokens: int  # tokens the worker must compute (prompt minus its cached prefix)
+    blocks: int = 0  # KV blocks the request occupies (full + partial)
+    hashes: tuple[int, ...] = ()  # sequence hashes of its full blocks (shared-prefix accounting)
+    overlap_blocks: int = 0
 
 
 class WorkerSelector(ABC):
     @abstractmethod
     def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         """Pick one of `workers` (never empty: the caller handles the no-worker case)."""
+
+    async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
+        """Choose and describe the load; KV-aware selectors override this (and may wait)."""
+        return self.decision_for(req, self.select(req, workers))
+
+    def decision_for(self, req: RouteRequest, card: WorkerCard) -> RouteDecision:
+        """The load of `req` on an already-chosen worker (pinned or session-affine)."""
+        isl = len(req.token_ids)
+        return RouteDecision(card, isl, -(-isl // max(1, card.block_size)))
 
 
 class RoundRobinSelector(WorkerSelector):
@@ -66,6 +102,25 @@ class LeastLoadedSelector(WorkerSelector):
         return tied[self._tie % len(tied)]
 
 
+class PowerOfTwoSelector(WorkerSelector):
+    """Sample two workers, take the less loaded: near least-loaded balance without herding
+    every router replica onto the same momentarily idle worker."""
+
+    def __init__(self, active: ActiveLoad, seed: int | None = None) -> None:
+        self._active = active
+        self._rng = random.Random(seed)
+
+    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+        if len(workers) == 1:
+            return workers[0]
+        a, b = self._rng.sample(range(len(workers)), 2)
+        load_a = self._active.get(workers[a].instance_id)
+        load_b = self._active.get(workers[b].instance_id)
+        key_a = (load_a.requests, load_a.prefill_tokens)
+        key_b = (load_b.requests, load_b.prefill_tokens)
+        return workers[b] if key_b < key_a else workers[a]
+
+
 class DirectSelector(WorkerSelector):
     """Every request must name its worker (header `x-worker-instance-id`)."""
 
@@ -82,6 +137,7 @@ SELECTORS: dict[str, Callable[[ActiveLoad], WorkerSelector]] = {
     "round-robin": RoundRobinSelector,
     "random": RandomSelector,
     "least-loaded": LeastLoadedSelector,
+    "power-of-two": PowerOfTwoSelector,
     "direct": DirectSelector,
 }
 

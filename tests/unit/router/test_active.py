@@ -30,3 +30,38 @@ def test_remove_worker_drops_its_entries() -> None:
     a.add("r2", "w2", 7)
     a.remove_worker("w1")
     assert a.get("w1").requests == 0 and a.get("w2").requests == 1 and a.total_requests == 1
+
+
+def test_shared_prefix_blocks_count_once_per_worker() -> None:
+    a = ActiveLoad()
+    a.add("r1", "w", 10, blocks=4, hashes=[1, 2, 3])
+    a.add("r2", "w", 10, blocks=3, hashes=[1, 2])  # shares blocks 1, 2; one partial tail block
+    assert a.get("w").blocks == 3 + 1 + 1
+    assert a.get("w").new_blocks([1, 2, 3, 4, 5]) == 2
+    a.free("r1")
+    assert a.get("w").blocks == 2 + 1 and a.get("w").refs == {1: 1, 2: 1}
+    a.free("r2")
+    assert a.get("w").blocks == 0 and a.get("w").refs == {}
+
+
+def test_listeners_hear_local_changes_and_mirrors_are_not_echoed() -> None:
+    from lightspeed.router.active import LoadChange
+
+    heard: list[LoadChange] = []
+    released: list[int] = []
+    a = ActiveLoad()
+    a.listeners.append(heard.append)
+    a.on_release.append(lambda: released.append(1))
+    a.add("r1", "w", 7, blocks=2, hashes=[9])
+    a.prefill_done("r1")
+    a.free("r1")
+    assert [c.kind for c in heard] == ["add", "prefill_done", "free"]
+    assert heard[0] == LoadChange("add", "r1", "w", 7, (9,), 1)
+    mirror = ActiveLoad()
+    mirror.apply(heard[0])
+    assert (mirror.get("w").requests, mirror.get("w").prefill_tokens, mirror.get("w").blocks) == (1, 7, 2)
+    for change in heard[1:]:
+        mirror.apply(change)
+    assert mirror.total_requests == 0 and len(released) == 2
+    a.apply(LoadChange("add", "r9", "w", 1))
+    assert len(heard) == 3  # a mirrored change is not re-broadcast

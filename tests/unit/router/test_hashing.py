@@ -6,6 +6,7 @@ import xxhash
 from lightspeed.router.hashing import (
     HASH_SEED,
     compute_block_hashes,
+    compute_prompt_seq_hashes,
     compute_seq_hashes,
     extend_seq_hashes,
     lora_seed,
@@ -98,3 +99,20 @@ def test_invalid_arguments() -> None:
         compute_block_hashes([1, 2], 0)
     with pytest.raises(ValueError):
         extend_seq_hashes([1, 2], 1, [1], [])
+
+
+@pytest.mark.parametrize("num_tokens", [0, 3, 64, 65, 200, 8192, 8200])
+@pytest.mark.parametrize("block_size", [1, 4, 64])
+@pytest.mark.parametrize("lora_name", [None, "my-adapter"])
+def test_compute_prompt_seq_hashes_matches_two_step_path(
+    num_tokens: int, block_size: int, lora_name: str | None
+) -> None:
+    tokens = [(i * 2654435761) % 2**32 for i in range(num_tokens)]  # deterministic, full u32 range
+    expected = compute_seq_hashes(compute_block_hashes(tokens, block_size, lora_name))
+    assert compute_prompt_seq_hashes(tokens, block_size, lora_name) == expected
+    assert compute_prompt_seq_hashes(tuple(tokens), block_size, lora_name) == expected
+
+
+def test_compute_prompt_seq_hashes_rejects_bad_block_size() -> None:
+    with pytest.raises(ValueError, match="block_size"):
+        compute_prompt_seq_hashes([1, 2, 3], 0)

@@ -1,0 +1,109 @@
+"""Per-worker routing costs and the choice among them. Pure arithmetic: no I/O, no state.
+
+Two cost policies:
+  blocks   Dynamo's cost (DESIGN §4): overlap_score_weight * prefill_blocks + decode_blocks,
+           in units of KV blocks.
+  latency  ours: the predicted time to first token on that worker, in seconds: the prefill work
+           already queued there plus this request's uncached tokens, chunked by the worker's
+           token budget and timed with the step model its card publishes (`PerfModel`), each
+           step also paying a decode phase at the worker's projected KV usage. A worker that
+           would run out of KV blocks pays for recomputing what preemption throws away.
+Lowest cost wins; temperature > 0 samples from a softmax of the normalised costs instead.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from lightspeed.protocol import PerfModel
+
+COST_POLICIES = ("blocks", "latency")
+
+
+@dataclass(frozen=True, slots=True)
+class KvCostConfig:
+    overlap_score_weight: float = 1.0
+    temperature: float = 0.0
+    policy: str = "blocks"
+
+    def __post_init__(self) -> None:
+        if self.overlap_score_weight < 0:
+            raise ValueError(f"overlap_score_weight must be >= 0, got {self.overlap_score_weight}")
+        if self.temperature < 0:
+            raise ValueError(f"router temperature must be >= 0, got {self.temperature}")
+        if self.policy not in COST_POLICIES:
+            raise ValueError(f"cost policy must be one of {', '.join(COST_POLICIES)}; got {self.policy!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """One worker's situation if it took the request."""
+
+    worker_id: str
+    overlap_blocks: int  # consecutive prefix blocks already cached there
+    new_prefill_tokens: int  # this request's uncached tokens there
+    active_prefill_tokens: int  # prefill already queued there
+    decode_blocks: int  # active unique blocks + this request's blocks not yet active there
+    total_blocks: int
+    max_batched_tokens: int
+    block_size: int
+    perf: PerfModel | None = None
+
+
+def block_cost(c: Candidate, overlap_score_weight: float) -> float:
+    prefill_blocks = (c.active_prefill_tokens + c.new_prefill_tokens) / c.block_size
+    return overlap_score_weight * prefill_blocks + c.decode_blocks
+
+
+def _prefill_ms(perf: PerfModel, tokens: int) -> float:
+    if tokens <= 0:
+        return 0.0
+    a, b, k = perf.prefill_coeffs
+    return a * tokens * tokens + b * tokens + k
+
+
+def _decode_ms(perf: PerfModel, usage: float) -> float:
+    d, e, f = perf.decode_coeffs
+    return max(perf.decode_floor_ms, d * usage * usage + e * usage + f)
+
+
+def latency_cost(c: Candidate, default_perf: PerfModel) -> float:
+    """Predicted seconds to this request's first token on `c` (see the module docstring)."""
+    perf = c.perf or default_perf
+    chunk = max(1, c.max_batched_tokens)
+    work = c.active_prefill_tokens + c.new_prefill_tokens
+    overflow = max(0, c.decode_blocks - c.total_blocks) * c.block_size  # recomputed after preemption
+    work += overflow
+    full, rest = divmod(work, chunk)
+    steps = full + (1 if rest else 0)
+    usage = min(1.0, c.decode_blocks / max(1, c.total_blocks))
+    ms = full * _prefill_ms(perf, chunk) + _prefill_ms(perf, rest) + max(1, steps) * _decode_ms(perf, usage)
+    return ms / 1000.0 / perf.speedup_ratio
+
+
+def choose(costs: Sequence[tuple[str, float]], temperature: float, rng: random.Random) -> str:
+    """Argmin with a random tie-break, or a softmax sample of -cost/(max-min)/temperature."""
+    if not costs:
+        raise ValueError("no candidates to choose from")
+    lo = min(cost for _, cost in costs)
+    if temperature <= 0:
+        tied = [w for w, cost in costs if cost == lo]
+        return tied[0] if len(tied) == 1 else rng.choice(tied)
+    weights = softmax_weights([cost for _, cost in costs], temperature)
+    return rng.choices([w for w, _ in costs], weights=weights, k=1)[0]
+
+
+def softmax_weights(costs: Sequence[float], temperature: float) -> list[float]:
+    """Probabilities of each cost under the router's temperature sampling."""
+    lo, hi = min(costs), max(costs)
+    span = hi - lo
+    if span <= 0:
+        return [1.0 / len(costs)] * len(costs)
+    logits = [-(cost - lo) / span / temperature for cost in costs]
+    top = max(logits)
+    exps = [math.exp(x - top) for x in logits]
+    total = sum(exps)
+    return [x / total for x in exps]

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import pytest
+
+from lightspeed.protocol import PerfModel
+from lightspeed.router.cost import Candidate, KvCostConfig, block_cost, choose, latency_cost, softmax_weights
+
+PERF = PerfModel((0.0, 0.01, 10.0), (0.0, 0.0, 2.0), 1.0, 1.0)  # prefill 10 ms + 10 µs/token, decode 2 ms
+
+
+def cand(worker: str = "w", overlap: int = 0, new: int = 0, active: int = 0, decode: int = 0,
+         total: int = 1000, chunk: int = 1000, perf: PerfModel | None = PERF) -> Candidate:
+    return Candidate(worker, overlap, new, active, decode, total, chunk, 16, perf)
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ValueError, match="overlap_score_weight"):
+        KvCostConfig(overlap_score_weight=-1)
+    with pytest.raises(ValueError, match="temperature"):
+        KvCostConfig(temperature=-0.1)
+    with pytest.raises(ValueError, match="policy"):
+        KvCostConfig(policy="magic")
+
+
+def test_block_cost_is_dynamo_formula() -> None:
+    # prefill (32 active + 64 new) / 16 = 6 blocks, weighted 2.0 -> 12, plus 5 decode blocks
+    assert block_cost(cand(new=64, active=32, decode=5), 2.0) == 17.0
+    assert block_cost(cand(new=64, active=32, decode=5), 0.0) == 5.0
+
+
+def test_latency_cost_chunks_the_queued_work() -> None:
+    # 2500 tokens at chunk 1000: 2 full chunks (10+10 ms each) + 500 (10+5 ms), 3 decode phases of 2 ms
+    expected_ms = 2 * 20.0 + 15.0 + 3 * 2.0
+    assert latency_cost(cand(new=1500, active=1000), PERF) == pytest.approx(expected_ms / 1000)
+
+
+def test_latency_cost_penalises_kv_overflow_and_uses_speedup() -> None:
+    fits = latency_cost(cand(new=100, decode=1000, total=1000), PERF)
+    overflows = latency_cost(cand(new=100, decode=1010, total=1000), PERF)
+    assert overflows - fits == pytest.approx(10 * 16 * 0.01 / 1000)  # 10 blocks recomputed
+    fast = PerfModel(PERF.prefill_coeffs, PERF.decode_coeffs, 1.0, 4.0)
+    assert latency_cost(cand(new=100, perf=fast), PERF) == pytest.approx(latency_cost(cand(new=100), PERF) / 4)
+
+
+def test_latency_cost_falls_back_to_default_perf() -> None:
+    assert latency_cost(cand(new=100, perf=None), PERF) == latency_cost(cand(new=100), PERF)
+
+
+def test_choose_argmin_and_random_tie_break() -> None:
+    rng = random.Random(0)
+    assert choose([("a", 3.0), ("b", 1.0), ("c", 2.0)], 0.0, rng) == "b"
+    picks = Counter(choose([("a", 1.0), ("b", 1.0), ("c", 5.0)], 0.0, rng) for _ in range(400))
+    assert set(picks) == {"a", "b"} and min(picks.values()) > 150
+    with pytest.raises(ValueError):
+        choose([], 0.0, rng)
+
+
+def test_softmax_weights_and_sampling_distribution() -> None:
+    weights = softmax_weights([0.0, 10.0], 1.0)  # normalised costs 0 and 1 -> e^0 : e^-1
+    assert weights[0] == pytest.approx(1 / (1 + 2.718281828459045**-1))
+    assert softmax_weights([3.0, 3.0, 3.0], 0.5) == [1 / 3, 1 / 3, 1 / 3]
+    rng = random.Random(1)
+    n = 20000
+    picks = Counter(choose([("lo", 0.0), ("hi", 10.0)], 1.0, rng) for _ in range(n))
+    assert picks["lo"] / n == pytest.approx(weights[0], abs=0.015)
+    # a high temperature flattens the distribution towards uniform
+    hot = softmax_weights([0.0, 10.0], 100.0)
+    assert hot[0] == pytest.approx(0.5, abs=0.01)
