@@ -116,3 +116,35 @@ def test_compute_prompt_seq_hashes_matches_two_step_path(
 def test_compute_prompt_seq_hashes_rejects_bad_block_size() -> None:
     with pytest.raises(ValueError, match="block_size"):
         compute_prompt_seq_hashes([1, 2, 3], 0)
+
+
+def _dynamo_python() -> str | None:
+    """The dev environment's Dynamo venv (bench/setup_dynamo.sh), or one named by DYNAMO_PYTHON."""
+    import os
+    from pathlib import Path
+
+    candidates = [os.environ.get("DYNAMO_PYTHON", ""),
+                  str(Path(__file__).parents[3] / "bench/.work/dynamo-venv/bin/python")]
+    return next((c for c in candidates if c and Path(c).exists()), None)
+
+
+def test_local_hashes_match_dynamo_runtime() -> None:
+    """Cross-check against ai-dynamo-runtime's own `compute_block_hash_for_seq` when installed."""
+    import json
+    import subprocess
+
+    import pytest
+
+    from lightspeed.router.hashing import compute_block_hashes
+
+    python = _dynamo_python()
+    if python is None:
+        pytest.skip("ai-dynamo-runtime is not installed (bash bench/setup_dynamo.sh)")
+    cases = [(list(range(64)), 32, None), ([7, 2**32 - 1, 0, 5] * 50, 16, None),
+             (list(range(1000, 1300)), 64, "my-adapter"), ([3] * 17, 4, "x")]
+    script = ("import json,sys\nfrom dynamo.llm import compute_block_hash_for_seq as f\n"
+              "print(json.dumps([f(t, b, lora_name=l) for t, b, l in json.load(sys.stdin)]))")
+    out = subprocess.run([python, "-c", script], input=json.dumps(cases), capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    theirs = json.loads(out)
+    assert theirs == [compute_block_hashes(t, b, lora_name=l) for t, b, l in cases]
