@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 
@@ -40,10 +41,12 @@ class WorkerLoad:
         """Active decode blocks, each shared prefix block counted once."""
         return len(self.refs) + self.extra_blocks
 
-    def new_blocks(self, hashes: Sequence[int]) -> int:
-        """How many of `hashes` are not active on this worker yet."""
-        refs = self.refs
-        return sum(1 for h in hashes if h not in refs)
+    def new_blocks(self, hashes: Sequence[int] | AbstractSet[int]) -> int:
+        """How many of `hashes` (distinct) are not active on this worker yet."""
+        if not self.refs:
+            return len(hashes)
+        # A keys view & a set intersects in C, walking the smaller side: the router's hot path.
+        return len(hashes) - len(self.refs.keys() & (hashes if isinstance(hashes, AbstractSet) else set(hashes)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,9 @@ class ActiveLoad:
     on_release: list[Callable[[], None]] = field(default_factory=list)
     _entries: dict[str, _Entry] = field(default_factory=dict)
     _load: dict[str, WorkerLoad] = field(default_factory=dict)
+    # sequence hash -> workers where some active request holds it: lets the router count a
+    # prompt's already-active blocks per worker in one pass over the prompt, not one per worker.
+    _holders: dict[int, set[str]] = field(default_factory=dict)
 
     def add(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int = 0,
             hashes: Sequence[int] = (), *, notify: bool = True) -> None:
@@ -83,9 +89,12 @@ class ActiveLoad:
         load.requests += 1
         load.prefill_tokens += prefill_tokens
         load.extra_blocks += extra
-        refs = load.refs
+        refs, holders = load.refs, self._holders
         for h in hashes:
-            refs[h] = refs.get(h, 0) + 1
+            n = refs.get(h, 0)
+            refs[h] = n + 1
+            if n == 0:
+                holders.setdefault(h, set()).add(worker_id)
         if notify:
             self._emit(LoadChange("add", request_id, worker_id, prefill_tokens, hashes, extra))
 
@@ -114,6 +123,7 @@ class ActiveLoad:
                 refs[h] = left
             else:
                 del refs[h]
+                self._drop_holder(h, entry.worker_id)
         if notify:
             self._emit(LoadChange("free", request_id))
         self._released()
@@ -130,13 +140,33 @@ class ActiveLoad:
         else:
             raise ValueError(f"unknown load change kind {change.kind!r}")
 
+    def active_overlap(self, hashes: Sequence[int]) -> dict[str, int]:
+        """worker -> how many of `hashes` (distinct) its active requests already hold."""
+        counts: dict[str, int] = {}
+        holders = self._holders
+        for h in hashes:
+            workers = holders.get(h)
+            if workers:
+                for w in workers:
+                    counts[w] = counts.get(w, 0) + 1
+        return counts
+
+    def _drop_holder(self, h: int, worker_id: str) -> None:
+        workers = self._holders.get(h)
+        if workers is not None:
+            workers.discard(worker_id)
+            if not workers:
+                del self._holders[h]
+
     def get(self, worker_id: str) -> WorkerLoad:
         return self._load.get(worker_id) or WorkerLoad()
 
     def remove_worker(self, worker_id: str) -> None:
         for rid in [r for r, e in self._entries.items() if e.worker_id == worker_id]:
             self.free(rid, notify=False)
-        self._load.pop(worker_id, None)
+        load = self._load.pop(worker_id, None)
+        for h in list(load.refs) if load is not None else []:
+            self._drop_holder(h, worker_id)
 
     def expire(self, now: float | None = None) -> int:
         """Drop entries older than `stale_after`; returns how many were dropped."""

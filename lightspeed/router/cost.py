@@ -38,7 +38,7 @@ class KvCostConfig:
             raise ValueError(f"cost policy must be one of {', '.join(COST_POLICIES)}; got {self.policy!r}")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every worker on every request, so init must be cheap
 class Candidate:
     """One worker's situation if it took the request."""
 

@@ -26,15 +26,29 @@ from lightspeed.protocol import KvCleared, KvEvent, KvEventData, KvRemoved, KvSt
 logger = logging.getLogger(__name__)
 
 
-class _WorkerSlots:
-    """Small, reused bit positions for worker ids, so owner masks stay short integers."""
+# Bounds on the two memo tables below: both only save work, so clearing them is always safe.
+_INTERN_LIMIT = 1 << 16
+_NAMES_CACHE_LIMIT = 1 << 12
 
-    __slots__ = ("_bit_of", "_names", "_free")
+
+class _OwnerMap:
+    """seq_hash -> the workers holding it, as a bitmask over small reusable worker slots.
+
+    Masks are interned: a fleet has few distinct owner sets (a hot prefix sits on the same
+    workers block after block), so sharing one int object per set keeps a lookup walk from
+    touching a fresh cache line for every block's mask. The names of a mask's workers are
+    memoized for the same reason, so reporting 64 matching workers is not 64 bit-twiddles.
+    """
+
+    __slots__ = ("blocks", "_interned", "_bit_of", "_names", "_free", "_names_of")
 
     def __init__(self) -> None:
+        self.blocks: dict[int, int] = {}
+        self._interned: dict[int, int] = {}
         self._bit_of: dict[str, int] = {}
-        self._names: list[str | None] = []
-        self._free: list[int] = []  # heap: lowest free position first keeps masks narrow
+        self._names: list[str | None] = []  # worker id by slot; None for a free slot
+        self._free: list[int] = []  # heap: lowest free slot first keeps masks narrow
+        self._names_of: dict[int, tuple[str, ...]] = {}
 
     def mask(self, worker_id: str) -> int:
         """The worker's single-bit mask, allocating a slot on first use."""
@@ -49,66 +63,78 @@ class _WorkerSlots:
         return 1 << pos
 
     def release(self, worker_id: str) -> None:
+        """Free the worker's slot; the caller must have cleared its bit from every block."""
         pos = self._bit_of.pop(worker_id, None)
         if pos is not None:
             self._names[pos] = None
             heapq.heappush(self._free, pos)
+            self._names_of.clear()  # the slot may be reused under another name
 
-    @property
-    def names(self) -> list[str | None]:
-        """Worker id by bit position (None for a free slot); read-only for callers."""
-        return self._names
+    def add(self, seq_hashes: Iterable[int], bit: int) -> None:
+        blocks, interned = self.blocks, self._interned
+        for seq_hash in seq_hashes:
+            owners = blocks.get(seq_hash, 0) | bit
+            blocks[seq_hash] = interned.setdefault(owners, owners)
+        if len(interned) > _INTERN_LIMIT:
+            interned.clear()
 
+    def discard(self, seq_hashes: Iterable[int], bit: int) -> None:
+        """Clear `bit` from blocks the caller knows the worker holds."""
+        blocks, interned = self.blocks, self._interned
+        keep = ~bit
+        for seq_hash in seq_hashes:
+            owners = blocks[seq_hash] & keep
+            if owners:
+                blocks[seq_hash] = interned.setdefault(owners, owners)
+            else:
+                del blocks[seq_hash]
 
-def _emit(bits: int, depth: int, names: list[str | None], out: dict[str, int]) -> None:
-    # Only bits of live slots are ever set in an owner mask, so every name here is a str.
-    while bits:
-        low = bits & -bits
-        out[names[low.bit_length() - 1]] = depth  # type: ignore[index]
-        bits ^= low
-
-
-def _walk(owners: dict[int, int], seq_hashes: Iterable[int], slots: _WorkerSlots) -> dict[str, int]:
-    """Prefix depth per worker. Each worker leaves the live set at most once, so the cost is
-    one probe per walked block plus one emit per matching worker."""
-    out: dict[str, int] = {}
-    get = owners.get
-    names = slots.names
-    live = -1  # all bits: the first block decides who is in the running
-    depth = 0
-    for seq_hash in seq_hashes:
-        nxt = live & get(seq_hash, 0)
-        if nxt != live:
+    def match(self, seq_hashes: Iterable[int]) -> dict[str, int]:
+        """Prefix depth per worker. A worker leaves the live set at most once, so the walk
+        costs one probe per block plus one name lookup per distinct drop depth."""
+        get = self.blocks.get
+        drops: list[tuple[int, int]] = []
+        live = -1  # all bits: the first block decides who is in the running
+        depth = 0
+        for seq_hash in seq_hashes:
+            nxt = live & get(seq_hash, 0)
+            if nxt != live:
+                if depth:
+                    drops.append((live ^ nxt, depth))
+                if not nxt:
+                    break
+                live = nxt
+            depth += 1
+        else:
             if depth:
-                _emit(live ^ nxt, depth, names, out)
-            if not nxt:
-                return out
-            live = nxt
-        depth += 1
-    if depth:
-        _emit(live, depth, names, out)
-    return out
+                drops.append((live, depth))
+        out: dict[str, int] = {}
+        for owners, at in drops:
+            out.update(dict.fromkeys(self._names_for(owners), at))
+        return out
 
-
-def _drop_owner(owners: dict[int, int], seq_hash: int, keep: int) -> None:
-    """Clear one worker's bit (`keep` is the complement of its mask) from a block's owners."""
-    rest = owners[seq_hash] & keep
-    if rest:
-        owners[seq_hash] = rest
-    else:
-        del owners[seq_hash]
+    def _names_for(self, owners: int) -> tuple[str, ...]:
+        names = self._names_of.get(owners)
+        if names is None:
+            if len(self._names_of) > _NAMES_CACHE_LIMIT:
+                self._names_of.clear()
+            # Only live slots have bits in an owner mask, so every name found here is a str.
+            slots = self._names
+            found = [slots[pos] for pos in range(owners.bit_length()) if owners >> pos & 1]
+            names = tuple(name for name in found if name is not None)
+            self._names_of[owners] = names
+        return names
 
 
 class KvIndex:
     """Exact prefix index fed by workers' KV events."""
 
     def __init__(self) -> None:
-        self._owners: dict[int, int] = {}  # seq_hash -> bitmask of worker slots holding it
+        self._owners = _OwnerMap()
         self._held: dict[str, set[int]] = {}  # worker -> its seq hashes (removal, dumps, counts)
         # Last applied event id per known worker. None: re-synced from a dump whose event id is
         # unknown, so the next event (whatever its id) re-anchors the stream.
         self._last_id: dict[str, int | None] = {}
-        self._slots = _WorkerSlots()
 
     # ------------------------------------------------------------------ events
 
@@ -154,7 +180,7 @@ class KvIndex:
         self._clear(worker_id)
         self._held.pop(worker_id, None)
         self._last_id.pop(worker_id, None)
-        self._slots.release(worker_id)
+        self._owners.release(worker_id)
 
     def _apply_data(self, worker_id: str, data: KvEventData) -> None:
         if type(data) is KvStored:
@@ -166,48 +192,38 @@ class KvIndex:
         else:  # pragma: no cover - KvEventData is a closed union
             raise TypeError(f"unknown KV event data {type(data).__name__}")
 
-    def _worker(self, worker_id: str) -> tuple[int, set[int]]:
+    def _store(self, worker_id: str, data: KvStored) -> None:
+        # parent_hash is not needed: each sequence hash already names its whole prefix.
         held = self._held.get(worker_id)
         if held is None:
             held = self._held[worker_id] = set()
-        return self._slots.mask(worker_id), held
-
-    def _store(self, worker_id: str, data: KvStored) -> None:
-        # parent_hash is not needed: each sequence hash already names its whole prefix.
-        bit, held = self._worker(worker_id)
-        owners = self._owners
-        for block in data.blocks:
-            seq_hash = block.block_hash
-            if seq_hash not in held:
-                held.add(seq_hash)
-                owners[seq_hash] = owners.get(seq_hash, 0) | bit
+        new = [block.block_hash for block in data.blocks if block.block_hash not in held]
+        if new:
+            held.update(new)
+            self._owners.add(new, self._owners.mask(worker_id))
 
     def _remove(self, worker_id: str, seq_hashes: Iterable[int]) -> None:
         held = self._held.get(worker_id)
         if not held:
             return
-        keep = ~self._slots.mask(worker_id)
-        for seq_hash in seq_hashes:
-            if seq_hash in held:  # removing an unknown block is a no-op, as in the engine
-                held.remove(seq_hash)
-                _drop_owner(self._owners, seq_hash, keep)
+        # Removing a block the worker does not hold is a no-op, as in the engine.
+        gone = [seq_hash for seq_hash in set(seq_hashes) if seq_hash in held]
+        if gone:
+            held.difference_update(gone)
+            self._owners.discard(gone, self._owners.mask(worker_id))
 
     def _clear(self, worker_id: str) -> None:
         held = self._held.get(worker_id)
-        if not held:
-            return
-        keep = ~self._slots.mask(worker_id)
-        owners = self._owners
-        for seq_hash in held:
-            _drop_owner(owners, seq_hash, keep)
-        held.clear()
+        if held:
+            self._owners.discard(held, self._owners.mask(worker_id))
+            held.clear()
 
     # ------------------------------------------------------------------ queries
 
     def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]:
         """worker_id -> number of consecutive leading blocks of seq_hashes cached on that worker
         (only workers with >= 1). Stops walking as soon as no worker has the next block."""
-        return _walk(self._owners, seq_hashes, self._slots)
+        return self._owners.match(seq_hashes)
 
     def last_event_id(self, worker_id: str) -> int | None:
         return self._last_id.get(worker_id)
@@ -224,7 +240,7 @@ class KvIndex:
     @property
     def num_unique_blocks(self) -> int:
         """Distinct sequence hashes cached on at least one worker."""
-        return len(self._owners)
+        return len(self._owners.blocks)
 
     def workers(self) -> list[str]:
         return list(self._last_id)
@@ -245,32 +261,29 @@ class ApproxIndex:
             raise ValueError(f"ttl must be > 0, got {ttl}")
         self._ttl = ttl
         self._clock = clock
-        self._owners: dict[int, int] = {}
+        self._owners = _OwnerMap()
         self._expiry: dict[str, dict[int, float]] = {}  # worker -> seq_hash -> expiry time
         self._queue: deque[tuple[float, str, tuple[int, ...]]] = deque()
-        self._slots = _WorkerSlots()
 
     def record(self, worker_id: str, seq_hashes: Sequence[int]) -> None:
         """Remember that `worker_id` now caches these blocks (it was just routed this prompt)."""
         if not seq_hashes:
             return
         expires = self._clock() + self._ttl
-        bit = self._slots.mask(worker_id)
         held = self._expiry.get(worker_id)
         if held is None:
             held = self._expiry[worker_id] = {}
-        owners = self._owners
         hashes = tuple(seq_hashes)  # snapshot: the caller may reuse its list
-        for seq_hash in hashes:
-            if seq_hash not in held:
-                owners[seq_hash] = owners.get(seq_hash, 0) | bit
-            held[seq_hash] = expires
+        new = [seq_hash for seq_hash in hashes if seq_hash not in held]
+        held.update(dict.fromkeys(hashes, expires))
+        if new:
+            self._owners.add(new, self._owners.mask(worker_id))
         self._queue.append((expires, worker_id, hashes))
 
     def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]:
         """Same semantics as `KvIndex.find_matches`; expired blocks do not count."""
         self.expire()
-        return _walk(self._owners, seq_hashes, self._slots)
+        return self._owners.match(seq_hashes)
 
     def expire(self, now: float | None = None) -> int:
         """Drop entries whose expiry is <= now; returns how many (block, worker) pairs."""
@@ -286,23 +299,20 @@ class ApproxIndex:
         held = self._expiry.get(worker_id)
         if not held:
             return 0
-        keep = ~self._slots.mask(worker_id)
-        dropped = 0
-        for seq_hash in hashes:
-            if held.get(seq_hash) == expires:
-                del held[seq_hash]
-                _drop_owner(self._owners, seq_hash, keep)
-                dropped += 1
-        return dropped
+        # A block listed twice in one record must be dropped once: dedupe through the dict.
+        due = [seq_hash for seq_hash in dict.fromkeys(hashes) if held.get(seq_hash) == expires]
+        for seq_hash in due:
+            del held[seq_hash]
+        if due:
+            self._owners.discard(due, self._owners.mask(worker_id))
+        return len(due)
 
     def remove_worker(self, worker_id: str) -> None:
         """Forget a worker; its queued entries are skipped lazily when they come due."""
         held = self._expiry.pop(worker_id, None)
         if held:
-            keep = ~self._slots.mask(worker_id)
-            for seq_hash in held:
-                _drop_owner(self._owners, seq_hash, keep)
-        self._slots.release(worker_id)
+            self._owners.discard(held, self._owners.mask(worker_id))
+        self._owners.release(worker_id)
 
     @property
     def num_blocks(self) -> int:

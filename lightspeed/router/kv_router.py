@@ -21,7 +21,7 @@ from lightspeed.protocol import PerfModel, WorkerCard
 from lightspeed.router.active import ActiveLoad, LoadChange, WorkerLoad
 from lightspeed.router.admission import AdmissionConfig, AdmissionQueue
 from lightspeed.router.cost import Candidate, KvCostConfig, block_cost, choose, latency_cost
-from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
+from lightspeed.router.hashing import compute_prompt_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.metrics import RouterMetrics
 from lightspeed.router.selector import RouteDecision, RouteRequest, WorkerSelector
@@ -116,32 +116,35 @@ class KvSelector(WorkerSelector):
     # ------------------------------------------------------------------ internals
 
     def _prompt(self, req: RouteRequest, block_size: int) -> _Prompt:
-        local = compute_block_hashes(req.token_ids, block_size, req.lora_name)
-        return _Prompt(tuple(compute_seq_hashes(local)), len(req.token_ids), block_size)
+        hashes = compute_prompt_seq_hashes(req.token_ids, block_size, req.lora_name)
+        return _Prompt(tuple(hashes), len(req.token_ids), block_size)
 
     def _decide(self, req: RouteRequest, prompt: _Prompt, workers: Sequence[WorkerCard],
                 overlaps: Mapping[str, int]) -> RouteDecision | None:
         """The cheapest non-busy worker, or None when all are busy."""
         self._housekeeping()
-        cands: dict[str, tuple[WorkerCard, Candidate]] = {}
+        held = self.active.active_overlap(prompt.hashes)
+        weight, temperature = self._knobs(req)
+        latency = self.cfg.cost.policy == "latency"
+        costs: list[tuple[str, float]] = []
+        by_id: dict[str, WorkerCard] = {}
         for card in workers:
             load = self.active.get(card.instance_id)
-            if not self._busy(card, load):
-                cands[card.instance_id] = (card, self._candidate(card, load, prompt, overlaps))
-        if not cands:
+            if self._busy(card, load):
+                continue
+            cand = self._candidate(card, load, prompt, overlaps, held)
+            cost = latency_cost(cand, DEFAULT_PERF) if latency else block_cost(cand, weight)
+            costs.append((card.instance_id, cost))
+            by_id[card.instance_id] = card
+        if not costs:
             return None
-        weight, temperature = self._knobs(req)
-        if self.cfg.cost.policy == "latency":
-            costs = [(w, latency_cost(c, DEFAULT_PERF)) for w, (_, c) in cands.items()]
-        else:
-            costs = [(w, block_cost(c, weight)) for w, (_, c) in cands.items()]
-        card, cand = cands[choose(costs, temperature, self._rng)]
-        return self._decision(card, prompt, cand.overlap_blocks)
+        card = by_id[choose(costs, temperature, self._rng)]
+        return self._decision(card, prompt, overlaps.get(card.instance_id, 0))
 
     def _candidate(self, card: WorkerCard, load: WorkerLoad, prompt: _Prompt,
-                   overlaps: Mapping[str, int]) -> Candidate:
+                   overlaps: Mapping[str, int], held: Mapping[str, int]) -> Candidate:
         overlap = overlaps.get(card.instance_id, 0)
-        new_blocks = (load.new_blocks(prompt.hashes) if load.refs else len(prompt.hashes))
+        new_blocks = len(prompt.hashes) - held.get(card.instance_id, 0)
         partial = prompt.blocks - len(prompt.hashes)
         return Candidate(
             worker_id=card.instance_id, overlap_blocks=overlap,

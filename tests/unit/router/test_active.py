@@ -65,3 +65,17 @@ def test_listeners_hear_local_changes_and_mirrors_are_not_echoed() -> None:
     assert mirror.total_requests == 0 and len(released) == 2
     a.apply(LoadChange("add", "r9", "w", 1))
     assert len(heard) == 3  # a mirrored change is not re-broadcast
+
+
+def test_active_overlap_counts_held_blocks_per_worker() -> None:
+    a = ActiveLoad()
+    a.add("r1", "w1", 0, blocks=3, hashes=[1, 2, 3])
+    a.add("r2", "w1", 0, blocks=2, hashes=[1, 2])
+    a.add("r3", "w2", 0, blocks=1, hashes=[1])
+    assert a.active_overlap([1, 2, 3, 4]) == {"w1": 3, "w2": 1}
+    a.free("r1")
+    assert a.active_overlap([1, 2, 3, 4]) == {"w1": 2, "w2": 1}
+    a.remove_worker("w1")
+    assert a.active_overlap([1, 2, 3, 4]) == {"w2": 1}
+    a.free("r3")
+    assert a.active_overlap([1]) == {} and a._holders == {}
