@@ -23,6 +23,7 @@ import msgspec
 from lightspeed.config import WorkerConfig
 from lightspeed.engine.core import EngineCore, StepInfo
 from lightspeed.engine.factory import BuiltEngine, build_engine
+from lightspeed.engine.perf_fit import PerfFitter, StepSample
 from lightspeed.engine.types import EngineCoreOutput
 from lightspeed.protocol import (
     TOPIC_FORWARD_PASS,
@@ -44,6 +45,7 @@ from lightspeed.runtime.planes import discovery_from_config, publisher_from_conf
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
 
 log = logging.getLogger(__name__)
+PERF_REFIT_S = 30.0
 
 _encode = msgspec.msgpack.Encoder().encode
 _decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
@@ -65,6 +67,7 @@ class Worker:
         self.card: WorkerCard | None = None
         self._event_id = 0
         self._tasks: list[asyncio.Task[None]] = []
+        self.perf_fitter = PerfFitter()  # engines without an exact step model publish a fitted one
 
     @property
     def core(self) -> EngineCore:
@@ -80,6 +83,8 @@ class Worker:
         address = await self.server.start()
         self._tasks = [asyncio.create_task(self.core.run(), name="engine-core"),
                        asyncio.create_task(self._metrics_loop(), name="load-metrics")]
+        if self.built.perf is None:
+            self._tasks.append(asyncio.create_task(self._perf_loop(), name="perf-fit"))
         self.card = self._make_card(address)
         await self.discovery.register(self.card)
         log.info("worker %s serving %s at %s (%d KV blocks)", self.instance_id, self.card.model,
@@ -131,6 +136,19 @@ class Worker:
         msg = ForwardPassMetrics(self.instance_id, info.num_prefill_tokens, info.num_decode_tokens,
                                  info.num_seqs, info.step_seconds, info.kv_usage)
         self.publisher.publish(TOPIC_FORWARD_PASS, _encode(msg))
+        self.perf_fitter.add(StepSample(info.num_prefill_tokens, info.num_decode_tokens, info.kv_usage,
+                                        info.step_seconds))
+
+    async def _perf_loop(self) -> None:
+        """Re-publish the card with a step-time model fitted from measured steps."""
+        while True:
+            await asyncio.sleep(PERF_REFIT_S)
+            perf = self.perf_fitter.fit()
+            if perf is not None and self.card is not None and perf != self.card.perf:
+                self.card = msgspec.structs.replace(self.card, perf=perf)
+                await self.discovery.register(self.card)
+                log.info("worker %s step model: prefill %s ms, decode %s ms", self.instance_id,
+                         perf.prefill_coeffs, perf.decode_coeffs)
 
     async def _metrics_loop(self) -> None:
         while True:
