@@ -13,7 +13,7 @@ import msgspec
 from prometheus_client import CollectorRegistry, Gauge
 
 from lightspeed.protocol import TOPIC_LOAD_METRICS, LoadMetrics, WorkerCard
-from lightspeed.runtime.event_plane import Subscriber
+from lightspeed.runtime.event_plane import Subscriber, consume
 
 log = logging.getLogger(__name__)
 _decode = msgspec.msgpack.Decoder(LoadMetrics).decode
@@ -60,20 +60,14 @@ class WorkerMetricsWatcher:
         self._sub.close()
 
     async def _loop(self) -> None:
-        while True:
-            topic, payload = await self._sub.recv()
-            if topic != TOPIC_LOAD_METRICS:
-                continue
-            try:
-                m = _decode(payload)
-            except msgspec.DecodeError:
-                log.warning("undecodable load metrics message dropped")
-                continue
-            if m.worker_id not in self._addresses:
-                continue  # a late message from a worker that already left
-            self.latest[m.worker_id] = m
-            self._active.labels(m.worker_id).set(m.kv_active_blocks)
-            self._total.labels(m.worker_id).set(m.kv_total_blocks)
-            self._cached.labels(m.worker_id).set(m.kv_cached_blocks)
-            self._running.labels(m.worker_id).set(m.num_running)
-            self._waiting.labels(m.worker_id).set(m.num_waiting)
+        await consume(self._sub, TOPIC_LOAD_METRICS, _decode, self.handle)
+
+    def handle(self, m: LoadMetrics) -> None:
+        if m.worker_id not in self._addresses:
+            return  # a late message from a worker that already left
+        self.latest[m.worker_id] = m
+        self._active.labels(m.worker_id).set(m.kv_active_blocks)
+        self._total.labels(m.worker_id).set(m.kv_total_blocks)
+        self._cached.labels(m.worker_id).set(m.kv_cached_blocks)
+        self._running.labels(m.worker_id).set(m.num_running)
+        self._waiting.labels(m.worker_id).set(m.num_waiting)

@@ -20,7 +20,7 @@ from lightspeed.errors import WorkerError, WorkerLost
 from lightspeed.protocol import TOPIC_KV_EVENTS, KvEvent, KvStored, WorkerCard
 from lightspeed.router.indexer import KvIndex
 from lightspeed.router.metrics import RouterMetrics
-from lightspeed.runtime.event_plane import Subscriber
+from lightspeed.runtime.event_plane import Subscriber, consume
 from lightspeed.runtime.request_plane import RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -95,16 +95,7 @@ class KvEventFeed:
         self._start_resync(wid, first_held=event)
 
     async def _loop(self) -> None:
-        while True:
-            topic, payload = await self._sub.recv()
-            if topic != TOPIC_KV_EVENTS:
-                continue
-            try:
-                event = _decode(payload)
-            except msgspec.DecodeError:
-                log.warning("undecodable KV event dropped")
-                continue
-            self.handle(event)
+        await consume(self._sub, TOPIC_KV_EVENTS, _decode, self.handle)
 
     def _start_resync(self, worker_id: str, first_held: KvEvent | None = None) -> None:
         old = self._resyncs.pop(worker_id, None)

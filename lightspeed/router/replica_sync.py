@@ -22,7 +22,7 @@ import msgspec
 from lightspeed.protocol import WorkerCard
 from lightspeed.router.active import ActiveLoad, LoadChange
 from lightspeed.runtime.discovery import Discovery
-from lightspeed.runtime.event_plane import Publisher, Subscriber
+from lightspeed.runtime.event_plane import Publisher, Subscriber, consume
 
 log = logging.getLogger(__name__)
 
@@ -109,11 +109,4 @@ class ReplicaSync:
             self._on_remote(change)
 
     async def _loop(self) -> None:
-        while True:
-            topic, payload = await self._sub.recv()
-            if topic != TOPIC_ROUTER_SYNC:
-                continue
-            try:
-                self.apply(_decode(payload))
-            except (msgspec.DecodeError, ValueError) as err:
-                log.warning("bad router-sync message dropped: %s", err)
+        await consume(self._sub, TOPIC_ROUTER_SYNC, _decode, self.apply)

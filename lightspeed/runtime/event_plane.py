@@ -17,11 +17,14 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
+import msgspec
 import zmq
 import zmq.asyncio
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ZMQ's default high-water mark (1000 messages) drops KV events in bursts (one large prefill
 # stores hundreds of blocks); memory per queued event is small, so allow far more.
@@ -60,6 +63,22 @@ class Subscriber(abc.ABC):
     async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
         while True:
             yield await self.recv()
+
+
+async def consume(sub: Subscriber, topic: str, decode: Callable[[bytes], T], handle: Callable[[T], None]) -> None:
+    """Receive forever: decode each message of `topic` and hand it to `handle`.
+
+    A message that does not decode (or that `handle` rejects with ValueError) is logged and
+    dropped: one bad publisher must not stop a consumer that serves every worker.
+    """
+    while True:
+        got, payload = await sub.recv()
+        if got != topic:
+            continue
+        try:
+            handle(decode(payload))
+        except (msgspec.DecodeError, ValueError) as err:
+            log.warning("dropped a bad %s message: %s", topic, err)
 
 
 # ==================================================================== zmq
