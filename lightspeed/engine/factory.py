@@ -74,13 +74,16 @@ def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
 
     source = model.gguf_path if model.gguf_path is not None else model.folder
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
-    if cfg.num_gpu_blocks:
-        runner = ModelRunner(source, block_size=cfg.block_size, num_blocks=cfg.num_gpu_blocks, dtype=dtype)
-    else:
-        runner = ModelRunner(source, block_size=cfg.block_size, dtype=dtype,
-                             kv_cache_gb=cfg.kv_cache_gb or NATIVE_DEFAULT_KV_GB)
-    executor = NativeExecutor(runner)
-    return ExecutorBuild(executor, runner.num_blocks, executor.shutdown)
+    def make_runner() -> ModelRunner:
+        if cfg.num_gpu_blocks:
+            return ModelRunner(source, block_size=cfg.block_size, num_blocks=cfg.num_gpu_blocks,
+                               dtype=dtype)
+        return ModelRunner(source, block_size=cfg.block_size, dtype=dtype,
+                           kv_cache_gb=cfg.kv_cache_gb or NATIVE_DEFAULT_KV_GB)
+
+    # Loaded on the thread that runs the steps: one OpenMP team (see native_executor).
+    executor = NativeExecutor.build(make_runner)
+    return ExecutorBuild(executor, executor.runner.num_blocks, executor.shutdown)
 
 
 EXECUTORS: dict[str, Callable[[WorkerConfig, ResolvedModel], ExecutorBuild]] = {

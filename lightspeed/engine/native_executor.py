@@ -4,6 +4,12 @@ A forward pass blocks for milliseconds to seconds; running it on one dedicated w
 the event loop serving requests and streaming tokens meanwhile. One thread, because steps are
 strictly sequential (each depends on the KV written by the previous one) and torch already
 parallelizes inside an op.
+
+Build it with `NativeExecutor.build(make_runner)` so the weights are loaded on that same thread:
+libgomp gives every thread that starts OpenMP regions its own worker team, and once the teams'
+threads outnumber the cores it stops spinning between regions, so every op pays a futex wake-up
+(~70 us here). A runner loaded on one thread and stepped on another ran decode steps ~1.5x
+slower on 2 cores; one thread doing all torch work keeps a single spinning team.
 """
 
 from __future__ import annotations
@@ -23,9 +29,21 @@ T = TypeVar("T")
 
 
 class NativeExecutor:
-    def __init__(self, runner: ModelRunner) -> None:
+    def __init__(self, runner: ModelRunner, pool: ThreadPoolExecutor | None = None) -> None:
         self.runner = runner
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightspeed-model")
+        self._pool = pool or ThreadPoolExecutor(max_workers=1,
+                                                thread_name_prefix="lightspeed-model")
+
+    @classmethod
+    def build(cls, make_runner: Callable[[], ModelRunner]) -> NativeExecutor:
+        """Construct the runner on the model thread itself (see the module doc for why)."""
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightspeed-model")
+        try:
+            runner = pool.submit(make_runner).result()
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
+        return cls(runner, pool)
 
     async def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
         loop = asyncio.get_running_loop()

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightspeed.models.linear_ops import AtenOps, select_linear_ops
 from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
 
 
@@ -206,13 +207,23 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass(frozen=True, slots=True)
 class LayerWeights:
-    input_norm: torch.Tensor
+    """One layer's weights as its linear backend wants them.
+
+    Unfused (aten): norms keep their weights and gate/up are one matmul. Fused (oneDNN): each
+    RMSNorm weight is folded into the columns of the matmul that reads the norm's output
+    (W @ (w * x) = (W * w) @ x), so the norm is a bare rescale, and gate and up are separate
+    matmuls so each carries its own epilogue (SiLU; times the gate).
+    """
+
+    input_norm: torch.Tensor | None  # None: folded into qkv
     qkv: torch.Tensor  # [q + 2 * kv, hidden]: q, k, v projections fused into one matmul
     qkv_bias: torch.Tensor | None
     o_proj: torch.Tensor
-    post_norm: torch.Tensor
-    gate_up: torch.Tensor  # [2 * ffn, hidden]: gate then up, fused
+    post_norm: torch.Tensor | None  # None: folded into gate and up
+    gate_up: torch.Tensor | None  # [2 * ffn, hidden]: gate then up, fused (unfused backend)
     down: torch.Tensor
+    gate: torch.Tensor | None = None  # fused backend
+    up: torch.Tensor | None = None
 
 
 class PagedLlama:
@@ -223,29 +234,45 @@ class PagedLlama:
         self.config = config
         self.dtype = dtype
         self.device = device
-
-        def get(name: str) -> torch.Tensor:
-            return state[name].to(device=device, dtype=dtype).contiguous()
-
-        self.embed = get("model.embed_tokens.weight")
+        self.ops: AtenOps = select_linear_ops(device, dtype)
+        self.embed = self._get(state, "model.embed_tokens.weight")
         tied = state["lm_head.weight"] is state["model.embed_tokens.weight"]
-        self.lm_head = self.embed if tied else get("lm_head.weight")
-        self.norm = get("model.norm.weight")
-        self.layers = [self._layer(i, get) for i in range(config.num_layers)]
+        # A packed lm_head is a copy even when tied: the embedding lookup needs the plain rows.
+        self.lm_head = self.ops.pack(self.embed if tied else self._get(state, "lm_head.weight"))
+        self.norm = self._get(state, "model.norm.weight")
+        self.layers = [self._layer(state, i) for i in range(config.num_layers)]
         self.rotary = RotaryTable(config, dtype, device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
 
-    def _layer(self, i: int, get: Callable[[str], torch.Tensor]) -> LayerWeights:
+    def _get(self, state: StateDict, name: str, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """A weight on the device in the compute dtype; `scale` multiplies its columns first
+        (in float32, so folding a norm weight adds no extra rounding)."""
+        t = state[name]
+        if scale is not None:
+            t = t.float() * scale.float()
+        return t.to(device=self.device, dtype=self.dtype).contiguous()
+
+    def _layer(self, state: StateDict, i: int) -> LayerWeights:
         p = f"model.layers.{i}."
         attn = p + "self_attn."
-        qkv = torch.cat([get(attn + f"{x}_proj.weight") for x in "qkv"])
+        pack, fused = self.ops.pack, self.ops.fused
+        in_norm = state[p + "input_layernorm.weight"]
+        post_norm = state[p + "post_attention_layernorm.weight"]
+        fold_in, fold_post = (in_norm, post_norm) if fused else (None, None)
+        qkv = torch.cat([self._get(state, attn + f"{x}_proj.weight", fold_in) for x in "qkv"])
         bias = None
         if self.config.attention_bias:
-            bias = torch.cat([get(attn + f"{x}_proj.bias") for x in "qkv"])
-        gate_up = torch.cat([get(p + "mlp.gate_proj.weight"), get(p + "mlp.up_proj.weight")])
-        return LayerWeights(get(p + "input_layernorm.weight"), qkv, bias,
-                            get(attn + "o_proj.weight"), get(p + "post_attention_layernorm.weight"),
-                            gate_up, get(p + "mlp.down_proj.weight"))
+            bias = torch.cat([self._get(state, attn + f"{x}_proj.bias") for x in "qkv"])
+        gate = self._get(state, p + "mlp.gate_proj.weight", fold_post)
+        up = self._get(state, p + "mlp.up_proj.weight", fold_post)
+        o_proj, down = pack(self._get(state, attn + "o_proj.weight")), pack(
+            self._get(state, p + "mlp.down_proj.weight"))
+        if fused:
+            return LayerWeights(None, pack(qkv), bias, o_proj, None, None, down, pack(gate),
+                                pack(up))
+        return LayerWeights(self._get(state, p + "input_layernorm.weight"), qkv, bias, o_proj,
+                            self._get(state, p + "post_attention_layernorm.weight"),
+                            torch.cat([gate, up]), down)
 
     def cache_layout(self, num_blocks: int, block_size: int) -> CacheLayout:
         return CacheLayout(num_blocks, block_size, self.dtype)
@@ -260,34 +287,44 @@ class PagedLlama:
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [len(logits_indices) or T, vocab] for the flat batch `input_ids`."""
         cos, sin = self.rotary.lookup(meta.positions)
-        hidden = F.embedding(input_ids, self.embed)
-        residual = None
+        hidden = F.embedding(input_ids, self.embed)  # the residual stream
         for layer, cache in zip(self.layers, kv_caches, strict=True):
-            hidden, residual = self._layer_forward(layer, hidden, residual, cos, sin, cache, meta)
-        hidden = hidden + residual
+            hidden = self._layer_forward(layer, hidden, cos, sin, cache, meta)
         if logits_indices is not None:
             hidden = hidden.index_select(0, logits_indices)
         hidden = F.rms_norm(hidden, self.norm.shape, self.norm, self.config.rms_norm_eps)
-        return F.linear(hidden, self.lm_head).float()
+        return self.ops.linear(hidden, self.lm_head).float()
 
     __call__ = forward
 
-    def _layer_forward(self, w: LayerWeights, hidden: torch.Tensor, residual: torch.Tensor | None,
-                       cos: torch.Tensor, sin: torch.Tensor, cache: torch.Tensor,
-                       meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg = self.config
-        residual = hidden if residual is None else hidden + residual
-        x = F.rms_norm(residual, w.input_norm.shape, w.input_norm, cfg.rms_norm_eps)
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+    def _layer_forward(self, w: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor,
+                       sin: torch.Tensor, cache: torch.Tensor,
+                       meta: AttentionMetadata) -> torch.Tensor:
+        cfg, ops = self.config, self.ops
+        qkv = ops.linear(self._rms_norm(hidden, w.input_norm), w.qkv, w.qkv_bias)
         tokens = qkv.shape[0]
         # Rotate q and k together: they are adjacent heads in the fused projection.
         qk = apply_rope(qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim), cos, sin)
         v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
         attn = self._attention(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v, cache, meta)
-        residual = F.linear(attn, w.o_proj) + residual
-        x = F.rms_norm(residual, w.post_norm.shape, w.post_norm, cfg.rms_norm_eps)
-        gate, up = F.linear(x, w.gate_up).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w.down), residual
+        hidden = ops.linear_add(attn, w.o_proj, hidden)
+        x = self._rms_norm(hidden, w.post_norm)
+        if w.gate_up is not None:
+            gate, up = ops.linear(x, w.gate_up).chunk(2, dim=-1)
+            act = F.silu(gate) * up
+        else:
+            assert w.gate is not None and w.up is not None
+            act = ops.linear_mul(x, w.up, ops.linear_silu(x, w.gate))
+        return ops.linear_add(act, w.down, hidden)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+        eps = self.config.rms_norm_eps
+        if weight is not None:
+            return F.rms_norm(x, weight.shape, weight, eps)
+        # Weight folded into the next matmul: one float32-accumulating reduction straight off
+        # the bf16 input, then one rescale (F.rms_norm in bf16 makes ~8 passes over x).
+        sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
+        return x * torch.rsqrt(sq.div_(x.shape[-1]).add_(eps)).to(x.dtype)
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                    meta: AttentionMetadata) -> torch.Tensor:
