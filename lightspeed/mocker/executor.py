@@ -51,10 +51,17 @@ class MockerExecutor:
         # Modelled time not yet slept (positive) or overslept (negative), carried across steps
         # so the average step time matches the model despite coarse timers.
         self._carry = 0.0
+        # When the previous step returned its tokens, the decode phase still to run after that
+        # (tokens are emitted at its start), and whether the engine has yielded to the event
+        # loop since (between steps it only yields when idle or when nothing is schedulable).
+        self._last_end: float | None = None
+        self._pending_s = 0.0
+        self._yielded = True
         self.num_steps = 0
         self.modelled_seconds = 0.0
 
     async def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        step_start = self._step_start()
         has_decode = False
         sampled: dict[str, int] = {}
         for seq in output.seqs:
@@ -66,14 +73,46 @@ class MockerExecutor:
                 else:
                     position = seq.start_pos + len(seq.token_ids)
                     sampled[seq.request_id] = self._sample_seeded(seed, position, seq.banned_token_ids)
-        seconds = self.timing.step_seconds(output.num_prefill_tokens, output.kv_usage, has_decode)
+        prefill_s, decode_s = self.timing.phase_seconds(
+            output.num_prefill_tokens, output.kv_usage, has_decode
+        )
         self.num_steps += 1
-        self.modelled_seconds += seconds
-        await self._sleep(seconds)
+        self.modelled_seconds += prefill_s + decode_s
+        # Tokens leave when the prefill phase ends; the decode phase runs on after that (see
+        # timing.py), so it is left pending and delays the next step instead.
+        await self._sleep_until(step_start, prefill_s)
+        self._mark_step_end(decode_s)
         return ModelRunnerOutput(sampled=sampled)
 
-    async def _sleep(self, seconds: float) -> None:
-        target = self._carry + seconds
+    def _step_start(self) -> float:
+        """When this step's prefill phase begins: once the previous decode phase is over, and
+        no later than when the previous step returned if the engine stayed busy. A busy engine
+        runs update -> schedule -> execute without yielding to the event loop, so that
+        bookkeeping is part of the step, as in a real engine (and in Dynamo's mocker, which
+        sleeps until phase start + modelled time): it is charged against the modelled time
+        instead of being added to it. After an idle wait the step starts now at the earliest."""
+        now = time.perf_counter()
+        if self._last_end is None:
+            return now
+        anchor = now if self._yielded else self._last_end
+        return max(anchor, self._last_end + self._pending_s)
+
+    def _mark_step_end(self, pending_s: float) -> None:
+        self._last_end = time.perf_counter()
+        self._pending_s = pending_s
+        self._yielded = False
+        # Runs only once the engine yields to the loop, i.e. not before a back-to-back step.
+        asyncio.get_running_loop().call_soon(self._note_yield)
+
+    def _note_yield(self) -> None:
+        self._yielded = True
+
+    async def _sleep_until(self, step_start: float, seconds: float) -> None:
+        """Sleep so the step lasts `seconds` from `step_start`, plus the carried timer error.
+        Bookkeeping longer than the modelled step is not repaid later (nor is it by a deadline
+        sleep): only sleep error and sub-timer deficits are carried."""
+        budget = max(0.0, seconds + step_start - time.perf_counter())  # start may be ahead
+        target = self._carry + budget
         if target < MIN_SLEEP_S:
             self._carry = max(target, -MAX_CARRY_S)
             await asyncio.sleep(0)

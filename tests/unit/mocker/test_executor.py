@@ -10,6 +10,7 @@ from lightspeed.protocol import SamplingOptions
 CONFIG = EngineConfig(
     block_size=4, num_gpu_blocks=64, max_model_len=256, max_num_batched_tokens=256
 )
+PREFILL_1000_S = 32.1058589 / 1000  # prefill_ms(1000), no decode phase
 
 
 def seq(rid: str, n: int, sample: bool, banned: tuple[int, ...] = ()) -> ScheduledSeq:
@@ -57,16 +58,31 @@ async def test_same_seed_same_tokens() -> None:
     assert outs[0] == outs[1]
 
 
-async def test_sleeps_the_modelled_time() -> None:
+async def test_tokens_leave_after_prefill_and_the_decode_phase_delays_the_next_step() -> None:
     ex = MockerExecutor(CONFIG, speedup_ratio=10.0, seed=0)
+    prefill, decode = 32.1058589 / 1000 / 10, 26.31 / 1000 / 10
     started = time.perf_counter()
     await ex.execute(
         SchedulerOutput(seqs=[seq("a", 1000, True)], num_prefill_tokens=1000, kv_usage=0.5)
     )
+    first_token = time.perf_counter() - started
+    await ex.execute(SchedulerOutput(seqs=[seq("a", 1, True)], num_decode_tokens=1, kv_usage=0.5))
+    second_token = time.perf_counter() - started
+    assert ex.modelled_seconds == pytest.approx(prefill + 2 * decode)
+    assert prefill * 0.9 <= first_token < prefill + 0.02  # TTFT = prefill, as in Dynamo
+    assert prefill + decode * 0.9 <= second_token < prefill + decode + 0.02  # gap = decode
+
+
+async def test_work_arriving_during_the_decode_phase_waits_for_it() -> None:
+    import asyncio
+
+    ex = MockerExecutor(CONFIG, speedup_ratio=1.0, seed=0)
+    await ex.execute(SchedulerOutput(seqs=[seq("a", 1, True)], num_decode_tokens=1, kv_usage=0.5))
+    await asyncio.sleep(0.010)  # idle 10 ms of the 26.31 ms decode phase
+    started = time.perf_counter()
+    await ex.execute(SchedulerOutput(seqs=[seq("b", 1000, False)], num_prefill_tokens=1000))
     elapsed = time.perf_counter() - started
-    modelled = (32.1058589 + 26.31) / 1000 / 10
-    assert ex.modelled_seconds == pytest.approx(modelled)
-    assert modelled * 0.9 <= elapsed < modelled + 0.05
+    assert 0.0263 - 0.010 + PREFILL_1000_S - 0.004 <= elapsed < 0.0263 + PREFILL_1000_S + 0.008
 
 
 async def test_tiny_steps_do_not_sleep() -> None:
@@ -102,3 +118,44 @@ async def test_seeded_requests_are_reproducible_by_position() -> None:
     out_c = await b.execute(SchedulerOutput([seq("z", 7, 11)]))
     out_d = await b.execute(SchedulerOutput([seq("z", 8, 10)]))
     assert len({out_a.sampled["x"], out_c.sampled["z"], out_d.sampled["z"]}) == 3
+
+
+def _busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
+
+
+async def test_back_to_back_bookkeeping_counts_toward_the_step() -> None:
+    ex = MockerExecutor(CONFIG, speedup_ratio=1.0, seed=0)
+    step = SchedulerOutput(seqs=[seq("a", 1000, False)], num_prefill_tokens=1000)
+    await ex.execute(step)
+    _busy_wait(0.020)  # update + schedule of a busy engine: no yield to the loop
+    started = time.perf_counter()
+    await ex.execute(step)
+    elapsed = time.perf_counter() - started
+    # The step lasts the modelled 32.1 ms from the end of the previous one, not 32.1 ms more.
+    assert PREFILL_1000_S - 0.020 - 0.004 <= elapsed < PREFILL_1000_S - 0.020 + 0.008
+
+
+async def test_step_after_an_idle_wait_lasts_the_whole_model() -> None:
+    import asyncio
+
+    ex = MockerExecutor(CONFIG, speedup_ratio=1.0, seed=0)
+    step = SchedulerOutput(seqs=[seq("a", 1000, False)], num_prefill_tokens=1000)
+    await ex.execute(step)
+    await asyncio.sleep(0.020)  # idle: the engine waited for work
+    started = time.perf_counter()
+    await ex.execute(step)
+    assert time.perf_counter() - started >= PREFILL_1000_S * 0.9
+
+
+async def test_bookkeeping_beyond_the_model_is_not_repaid() -> None:
+    ex = MockerExecutor(CONFIG, speedup_ratio=1.0, seed=0)
+    small = SchedulerOutput(seqs=[seq("a", 1, True)], num_decode_tokens=1)  # 5.74 ms
+    await ex.execute(small)
+    _busy_wait(0.015)  # longer than the modelled step: it just runs late
+    await ex.execute(small)
+    started = time.perf_counter()
+    await ex.execute(SchedulerOutput(seqs=[seq("a", 1000, False)], num_prefill_tokens=1000))
+    assert time.perf_counter() - started >= PREFILL_1000_S * 0.9

@@ -30,3 +30,11 @@ def test_speedup_divides_time() -> None:
     assert MockerTiming(1e6).step_seconds(0, 0.0, True) == pytest.approx(5.74e-9)
     with pytest.raises(ValueError):
         MockerTiming(0.0)
+
+
+def test_phases_split_the_step() -> None:
+    timing = MockerTiming(10.0)
+    assert timing.phase_seconds(1000, 0.5, True) == pytest.approx((0.00321058589, 0.002631))
+    assert timing.phase_seconds(1000, 0.5, False) == pytest.approx((0.00321058589, 0.0))
+    assert timing.phase_seconds(0, 0.0, True) == pytest.approx((0.0, 0.000574))
+    assert sum(timing.phase_seconds(1000, 0.5, True)) == pytest.approx(timing.step_seconds(1000, 0.5, True))
