@@ -7,6 +7,7 @@ import pytest
 
 from lightspeed.protocol import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
+from lightspeed.router import indexer
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 
 BS = 4
@@ -189,6 +190,7 @@ def test_apply_dump_of_unknown_worker() -> None:
 
 
 def test_remove_worker(index: KvIndex) -> None:
+    assert index.find_matches(seq("ACDF")) == {"a": 3, "b": 2}  # memoizes a's slot name
     index.remove_worker("a")
     assert index.workers() == ["b"]
     assert index.last_event_id("a") is None
@@ -215,6 +217,27 @@ def test_more_than_64_workers() -> None:
     matches = idx.find_matches(seq("ABCD"))
     assert matches == {f"w{w:03d}": 1 + w % 4 for w in range(100)}
     assert idx.num_blocks == sum(1 + w % 4 for w in range(100))
+
+
+def test_repeated_hashes_within_one_event(index: KvIndex) -> None:
+    a, ab = seq("AB")
+    assert index.apply(KvEvent("c", 1, KvStored([StoredBlock(a, 0), StoredBlock(a, 0)])))
+    assert index.worker_blocks("c") == 1
+    assert index.apply(removed("a", 3, ab, ab))
+    assert index.worker_blocks("a") == 3
+    assert index.find_matches(seq("AB")) == {"a": 1, "b": 1, "c": 1}
+
+
+def test_memo_tables_can_be_cleared_at_any_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(indexer, "_INTERN_LIMIT", 0)
+    monkeypatch.setattr(indexer, "_NAMES_CACHE_LIMIT", 0)
+    idx = KvIndex()
+    for w in range(5):
+        assert idx.apply(stored(f"w{w}", 1, "ABCD"[: 1 + w % 4]))
+    assert idx.apply(removed("w3", 2, seq("ABCD")[3]))
+    expected = {"w0": 1, "w1": 2, "w2": 3, "w3": 3, "w4": 1}
+    assert idx.find_matches(seq("ABCD")) == expected
+    assert idx.find_matches(seq("ABCD")) == expected
 
 
 def test_events_decoded_from_msgpack(index: KvIndex) -> None:
@@ -287,6 +310,16 @@ def test_approx_remove_worker() -> None:
     assert idx.expire(now=10.0) == 3  # b's A, AC and c's A, all due at t=10
     assert idx.num_blocks == 0
     idx.remove_worker("zzz")
+
+
+def test_approx_repeated_hashes_expire_once() -> None:
+    clock = FakeClock()
+    idx = ApproxIndex(ttl=10.0, clock=clock)
+    a = seq("A")[0]
+    idx.record("a", [a, a])
+    assert idx.num_blocks == 1
+    assert idx.expire(now=10.0) == 1
+    assert idx.find_matches([a]) == {}
 
 
 def test_approx_snapshots_recorded_hashes() -> None:
