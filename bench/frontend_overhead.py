@@ -14,26 +14,33 @@ Run from the repo root:  .venv/bin/python bench/frontend_overhead.py
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
+import msgspec
+from harness import (
+    DYNAMO_ENV,
+    ROOT,
+    DYNAMO_PLANES,
+    Service,
+    command_line,
+    configure_logging,
+    flags,
+    free_port,
+    params_from,
+    add_param_flags,
+    pyplot,
+    wait_for_model,
+    write_json,
+)
 
-import aiohttp  # noqa: E402
-import msgspec  # noqa: E402
-
-from lightspeed.bench import BenchConfig, run_bench  # noqa: E402
+from lightspeed.bench import BenchConfig, run_bench
 
 logger = logging.getLogger("frontend_overhead")
 
@@ -41,7 +48,6 @@ TARGETS = ("lightspeed", "dynamo")
 CONNECTIONS = ("keepalive", "fresh")
 COLORS = {"lightspeed": "tab:blue", "dynamo": "tab:orange"}
 READY_TIMEOUT_S = 180.0
-STOP_TIMEOUT_S = 20.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,69 +72,6 @@ class Params:
                 raise ValueError(f"{name} must be >= 1")
 
 
-@dataclass
-class Service:
-    """A server made of local processes, reachable at `url` once it lists a model."""
-
-    name: str
-    url: str
-    commands: list[list[str]]
-    env: dict[str, str]
-    log_dir: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self) -> None:
-        for i, cmd in enumerate(self.commands):
-            log = open(self.log_dir / f"{self.name}-{i}.log", "wb")
-            logger.info("start %s: %s", self.name, shlex.join(cmd))
-            # Own process group, so stop() reaches the children a launcher may spawn.
-            proc = subprocess.Popen(
-                cmd,
-                cwd=ROOT,
-                env=self.env,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-            self.procs.append(proc)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s pid %d ignored SIGTERM; killing", self.name, proc.pid)
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-
-    def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {proc.returncode}; see {self.log_dir}")
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _flags(values: dict[str, object]) -> list[str]:
-    return [part for flag, value in values.items() for part in (flag, str(value))]
-
-
 def _engine_flags(p: Params) -> dict[str, object]:
     return {
         "--speedup-ratio": p.speedup_ratio,
@@ -139,9 +82,9 @@ def _engine_flags(p: Params) -> dict[str, object]:
 
 
 def lightspeed_service(p: Params, log_dir: Path, discovery_dir: Path) -> Service:
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker"]
-    cmd += _flags(
+    cmd += flags(
         {
             "--workers": p.workers,
             **_engine_flags(p),
@@ -155,24 +98,13 @@ def lightspeed_service(p: Params, log_dir: Path, discovery_dir: Path) -> Service
     return Service("lightspeed", f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
 
 
-# Loopback for every internal plane: by default Dynamo advertises the host's public address
-# for its TCP request plane and ZMQ event plane. DYN_SELF_HOST_METADATA=0 silences a warning.
-DYNAMO_ENV = {
-    "DYN_TCP_RPC_HOST": "127.0.0.1",
-    "DYN_EVENT_PLANE_HOST": "127.0.0.1",
-    "DYN_TCP_RESPONSE_STREAM_HOST": "127.0.0.1",
-    "DYN_SELF_HOST_METADATA": "0",
-}
-DYNAMO_PLANES = {"--discovery-backend": "file", "--request-plane": "tcp", "--event-plane": "zmq"}
-
-
 def dynamo_service(
     p: Params, log_dir: Path, kv_dir: Path, venv: Path, model_dir: Path, model_name: str
 ) -> Service:
-    port = _free_port()
+    port = free_port()
     py = str(venv / "bin" / "python")
     frontend = [py, "-m", "dynamo.frontend"]
-    frontend += _flags(
+    frontend += flags(
         {
             "--http-host": "127.0.0.1",
             "--http-port": port,
@@ -181,7 +113,7 @@ def dynamo_service(
         }
     )
     mocker = [py, "-m", "dynamo.mocker"]
-    mocker += _flags(
+    mocker += flags(
         {
             "--model-path": model_dir,
             "--model-name": model_name,
@@ -196,20 +128,7 @@ def dynamo_service(
 
 
 async def wait_ready(service: Service) -> str:
-    """Poll /v1/models until the server lists a model; returns its id."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/v1/models") as resp:
-                    data = (await resp.json()).get("data", []) if resp.status == 200 else []
-                if data:
-                    return str(data[0]["id"])
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{service.name} did not list a model within {READY_TIMEOUT_S} s")
+    return await wait_for_model(service, READY_TIMEOUT_S)
 
 
 class RunResult(msgspec.Struct):
@@ -342,13 +261,8 @@ NOTE = (
 
 
 def plot(report: OverheadReport, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     fig, ax = plt.subplots(figsize=(8, 4.5))
     width = 0.38
@@ -428,7 +342,7 @@ async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
         commands = {s.name: [shlex.join(c) for c in s.commands] for s in services}
     aggs = [a for t in TARGETS for c in CONNECTIONS if (a := aggregate(runs, t, c))]
     return OverheadReport(
-        shlex.join([sys.executable, *sys.argv]),
+        command_line(),
         started,
         f"{os.cpu_count()} CPUs",
         p,
@@ -449,18 +363,10 @@ def _keep_logs(tmp: Path, out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    d = Params()
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name in Params.__dataclass_fields__:
-        default = getattr(d, name)
-        ap.add_argument(
-            "--" + name.replace("_", "-"),
-            type=type(default),
-            default=default,
-            help=f"default {default}",
-        )
+    add_param_flags(ap, Params)
     work = ROOT / "bench" / ".work"
     ap.add_argument("--only", choices=("both", "lightspeed", "dynamo"), default="both")
     ap.add_argument(
@@ -479,14 +385,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Param
     args = ap.parse_args(argv)
     if any(c not in CONNECTIONS for c in args.connections.split(",")):
         ap.error(f"--connections takes {', '.join(CONNECTIONS)}")
-    params = Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+    params = params_from(args, Params)
     return args, params
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging()
     args, params = parse_args(argv)
     import uvloop
 
@@ -495,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     suffix = "" if args.only == "both" else f"_{args.only}"
     path = out / f"frontend_overhead{suffix}.json"
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    write_json(report, path)
     plot(report, path.with_suffix(".png"))
     for agg in report.aggregates:
         logger.info(

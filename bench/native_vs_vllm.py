@@ -17,37 +17,41 @@ Run from the repo root:  bash bench/setup_vllm.sh  (once), then
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import shlex
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
+import harness
+import msgspec
+from harness import (
+    ROOT,
+    WORK,
+    Service,
+    command_line,
+    configure_logging,
+    free_port,
+    parse_params,
+    pyplot,
+    wait_for_model,
+    write_json,
+)
 
-import aiohttp  # noqa: E402
-import msgspec  # noqa: E402
-
-from lightspeed.bench import BenchConfig, run_bench  # noqa: E402
+from lightspeed.bench import BenchConfig, run_bench
 
 logger = logging.getLogger("native_vs_vllm")
 
 T = TypeVar("T")
 
-WORK = ROOT / "bench" / ".work"
 COLORS = {"lightspeed": "tab:blue", "vllm": "tab:orange", "vllm-allcores": "tab:red"}
 READY_TIMEOUT_S = 400.0  # vLLM compiles its model at start (~100 s here, more under load)
-STOP_TIMEOUT_S = 30.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,60 +96,6 @@ class Params:
 # ---------------------------------------------------------------- servers
 
 
-@dataclass
-class Service:
-    """A server made of local processes, reachable at `url` once it lists a model."""
-
-    name: str
-    url: str
-    commands: list[list[str]]
-    env: dict[str, str]
-    log_dir: Path
-    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
-
-    def start(self) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        for i, cmd in enumerate(self.commands):
-            log = open(self.log_dir / f"{self.name}-{i}.log", "wb")
-            logger.info("start %s: %s", self.name, shlex.join(cmd))
-            # Own process group, so stop() reaches the children a launcher spawns.
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
-            self.procs.append(proc)
-
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            _signal_group(proc, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                logger.warning("%s pid %d ignored SIGTERM; killing", self.name, proc.pid)
-                _signal_group(proc, signal.SIGKILL)
-                proc.wait()
-
-    def check_alive(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with {proc.returncode}; see {self.log_dir}")
-
-
-def _signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def native_service(name: str, dtype: str, log_dir: Path, discovery_dir: Path,
                    extra: list[str] | None = None, max_batched: int = 2048) -> Service:
     """`lightspeed serve --engine native` with one worker on the packaged model."""
@@ -172,20 +122,7 @@ def vllm_service(p: Params, log_dir: Path, venv: Path, model_dir: Path, bind: st
 
 
 async def wait_ready(service: Service, timeout_s: float = READY_TIMEOUT_S) -> str:
-    """Poll /v1/models until the server lists a model; returns its id."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/v1/models") as resp:
-                    data = (await resp.json()).get("data", []) if resp.status == 200 else []
-                if data:
-                    return str(data[0]["id"])
-            except (TimeoutError, aiohttp.ClientError):
-                pass
-            await asyncio.sleep(1.0)
-    raise RuntimeError(f"{service.name} did not list a model within {timeout_s} s")
+    return await wait_for_model(service, timeout_s, poll_s=1.0)
 
 
 # ---------------------------------------------------------------- measurement
@@ -237,13 +174,12 @@ async def measure_point(url: str, p: Params, target: str, concurrency: int,
 async def with_service(service: Service, body: Callable[[str], Awaitable[T]]) -> T:
     """Start `service`, wait until it serves, run `await body(url)`, always stop it."""
     started = time.monotonic()
-    try:
-        service.start()
-        model = await wait_ready(service)
-        logger.info("%s ready (%s) after %.0f s", service.name, model, time.monotonic() - started)
-        return await body(service.url)
-    finally:
-        service.stop()
+
+    async def ready(svc: Service) -> None:
+        model = await wait_ready(svc)
+        logger.info("%s ready (%s) after %.0f s", svc.name, model, time.monotonic() - started)
+
+    return await harness.with_service(service, ready, body)
 
 
 class ProbeResult(msgspec.Struct):
@@ -336,13 +272,8 @@ def make_ratios(points: list[Point]) -> list[Ratio]:
 
 
 def plot(report: Report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     panels = (("output_tok_per_s", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
               ("tpot_p50_ms", "TPOT p50 (ms)"))
@@ -399,32 +330,25 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     ratios = make_ratios(points)
     met = {f"{r.baseline}/c{r.concurrency}": r.output_tok_per_s >= 1.0 for r in ratios
            if r.concurrency in (16, 32)}
-    return Report(shlex.join([sys.executable, *sys.argv]), started,
+    return Report(command_line(), started,
                   datetime.now(UTC).isoformat(timespec="seconds"), f"{os.cpu_count()} CPUs", p,
                   dtype, probe, {s.name: shlex.join(s.commands[0]) for s in services}, points,
                   ratios, met, NOTE)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    d = Params()
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in Params.__dataclass_fields__:
-        default = getattr(d, name)
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                        help=f"default {default!r}")
-    ap.add_argument("--only", choices=("both", "lightspeed", "vllm"), default="both")
-    ap.add_argument("--vllm-venv", default=str(WORK / "vllm-venv"))
-    ap.add_argument("--vllm-model-dir", default=str(WORK / "smollm2-hf"))
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--name", default="native_vs_vllm", help="output file stem")
-    args = ap.parse_args(argv)
-    return args, Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--only", choices=("both", "lightspeed", "vllm"), default="both")
+        ap.add_argument("--vllm-venv", default=str(WORK / "vllm-venv"))
+        ap.add_argument("--vllm-model-dir", default=str(WORK / "smollm2-hf"))
+        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+        ap.add_argument("--name", default="native_vs_vllm", help="output file stem")
+
+    return parse_params(__doc__, Params, extra, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args, params = parse_args(argv)
     import uvloop
 
@@ -432,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{args.name}.json"
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    write_json(report, path)
     plot(report, path.with_suffix(".png"))
     for r in report.ratios:
         logger.info("c=%d ours/%s: out tok/s x%.2f, TTFT p50 x%.2f, TPOT p50 x%.2f",

@@ -16,33 +16,37 @@ Run from the repo root:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import random
 import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import msgspec
+from harness import (
+    ROOT,
+    WORK,
+    Service,
+    command_line,
+    configure_logging,
+    parse_params,
+    with_service,
+    write_json,
+)
+from native_vs_vllm import native_service, wait_ready
 
-import msgspec  # noqa: E402
-
-from lightspeed.bench.client import (  # noqa: E402
+from lightspeed.bench.client import (
     OpenAIClient,
     RequestResult,
     completions_url,
     make_session,
 )
-from lightspeed.bench.workload import RequestSpec  # noqa: E402
-from native_vs_vllm import WORK, native_service, wait_ready  # noqa: E402
+from lightspeed.bench.workload import RequestSpec
 
 logger = logging.getLogger("prefix_cache_ttft")
 
@@ -158,40 +162,31 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
         extra = ["--block-size", str(p.block_size)]
         svc = native_service("lightspeed-prefix", p.dtype, WORK / "prefix-cache-logs",
                              Path(tmp), extra=extra, max_batched=p.max_num_batched_tokens)
-        try:
-            svc.start()
-            model = await wait_ready(svc)
-            samples = await measure(svc.url, model, p)
-        finally:
-            svc.stop()
-    return Report(shlex.join([sys.executable, *sys.argv]), started, f"{os.cpu_count()} CPUs", p,
+        models: list[str] = []
+
+        async def ready(service: Service) -> None:
+            models.append(await wait_ready(service))
+
+        samples = await with_service(svc, ready, lambda url: measure(url, models[0], p))
+    return Report(command_line(), started, f"{os.cpu_count()} CPUs", p,
                   shlex.join(svc.commands[0]), samples, summarize(samples), NOTE)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    d = Params()
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in Params.__dataclass_fields__:
-        default = getattr(d, name)
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                        help=f"default {default!r}")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
-    return args, Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+
+    return parse_params(__doc__, Params, extra, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args, params = parse_args(argv)
     import uvloop
 
     report = uvloop.run(run(args, params))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "prefix_cache_ttft.json"
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    path = Path(args.out) / "prefix_cache_ttft.json"
+    write_json(report, path)
     s = report.summary
     logger.info("cold TTFT mean %.1f ms (p50 %.1f), cached mean %.1f ms (p50 %.1f): "
                 "cached/cold %.3f (p50 %.3f), target <= %.2f met: %s; wrote %s",

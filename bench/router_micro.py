@@ -25,7 +25,6 @@ import logging
 import os
 import platform
 import random
-import shlex
 import sys
 import time
 from collections import deque
@@ -35,25 +34,23 @@ from datetime import UTC, datetime
 from importlib.metadata import version
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
+import msgspec
+import numpy as np
+from harness import ROOT, command_line, write_json
 
-import msgspec  # noqa: E402
-import numpy as np  # noqa: E402
-
-from lightspeed.protocol import (  # noqa: E402
+from lightspeed.protocol import (
     KvEvent,
     KvEventData,
     KvRemoved,
     KvStored,
     StoredBlock,
 )
-from lightspeed.router.hashing import (  # noqa: E402
+from lightspeed.router.hashing import (
     compute_block_hashes,
     compute_prompt_seq_hashes,
     compute_seq_hashes,
 )
-from lightspeed.router.indexer import ApproxIndex, KvIndex  # noqa: E402
+from lightspeed.router.indexer import ApproxIndex, KvIndex
 
 logger = logging.getLogger("router_micro")
 
@@ -383,17 +380,6 @@ def machine() -> dict[str, object]:
     }
 
 
-def command_line(argv: list[str]) -> str:
-    """The exact command, including the `flock` bench-lock wrapper when that is our parent."""
-    own = shlex.join([sys.executable, "bench/router_micro.py", *argv])
-    try:
-        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]
-    except OSError:
-        return own
-    words = [w.decode(errors="replace") for w in parent]
-    return shlex.join(words) if words and Path(words[0]).name == "flock" else own
-
-
 def run(p: Params) -> dict[str, object]:
     rng, nrng = random.Random(p.seed), np.random.default_rng(p.seed)
     t0 = time.perf_counter()
@@ -423,7 +409,7 @@ def report(
     ingest_rate = results["ingest"]["blocks_per_s"]  # type: ignore[index]
     p99 = results["decision"]["total"]["p99_us"]  # type: ignore[index]
     return {
-        "command": command_line(argv),
+        "command": command_line(),
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": machine(),
@@ -462,8 +448,7 @@ def main(argv: list[str] | None = None) -> int:
     out: Path = args.out or default_out
     started = datetime.now(UTC)
     doc = report(params, run(params), argv, started)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(msgspec.json.format(msgspec.json.encode(doc), indent=2) + b"\n")
+    write_json(doc, out)
     logger.info("wrote %s: %s", out, msgspec.json.encode(doc["results"]).decode()[:2000])
     return 0
 

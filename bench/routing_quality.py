@@ -23,7 +23,6 @@ import logging
 import os
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,26 +30,29 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run as a script from a checkout, without installing the package
-sys.path.insert(0, str(ROOT / "bench"))
-
-import aiohttp  # noqa: E402
-import msgspec  # noqa: E402
-from frontend_overhead import (  # noqa: E402
+import aiohttp
+import msgspec
+from harness import (
     DYNAMO_ENV,
     DYNAMO_PLANES,
+    ROOT,
     Service,
-    _flags,
-    _free_port,
+    add_param_flags,
+    command_line,
+    configure_logging,
+    flags,
+    free_port,
+    params_from,
+    pyplot,
+    write_json,
 )
 
-from lightspeed.bench import BenchConfig, run_bench  # noqa: E402
-from lightspeed.bench.report import BenchReport  # noqa: E402
-from lightspeed.bench.stats import BenchSummary, Distribution, percentile  # noqa: E402
-from lightspeed.bench.traces import TraceWindow, load_mooncake  # noqa: E402
-from lightspeed.config import ROUTER_MODES  # noqa: E402
-from lightspeed.mocker.timing import decode_ms, prefill_ms  # noqa: E402
+from lightspeed.bench import BenchConfig, run_bench
+from lightspeed.bench.report import BenchReport
+from lightspeed.bench.stats import BenchSummary, Distribution, percentile
+from lightspeed.bench.traces import TraceWindow, load_mooncake
+from lightspeed.config import ROUTER_MODES
+from lightspeed.mocker.timing import decode_ms, prefill_ms
 
 logger = logging.getLogger("routing_quality")
 
@@ -127,11 +129,11 @@ def _engine_flags(p: Params) -> dict[str, object]:
 
 
 def lightspeed_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Path) -> Service:
-    port = _free_port()
+    port = free_port()
     discovery = tmp / f"{policy}-discovery"
     discovery.mkdir()
     cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker"]
-    cmd += _flags(
+    cmd += flags(
         {
             "--workers": p.workers,
             **_engine_flags(p),
@@ -149,16 +151,16 @@ def lightspeed_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Pa
 def dynamo_service(
     policy: str, mode: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace
 ) -> Service:
-    port = _free_port()
+    port = free_port()
     kv_dir = tmp / f"{policy}-kv"
     kv_dir.mkdir()
     py = str(Path(args.dynamo_venv) / "bin" / "python")
     frontend = [py, "-m", "dynamo.frontend"]
-    frontend += _flags(
+    frontend += flags(
         {"--http-host": "127.0.0.1", "--http-port": port, "--router-mode": mode, **DYNAMO_PLANES}
     )
     mocker = [py, "-m", "dynamo.mocker"]
-    mocker += _flags(
+    mocker += flags(
         {
             "--model-path": args.dynamo_model_dir,
             "--model-name": args.model_name,
@@ -534,18 +536,6 @@ NOTE = (
 )
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no PNG")
-        return None
-    return plt
-
-
 def _plot_cdfs(ax, results: list[PolicyResult]) -> None:  # type: ignore[no-untyped-def]
     qs = [i / (CDF_POINTS - 1) for i in range(CDF_POINTS)]
     for r in results:
@@ -576,7 +566,7 @@ def _plot_bars(ax, results: list[PolicyResult]) -> None:  # type: ignore[no-unty
 
 
 def plot(report: RoutingReport, path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     if plt is None or not report.results:
         return
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
@@ -619,17 +609,10 @@ async def run_all(policies: list[str], p: Params, args: argparse.Namespace) -> l
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    d = Params()
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    for name in Params.__dataclass_fields__:
-        default = getattr(d, name)
-        flag = "--" + name.replace("_", "-")
-        if isinstance(default, bool):
-            ap.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
-        else:
-            ap.add_argument(flag, type=type(default), default=default, help=f"default {default}")
+    add_param_flags(ap, Params)
     work = ROOT / "bench" / ".work"
     ap.add_argument("--policies", default=",".join(POLICIES),
                     help=f"comma list, run in this order; known: {', '.join(POLICIES)}")
@@ -640,13 +623,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Param
                     help="per-policy bench reports and server logs")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing_quality.json"))
     args = ap.parse_args(argv)
-    params = Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+    params = params_from(args, Params)
     return args, params
 
 
 def write(report: RoutingReport, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    write_json(report, path)
     plot(report, path.with_suffix(".png"))
     logger.info("wrote %s (+ .png)", path)
 
@@ -664,7 +646,7 @@ def log_summary(report: RoutingReport) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args, params = parse_args(argv)
     requested = [s for s in args.policies.split(",") if s]
     policies, skipped = select_policies(requested)
@@ -675,7 +657,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = uvloop.run(run_all(policies, params, args))
     report = RoutingReport(
-        shlex.join([sys.executable, *sys.argv]), started, f"{os.cpu_count()} CPUs",
+        command_line(), started, f"{os.cpu_count()} CPUs",
         asdict(params), str(TRACE), requested, skipped, offered_load(params), results,
         calibration(results), comparison(results), NOTE,
     )

@@ -18,21 +18,27 @@ import asyncio
 import logging
 import os
 import shlex
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+import msgspec
+from harness import (
+    ROOT,
+    WORK,
+    Service,
+    command_line,
+    configure_logging,
+    parse_params,
+    pyplot,
+    with_service,
+    write_json,
+)
+from native_vs_vllm import native_service, wait_ready
 
-import msgspec  # noqa: E402
-
-from lightspeed.bench import BenchConfig, run_bench  # noqa: E402
-from native_vs_vllm import WORK, Service, native_service, wait_ready  # noqa: E402
+from lightspeed.bench import BenchConfig, run_bench
 
 logger = logging.getLogger("rss_soak")
 
@@ -170,13 +176,8 @@ async def _wait_roles(serve_pid: int) -> dict[str, int]:
 
 
 def plot(report: Report, path: Path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        logger.info("matplotlib not installed: no PNG")
+    plt = pyplot()
+    if plt is None:
         return
     fig, axes = plt.subplots(1, len(ROLES), figsize=(12, 4.2))
     for ax, role in zip(axes, ROLES):
@@ -212,42 +213,28 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     with tempfile.TemporaryDirectory(prefix="ls-soak-") as tmp:
         svc = native_service("lightspeed-soak", p.dtype, WORK / "rss-soak-logs", Path(tmp),
                              max_batched=p.max_num_batched_tokens)
-        try:
-            svc.start()
-            await wait_ready(svc)
-            roles, samples, load = await soak(svc, p)
-        finally:
-            svc.stop()
-    return Report(shlex.join([sys.executable, *sys.argv]), started, f"{os.cpu_count()} CPUs", p,
+        roles, samples, load = await with_service(svc, wait_ready, lambda _: soak(svc, p))
+    return Report(command_line(), started, f"{os.cpu_count()} CPUs", p,
                   shlex.join(svc.commands[0]), load,
                   role_stats(samples, roles, p.slope_window_s), samples, NOTE)
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    d = Params()
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    for name in Params.__dataclass_fields__:
-        default = getattr(d, name)
-        ap.add_argument("--" + name.replace("_", "-"), type=type(default), default=default,
-                        help=f"default {default!r}")
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    ap.add_argument("--name", default="rss_soak", help="output file stem")
-    args = ap.parse_args(argv)
-    return args, Params(**{name: getattr(args, name) for name in Params.__dataclass_fields__})
+    def extra(ap: argparse.ArgumentParser) -> None:
+        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+        ap.add_argument("--name", default="rss_soak", help="output file stem")
+
+    return parse_params(__doc__, Params, extra, argv)
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     args, params = parse_args(argv)
     import uvloop
 
     report = uvloop.run(run(args, params))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.json"
-    path.write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2) + b"\n")
+    path = Path(args.out) / f"{args.name}.json"
+    write_json(report, path)
     plot(report, path.with_suffix(".png"))
     for role, st in report.stats.items():
         logger.info("%s: %.1f -> %.1f MB (max %.1f), slope over last %.0f s: %+.3f MB/min",

@@ -17,21 +17,14 @@
 # Env:   DYNAMO_VENV (venv path), LIGHTSPEED_PYTHON (python with the lightspeed deps).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WORK="$ROOT/bench/.work"
+TAG=setup_dynamo
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 VENV="${DYNAMO_VENV:-$WORK/dynamo-venv}"
 MODEL_DIR="$WORK/dynamo-model"
-LS_PY="${LIGHTSPEED_PYTHON:-$ROOT/.venv/bin/python}"
 DYNAMO_VERSION="1.6.1"
 
-log() { echo "[setup_dynamo] $*" >&2; }
-
 make_venv() {
-  mkdir -p "$WORK"
-  if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating venv $VENV"
-    "${PYTHON:-python3.11}" -m venv "$VENV"
-  fi
+  ensure_venv "$VENV"
   "$VENV/bin/pip" install -q --no-deps "ai-dynamo==$DYNAMO_VERSION" "ai-dynamo-runtime==$DYNAMO_VERSION"
   # ai-dynamo-runtime: pydantic, uvloop. ai-dynamo: the rest (aisimulate skipped, see above).
   "$VENV/bin/pip" install -q \
@@ -73,14 +66,7 @@ check() {
     --num-workers 2 --speedup-ratio 100000 "${planes[@]}" >"$WORK/check-mocker.log" 2>&1 &
   mk=$!
   trap 'kill $fe $mk 2>/dev/null || true; wait $fe $mk 2>/dev/null || true; rm -rf "$kv"' RETURN
-  for _ in $(seq 60); do
-    curl -sf "http://127.0.0.1:$port/v1/models" | grep -q smollm2 && break
-    sleep 1
-  done
-  curl -sfN "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
-    -d '{"model":"smollm2","prompt":[1000,1001,1002],"max_tokens":4,"stream":true,"ignore_eos":true}' \
-    | grep -q '\[DONE\]' && log "check passed: frontend + 2 mockers answer" || {
-      log "check FAILED; see $WORK/check-*.log"; return 1; }
+  check_server "$port" "$fe" "$WORK/check-frontend.log" "Dynamo frontend + 2 mockers"
 }
 
 make_venv

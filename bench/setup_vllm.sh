@@ -16,23 +16,16 @@
 #        VLLM_CPU_KVCACHE_SPACE (GiB of KV cache for the check; default 4).
 set -euo pipefail
 
-ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-WORK="$ROOT/bench/.work"
+TAG=setup_vllm
+source "$(dirname "${BASH_SOURCE[0]}")/setup_common.sh"
 VENV="${VLLM_VENV:-$WORK/vllm-venv}"
 MODEL_DIR="$WORK/smollm2-hf"
-LS_PY="${LIGHTSPEED_PYTHON:-$ROOT/.venv/bin/python}"
 HF_DTYPE="${HF_DTYPE:-bfloat16}"
 VLLM_VERSION="0.32.0"
 TORCH_VERSION="2.13.0"
 
-log() { echo "[setup_vllm] $*" >&2; }
-
 make_venv() {
-  mkdir -p "$WORK"
-  if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating venv $VENV"
-    "${PYTHON:-python3.11}" -m venv "$VENV"
-  fi
+  ensure_venv "$VENV"
   local constraints="$WORK/vllm-constraints.txt"
   echo "torch==$TORCH_VERSION" >"$constraints"
   "$VENV/bin/pip" install -q "torch==$TORCH_VERSION"
@@ -82,15 +75,7 @@ check() {
     --max-model-len 4096 >"$WORK/check-vllm.log" 2>&1 &
   pid=$!
   trap 'kill $pid 2>/dev/null || true; wait $pid 2>/dev/null || true' RETURN
-  for _ in $(seq 300); do
-    curl -sf "http://127.0.0.1:$port/v1/models" | grep -q smollm2 && break
-    kill -0 $pid 2>/dev/null || { log "vLLM exited; see $WORK/check-vllm.log"; return 1; }
-    sleep 1
-  done
-  curl -sfN "http://127.0.0.1:$port/v1/completions" -H 'content-type: application/json' \
-    -d '{"model":"smollm2","prompt":[1000,1001,1002],"max_tokens":4,"stream":true,"ignore_eos":true}' \
-    | grep -q '\[DONE\]' && log "check passed: vLLM answers" || {
-      log "check FAILED; see $WORK/check-vllm.log"; return 1; }
+  check_server "$port" "$pid" "$WORK/check-vllm.log" "vLLM"
 }
 
 make_venv
