@@ -6,9 +6,11 @@ The model computes a FLAT batch: the new tokens of every sequence in the step, c
 Sequences are split into at most two attention groups per step, each one SDPA call per layer:
 a leading run of single-token (decode) sequences, which needs no query padding, and the rest,
 whose queries are padded to the longest chunk. Per layer there is no per-sequence Python work.
-In the decode group the query heads sharing a KV head are folded into the query-row axis, so
-GQA costs no K/V copy; the prefill group uses SDPA's own GQA support so its causal mask is not
-repeated per head (and a lone fresh prompt needs no mask at all: `is_causal`).
+On CPU (fp32/bf16) the decode group runs the paged kernel of models/paged_attention.py, which
+reads K/V in place through the block tables: no gather, no mask. Otherwise (GPUs, other dtypes,
+no C compiler) it gathers the blocks and calls SDPA with the query heads sharing a KV head folded
+into the query-row axis, so GQA costs no K/V copy. The prefill group uses SDPA's own GQA support
+so its causal mask is not repeated per head (and a lone fresh prompt needs no mask: `is_causal`).
 
 KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,8 +27,12 @@ import torch
 import torch.nn.functional as F
 
 from lightspeed.models.linear_ops import AtenOps, select_linear_ops
+from lightspeed.models.paged_attention import (
+    PagedDecodeAttention,
+    advise_huge_pages,
+    load_kernel,
+)
 from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
-
 
 # ---------------------------------------------------------------- attention metadata
 
@@ -38,6 +44,9 @@ class CacheLayout:
     num_blocks: int
     block_size: int
     dtype: torch.dtype  # of the attention mask: the model's compute dtype
+    # Decode groups carry int32 block tables + context lengths for the paged kernel instead of
+    # a gather index and a mask.
+    paged_decode: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +58,8 @@ class AttentionGroup:
     num_seqs: int
     # Rows of the cache viewed as [2 * num_blocks, ...]: every sequence's K blocks (block table
     # padded with block 0, masked out), then the same for V, so one index op gathers both.
-    kv_index: torch.Tensor  # [2 * num_seqs * max_blocks] int64
+    # None for a paged-kernel decode group, which reads the blocks in place.
+    kv_index: torch.Tensor | None  # [2 * num_seqs * max_blocks] int64
     # Additive float [B, 1, max_query_len, max_blocks * block_size]; None for a single sequence
     # starting at position 0, where plain causal attention over its own tokens is exact.
     attn_mask: torch.Tensor | None
@@ -57,6 +67,9 @@ class AttentionGroup:
     # None when no query padding is needed (one sequence, or one token per sequence).
     pad_index: torch.Tensor | None = None  # [B * max_query_len] group token index per padded row
     unpad_index: torch.Tensor | None = None  # [token_end - token_start] padded row per token
+    # Paged-kernel decode group only (else None).
+    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with block 0
+    context_lens: torch.Tensor | None = None  # [B] int32
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,8 +79,9 @@ class AttentionMetadata:
     groups: tuple[AttentionGroup, ...]
 
 
-def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int) -> np.ndarray:
-    out = np.zeros((len(tables), max(num_blocks, 1)), dtype=np.int64)
+def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int,
+                   dtype: type = np.int64) -> np.ndarray:
+    out = np.zeros((len(tables), max(num_blocks, 1)), dtype=dtype)
     for row, table in enumerate(tables):
         used = min(len(table), num_blocks)
         out[row, :used] = table[:used]
@@ -86,11 +100,22 @@ def _attn_mask(starts: np.ndarray, qlens: np.ndarray, ctx: int, dtype: torch.dty
     return mask.unsqueeze(1)  # broadcast over heads
 
 
+def _paged_decode_group(token_start: int, ctx_lens: np.ndarray, num_blocks: int,
+                        tables: Sequence[Sequence[int]], device: torch.device) -> AttentionGroup:
+    """What the paged kernel reads: the block tables and context lengths, nothing else."""
+    padded = torch.from_numpy(_padded_tables(tables, num_blocks, np.int32)).to(device)
+    lens = torch.from_numpy(ctx_lens.astype(np.int32)).to(device)
+    return AttentionGroup(token_start, token_start + len(ctx_lens), len(ctx_lens), None, None, 1,
+                          block_tables=padded, context_lens=lens)
+
+
 def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
                  tables: Sequence[Sequence[int]], layout: CacheLayout,
                  device: torch.device) -> AttentionGroup:
     ctx_lens = starts + qlens
     num_blocks = -(-int(ctx_lens.max()) // layout.block_size)
+    if layout.paged_decode and int(qlens.max()) == 1:
+        return _paged_decode_group(token_start, ctx_lens, num_blocks, tables, device)
     padded = _padded_tables(tables, num_blocks).reshape(-1)
     kv_index = torch.from_numpy(np.concatenate((padded, padded + layout.num_blocks))).to(device)
     max_q = int(qlens.max())
@@ -243,6 +268,14 @@ class PagedLlama:
         self.layers = [self._layer(state, i) for i in range(config.num_layers)]
         self.rotary = RotaryTable(config, dtype, device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
+        self.paged_kernel = self._paged_kernel()
+
+    def _paged_kernel(self) -> PagedDecodeAttention | None:
+        cfg = self.config
+        if not PagedDecodeAttention.supports(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
+                                             self.dtype, self.device):
+            return None
+        return load_kernel()
 
     def _get(self, state: StateDict, name: str, scale: torch.Tensor | None = None) -> torch.Tensor:
         """A weight on the device in the compute dtype; `scale` multiplies its columns first
@@ -275,12 +308,17 @@ class PagedLlama:
                             torch.cat([gate, up]), down)
 
     def cache_layout(self, num_blocks: int, block_size: int) -> CacheLayout:
-        return CacheLayout(num_blocks, block_size, self.dtype)
+        return CacheLayout(num_blocks, block_size, self.dtype,
+                           paged_decode=self.paged_kernel is not None)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device)
-                for _ in range(self.config.num_layers)]
+        caches = []
+        for _ in range(self.config.num_layers):
+            cache = torch.empty(shape, dtype=self.dtype, device=self.device)
+            advise_huge_pages(cache)  # before the zero fill touches the pages
+            caches.append(cache.zero_())
+        return caches
 
     def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
                 kv_caches: Sequence[torch.Tensor],
@@ -341,6 +379,11 @@ class PagedLlama:
         cfg = self.config
         batch, max_q = group.num_seqs, group.max_query_len
         kvh, dim = cfg.num_kv_heads, cfg.head_dim
+        if group.block_tables is not None:
+            assert self.paged_kernel is not None and group.context_lens is not None
+            return self.paged_kernel(q, cache, group.block_tables, group.context_lens,
+                                     self.scale)
+        assert group.kv_index is not None
         kv = cache.view(-1, *cache.shape[2:]).index_select(0, group.kv_index)
         kv = kv.view(2, batch, -1, kvh, dim).transpose(2, 3)  # [2, B, kv_heads, ctx, dim]
         if max_q == 1:  # decode: the query heads of one KV head become that head's query rows

@@ -3,6 +3,7 @@ forward, chunked prefill, mixed batches, and independence from physical block pl
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 from collections.abc import Sequence
@@ -230,6 +231,26 @@ def test_mixed_batch_matches_separate_runs(model64: PagedLlama) -> None:
                                    [tables[2], tables[0], tables[1]])
     torch.testing.assert_close(trailing, expected[[2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]],
                                atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("paged", [True, False])
+def test_decode_steps_match_reference(smollm2: tuple[ModelConfig, StateDict], model: PagedLlama,
+                                      paged: bool) -> None:
+    """Batched decode steps, through the paged kernel (where it builds) and the gather + SDPA
+    path, give the reference logits of each sequence's last token."""
+    if paged and not model.cache_layout(NUM_BLOCKS, BLOCK).paged_decode:
+        pytest.skip("paged attention kernel unavailable")
+    runner = Paged(model)
+    runner.layout = dataclasses.replace(runner.layout, paged_decode=paged)
+    prompts, tables = [STORY[:9], FRANCE, STORY[:14]], [[5, 40, 2], [9, 11], [60, 1, 33, 7]]
+    for ids, table in zip(prompts, tables):
+        runner.step([ids[:-2]], [0], [table])
+    for offset in (2, 1):  # two steps: every sequence feeds one token each
+        got = runner.step([[ids[-offset]] for ids in prompts],
+                          [len(ids) - offset for ids in prompts], tables)
+    for row, ids in enumerate(prompts):
+        torch.testing.assert_close(got[row], reference_logits(*smollm2, ids)[-1], atol=1e-4,
+                                   rtol=0)
 
 
 def test_qwen2_biases_match_reference() -> None:

@@ -1,0 +1,235 @@
+"""The paged decode-attention kernel against the torch path (gather + SDPA) and an fp64 reference,
+its build cache, and the fallback to the torch path when it cannot be built."""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightspeed.models import paged_attention
+from lightspeed.models.llama import (
+    AttentionGroup,
+    CacheLayout,
+    PagedLlama,
+    build_attention_metadata,
+)
+from lightspeed.models.paged_attention import (
+    BuildSpec,
+    PagedDecodeAttention,
+    build_kernel,
+)
+from lightspeed.models.weights import ModelConfig, StateDict
+
+CPU = torch.device("cpu")
+HEADS, KV_HEADS, DIM = 9, 3, 64  # SmolLM2-135M's attention shape
+CONTEXTS = [1, 17, 64, 65, 130, 5, 200]  # one token; block edges for 16 and 64; long
+# Enough sequences that the kernel hands out whole sequences (all KV heads) per work item.
+MANY = [40 + 7 * i for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("kernels")
+
+
+@pytest.fixture(scope="module", params=["simd", "scalar"])
+def kernel(request: pytest.FixtureRequest, kernel_dir: Path) -> PagedDecodeAttention:
+    """Both code paths: the AVX-512 one (where the CPU has it) and the portable one."""
+    extra = ("-DLS_PA_SCALAR",) if request.param == "scalar" else ()
+    if shutil.which("gcc") is None:  # CI without a compiler: only the fallback tests run
+        pytest.skip("no C compiler")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
+        return build_kernel(BuildSpec(extra_flags=extra))
+
+
+def _model(dtype: torch.dtype, heads: int = HEADS, kv_heads: int = KV_HEADS,
+           dim: int = DIM) -> PagedLlama:
+    """One attention layer's worth of model: only the config and scale matter here."""
+    hidden = heads * dim
+    cfg = ModelConfig("llama", vocab_size=8, hidden_size=hidden, intermediate_size=8,
+                      num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
+    p = "model.layers.0."
+    shapes = {"model.embed_tokens.weight": (8, hidden), "model.norm.weight": (hidden,),
+              p + "input_layernorm.weight": (hidden,),
+              p + "post_attention_layernorm.weight": (hidden,),
+              p + "self_attn.q_proj.weight": (hidden, hidden),
+              p + "self_attn.k_proj.weight": (kv_heads * dim, hidden),
+              p + "self_attn.v_proj.weight": (kv_heads * dim, hidden),
+              p + "self_attn.o_proj.weight": (hidden, hidden),
+              p + "mlp.gate_proj.weight": (8, hidden), p + "mlp.up_proj.weight": (8, hidden),
+              p + "mlp.down_proj.weight": (hidden, 8)}
+    state: StateDict = {name: torch.zeros(shape) for name, shape in shapes.items()}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    return PagedLlama(cfg, state, dtype, CPU)
+
+
+class Case:
+    """Random cache + queries; each sequence's blocks scattered over the cache, out of order."""
+
+    def __init__(self, dtype: torch.dtype, block_size: int, contexts: list[int] = CONTEXTS,
+                 heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM) -> None:
+        gen = torch.Generator().manual_seed(block_size)
+        need = [-(-c // block_size) for c in contexts]
+        self.num_blocks = sum(need) + 7
+        self.cache = torch.randn(2, self.num_blocks, block_size, kv_heads, dim, generator=gen,
+                                 dtype=torch.float32).to(dtype)
+        order = torch.randperm(self.num_blocks, generator=gen).tolist()
+        self.tables = [order[sum(need[:i]):sum(need[:i + 1])] for i in range(len(contexts))]
+        # Query rows strided like the fused q|k projection the model slices them from.
+        self.query = torch.randn(len(contexts), heads + kv_heads, dim, generator=gen,
+                                 dtype=torch.float32).to(dtype)[:, :heads]
+        self.contexts, self.block_size = contexts, block_size
+        self.dtype, self.heads, self.kv_heads, self.dim = dtype, heads, kv_heads, dim
+
+    def metadata(self, paged: bool) -> AttentionGroup:
+        layout = CacheLayout(self.num_blocks, self.block_size, self.dtype, paged_decode=paged)
+        meta = build_attention_metadata([1] * len(self.contexts), [c - 1 for c in self.contexts],
+                                        self.tables, layout, CPU)
+        (group,) = meta.groups
+        return group
+
+    def run_kernel(self, kernel: PagedDecodeAttention) -> torch.Tensor:
+        group = self.metadata(paged=True)
+        return kernel(self.query, self.cache, group.block_tables, group.context_lens,
+                      1 / math.sqrt(self.dim))
+
+    def torch_path(self) -> torch.Tensor:
+        model = _model(self.dtype, self.heads, self.kv_heads, self.dim)
+        model.paged_kernel = None
+        return model._group_attention(self.query, self.cache, self.metadata(paged=False))
+
+    def reference(self) -> torch.Tensor:
+        """fp64 softmax attention over each sequence's first `context` cached tokens."""
+        rows = []
+        group = self.heads // self.kv_heads
+        for i, (ctx, table) in enumerate(zip(self.contexts, self.tables)):
+            kv = self.cache[:, table].double().reshape(2, -1, self.kv_heads, self.dim)[:, :ctx]
+            k = kv[0].repeat_interleave(group, dim=1)
+            v = kv[1].repeat_interleave(group, dim=1)
+            scores = torch.einsum("hd,thd->ht", self.query[i].double(), k) / math.sqrt(self.dim)
+            rows.append(torch.einsum("ht,thd->hd", scores.softmax(-1), v).reshape(-1))
+        return torch.stack(rows)
+
+
+# fp32: the kernel accumulates in fp32 over <= 200 tokens; errors ~1e-6 on outputs of size ~1.
+# bf16: inputs are exact in the fp64 reference, accumulation is fp32, and the output is rounded
+# once to bf16 (8 significant bits): within one bf16 rounding, i.e. a relative 2^-8 (+ a tiny
+# atol for outputs near zero). The torch path rounds the same way, so kernel vs torch path is
+# within two roundings.
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5},
+             torch.bfloat16: {"atol": 1e-3, "rtol": 2 ** -8}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 64])
+def test_kernel_matches_reference_and_torch_path(kernel: PagedDecodeAttention,
+                                                 dtype: torch.dtype, block_size: int) -> None:
+    case = Case(dtype, block_size)
+    got = case.run_kernel(kernel)
+    assert got.shape == (len(CONTEXTS), HEADS * DIM) and got.dtype == dtype
+    torch.testing.assert_close(got.double(), case.reference(), **TOLERANCE[dtype])
+    tol = TOLERANCE[dtype]
+    torch.testing.assert_close(got, case.torch_path(), atol=2 * tol["atol"], rtol=2 * tol["rtol"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_many_sequences(kernel: PagedDecodeAttention, dtype: torch.dtype) -> None:
+    case = Case(dtype, 16, MANY)
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(),
+                               **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
+                         [(4, 4, 32, 16), (8, 1, 128, 5), (4, 2, 8, 3), (6, 2, 48, 64)])
+def test_kernel_other_shapes(kernel: PagedDecodeAttention, heads: int, kv_heads: int, dim: int,
+                             block_size: int) -> None:
+    """No GQA, one KV head, head dims that are not multiples of 32 (scalar path), odd blocks."""
+    case = Case(torch.float32, block_size, [3, 40, 1], heads, kv_heads, dim)
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(),
+                               **TOLERANCE[torch.float32])
+
+
+def test_kernel_ignores_table_padding_and_other_blocks(kernel: PagedDecodeAttention) -> None:
+    """Only the first `context` tokens are read: poisoning every other cache slot with NaN
+    (including block 0, which pads short tables) leaves the output unchanged."""
+    case = Case(torch.float32, 16, [3, 40, 1])
+    expected = case.run_kernel(kernel)
+    poisoned = torch.full_like(case.cache, float("nan"))
+    for ctx, table in zip(case.contexts, case.tables):
+        for t in range(ctx):
+            block, off = table[t // 16], t % 16
+            poisoned[:, block, off] = case.cache[:, block, off]
+    case.cache = poisoned
+    assert torch.equal(case.run_kernel(kernel), expected)
+
+
+def test_kernel_rejects_bad_layouts(kernel: PagedDecodeAttention) -> None:
+    case = Case(torch.float32, 16, [3])
+    group = case.metadata(paged=True)
+    with pytest.raises(ValueError, match="int32"):
+        kernel(case.query, case.cache, group.block_tables.long(), group.context_lens, 0.1)
+    with pytest.raises(ValueError, match="query"):
+        kernel(case.query.bfloat16(), case.cache, group.block_tables, group.context_lens, 0.1)
+    with pytest.raises(ValueError, match="contiguous"):
+        kernel(case.query, case.cache.transpose(3, 4), group.block_tables, group.context_lens,
+               0.1)
+
+
+def test_paged_metadata_is_tables_only() -> None:
+    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32, paged_decode=True)
+    meta = build_attention_metadata([1, 1, 3], [5, 0, 6], [[7, 2], [4], [9, 3, 1]], layout, CPU)
+    decode, prefill = meta.groups
+    assert decode.kv_index is None and decode.attn_mask is None
+    assert decode.block_tables.dtype == torch.int32
+    assert decode.block_tables.tolist() == [[7, 2], [4, 0]]
+    assert decode.context_lens.tolist() == [6, 1]
+    assert prefill.block_tables is None  # prefill keeps the gather + SDPA path
+    assert prefill.kv_index.tolist() == [9, 3, 1, 19, 13, 11]
+
+
+def test_build_is_cached_by_source_and_flags(kernel_dir: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    first = paged_attention._build(BuildSpec())
+    assert paged_attention._build(BuildSpec()) == first
+    assert first.parent == kernel_dir and first.suffix == ".so"
+    assert not list(kernel_dir.glob("*.tmp"))  # built under a temp name, then renamed
+
+
+def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch,
+                                     caplog: pytest.LogCaptureFixture) -> None:
+    spec = BuildSpec(compiler="lightspeed-no-such-cc")
+    monkeypatch.setattr(paged_attention, "_loaded", {})
+    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
+        assert paged_attention.load_kernel(spec) is None
+        assert paged_attention.load_kernel(spec) is None
+    warnings = [r for r in caplog.records if "torch path" in r.getMessage()]
+    assert len(warnings) == 1  # once per process, not once per call
+
+
+def test_disabled_kernel_uses_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(paged_attention.DISABLE_ENV, "0")
+    model = _model(torch.float32)
+    assert model.paged_kernel is None
+    layout = model.cache_layout(num_blocks=8, block_size=16)
+    assert not layout.paged_decode
+    (group,) = build_attention_metadata([1], [3], [[2]], layout, CPU).groups
+    assert group.kv_index is not None and group.block_tables is None
+
+
+def test_model_uses_kernel_only_where_supported(kernel: PagedDecodeAttention) -> None:
+    if paged_attention.load_kernel() is None:
+        pytest.skip("kernel unavailable on this machine")
+    assert _model(torch.float32).cache_layout(4, 16).paged_decode
+    assert _model(torch.bfloat16).cache_layout(4, 16).paged_decode
+    assert not _model(torch.float64).cache_layout(4, 16).paged_decode
+    assert not PagedDecodeAttention.supports(HEADS, KV_HEADS, DIM, torch.float32,
+                                             torch.device("cuda"))
