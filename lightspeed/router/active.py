@@ -8,6 +8,11 @@ Decode load is counted in *unique* KV blocks: requests sharing a prefix on one w
 blocks there, so each worker keeps a refcount per sequence hash of its active requests (plus the
 trailing partial blocks, which are never shared). That is Dynamo's `active_unique_blocks`.
 
+For the predicted-latency cost each worker also keeps how many requests still await their first
+token and when it last made visible prefill progress (`prefill_since`: when its prefill queue
+went from empty to non-empty, or its latest first token). Engines prefill first come, first
+served, so the time since then says how much of the queued prefill is probably done already.
+
 Listeners hear every local change so router replicas can mirror it (see `replica_sync`); changes
 applied *from* a replica pass `notify=False` so they are not echoed back.
 """
@@ -35,6 +40,13 @@ class WorkerLoad:
     prefill_tokens: int = 0
     extra_blocks: int = 0
     refs: dict[int, int] = field(default_factory=dict)  # sequence hash -> active requests using it
+    prefill_requests: int = 0  # requests still waiting for their first token
+    prefill_since: float = 0.0  # clock of the last prefill progress seen (see the module docstring)
+
+    @property
+    def decoding_requests(self) -> int:
+        """Requests past their first token: each takes one token of every step's budget."""
+        return self.requests - self.prefill_requests
 
     @property
     def blocks(self) -> int:
@@ -87,7 +99,11 @@ class ActiveLoad:
         self._entries[request_id] = _Entry(worker_id, prefill_tokens, hashes, extra, self.clock())
         load = self._load.setdefault(worker_id, WorkerLoad())
         load.requests += 1
-        load.prefill_tokens += prefill_tokens
+        if prefill_tokens > 0:
+            if load.prefill_tokens <= 0:
+                load.prefill_since = self.clock()  # an idle prefill queue starts now
+            load.prefill_tokens += prefill_tokens
+            load.prefill_requests += 1
         load.extra_blocks += extra
         refs, holders = load.refs, self._holders
         for h in hashes:
@@ -102,8 +118,7 @@ class ActiveLoad:
         entry = self._entries.get(request_id)
         if entry is None or entry.prefill_tokens == 0:
             return
-        self._load[entry.worker_id].prefill_tokens -= entry.prefill_tokens
-        entry.prefill_tokens = 0
+        self._drop_prefill(self._load[entry.worker_id], entry)
         if notify:
             self._emit(LoadChange("prefill_done", request_id))
         self._released()
@@ -114,7 +129,8 @@ class ActiveLoad:
             return
         load = self._load[entry.worker_id]
         load.requests -= 1
-        load.prefill_tokens -= entry.prefill_tokens
+        if entry.prefill_tokens:
+            self._drop_prefill(load, entry)
         load.extra_blocks -= entry.extra_blocks
         refs = load.refs
         for h in entry.hashes:
@@ -150,6 +166,13 @@ class ActiveLoad:
                 for w in workers:
                     counts[w] = counts.get(w, 0) + 1
         return counts
+
+    def _drop_prefill(self, load: WorkerLoad, entry: _Entry) -> None:
+        """A first token (or an early end): the worker has just finished a prefill."""
+        load.prefill_tokens -= entry.prefill_tokens
+        load.prefill_requests -= 1
+        load.prefill_since = self.clock()
+        entry.prefill_tokens = 0
 
     def _drop_holder(self, h: int, worker_id: str) -> None:
         workers = self._holders.get(h)

@@ -3,11 +3,16 @@
 Two cost policies:
   blocks   Dynamo's cost (DESIGN §4): overlap_score_weight * prefill_blocks + decode_blocks,
            in units of KV blocks.
-  latency  ours: the predicted time to first token on that worker, in seconds: the prefill work
-           already queued there plus this request's uncached tokens, chunked by the worker's
-           token budget and timed with the step model its card publishes (`PerfModel`), each
-           step also paying a decode phase at the worker's projected KV usage. A worker that
-           would run out of KV blocks pays for recomputing what preemption throws away.
+  latency  ours: the predicted time to first token on that worker, in seconds, following how the
+           engine schedules (first come, first served chunked prefill): the prefill work still
+           queued there (what was routed to it minus what it has probably done since it last
+           showed prefill progress) plus this request's uncached tokens, cut into steps of the
+           worker's token budget less one token per decoding request, and timed with the step
+           model its card publishes (`PerfModel`). Every step before the one that ends this
+           request's prefill also pays a decode phase (at the worker's projected KV usage) when
+           anything on the worker decodes; the first token leaves when the prefill phase ends,
+           so the last step pays none. A worker that would run out of KV blocks pays for
+           recomputing what preemption throws away.
 Lowest cost wins; temperature > 0 samples from a softmax of the normalised costs instead.
 """
 
@@ -51,6 +56,9 @@ class Candidate:
     max_batched_tokens: int
     block_size: int
     perf: PerfModel | None = None
+    prefill_elapsed_s: float = 0.0  # since the worker last showed prefill progress
+    prefill_requests: int = 0  # requests there still waiting for their first token
+    decoding_requests: int = 0  # requests there past their first token
 
 
 def block_cost(c: Candidate, overlap_score_weight: float) -> float:
@@ -73,15 +81,29 @@ def _decode_ms(perf: PerfModel, usage: float) -> float:
 def latency_cost(c: Candidate, default_perf: PerfModel) -> float:
     """Predicted seconds to this request's first token on `c` (see the module docstring)."""
     perf = c.perf or default_perf
-    chunk = max(1, c.max_batched_tokens)
-    work = c.active_prefill_tokens + c.new_prefill_tokens
-    overflow = max(0, c.decode_blocks - c.total_blocks) * c.block_size  # recomputed after preemption
-    work += overflow
+    # Each decoding request takes one token of every step's budget.
+    chunk = max(1, c.max_batched_tokens - c.decoding_requests)
+    usage = min(1.0, c.decode_blocks / max(1, c.total_blocks))
+    decodes = c.decoding_requests + c.prefill_requests > 0
+    queued = c.active_prefill_tokens - _prefilled_since(c, perf, chunk, usage, decodes)
+    work = queued + c.new_prefill_tokens
+    work += max(0, c.decode_blocks - c.total_blocks) * c.block_size  # recomputed after preemption
     full, rest = divmod(work, chunk)
     steps = full + (1 if rest else 0)
-    usage = min(1.0, c.decode_blocks / max(1, c.total_blocks))
-    ms = full * _prefill_ms(perf, chunk) + _prefill_ms(perf, rest) + max(1, steps) * _decode_ms(perf, usage)
+    ms = full * _prefill_ms(perf, chunk) + _prefill_ms(perf, rest)
+    if decodes:
+        ms += max(0, steps - 1) * _decode_ms(perf, usage)
     return ms / 1000.0 / perf.speedup_ratio
+
+
+def _prefilled_since(c: Candidate, perf: PerfModel, chunk: int, usage: float, decodes: bool) -> int:
+    """Queued prefill tokens the worker has probably computed since it last showed progress:
+    full-budget steps for the time elapsed, never the whole queue (its first token is not in)."""
+    if c.active_prefill_tokens <= 0 or c.prefill_elapsed_s <= 0:
+        return 0
+    step_ms = _prefill_ms(perf, chunk) + (_decode_ms(perf, usage) if decodes else 0.0)
+    elapsed_ms = c.prefill_elapsed_s * 1000.0 * perf.speedup_ratio
+    return min(c.active_prefill_tokens - 1, int(elapsed_ms / step_ms * chunk))
 
 
 def choose(costs: Sequence[tuple[str, float]], temperature: float, rng: random.Random) -> str:

@@ -126,13 +126,14 @@ class KvSelector(WorkerSelector):
         held = self.active.active_overlap(prompt.hashes)
         weight, temperature = self._knobs(req)
         latency = self.cfg.cost.policy == "latency"
+        now = self.active.clock()
         costs: list[tuple[str, float]] = []
         by_id: dict[str, WorkerCard] = {}
         for card in workers:
             load = self.active.get(card.instance_id)
             if self._busy(card, load):
                 continue
-            cand = self._candidate(card, load, prompt, overlaps, held)
+            cand = self._candidate(card, load, prompt, overlaps, held, now)
             cost = latency_cost(cand, DEFAULT_PERF) if latency else block_cost(cand, weight)
             costs.append((card.instance_id, cost))
             by_id[card.instance_id] = card
@@ -142,7 +143,7 @@ class KvSelector(WorkerSelector):
         return self._decision(card, prompt, overlaps.get(card.instance_id, 0))
 
     def _candidate(self, card: WorkerCard, load: WorkerLoad, prompt: _Prompt,
-                   overlaps: Mapping[str, int], held: Mapping[str, int]) -> Candidate:
+                   overlaps: Mapping[str, int], held: Mapping[str, int], now: float) -> Candidate:
         overlap = overlaps.get(card.instance_id, 0)
         new_blocks = len(prompt.hashes) - held.get(card.instance_id, 0)
         partial = prompt.blocks - len(prompt.hashes)
@@ -151,7 +152,9 @@ class KvSelector(WorkerSelector):
             new_prefill_tokens=max(0, prompt.isl - overlap * prompt.block_size),
             active_prefill_tokens=load.prefill_tokens, decode_blocks=load.blocks + new_blocks + partial,
             total_blocks=card.total_kv_blocks, max_batched_tokens=card.max_num_batched_tokens,
-            block_size=prompt.block_size, perf=card.perf)
+            block_size=prompt.block_size, perf=card.perf,
+            prefill_elapsed_s=now - load.prefill_since if load.prefill_tokens > 0 else 0.0,
+            prefill_requests=load.prefill_requests, decoding_requests=load.decoding_requests)
 
     def _decision(self, card: WorkerCard, prompt: _Prompt, overlap: int) -> RouteDecision:
         prefill = max(0, prompt.isl - overlap * prompt.block_size)

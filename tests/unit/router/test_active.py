@@ -79,3 +79,25 @@ def test_active_overlap_counts_held_blocks_per_worker() -> None:
     assert a.active_overlap([1, 2, 3, 4]) == {"w2": 1}
     a.free("r3")
     assert a.active_overlap([1]) == {} and a._holders == {}
+
+
+def test_prefill_progress_clock_and_counts() -> None:
+    now = [10.0]
+    a = ActiveLoad(clock=lambda: now[0])
+    a.add("r1", "w", 100, blocks=2)
+    now[0] = 11.0
+    a.add("r2", "w", 50, blocks=1)  # the queue was not idle: the progress clock stays
+    a.add("cached", "w", 0, blocks=1)  # nothing to prefill: not a prefilling request
+    load = a.get("w")
+    assert (load.prefill_requests, load.decoding_requests, load.prefill_since) == (2, 1, 10.0)
+    now[0] = 12.5
+    a.prefill_done("r1")  # a first token: the worker just finished a prefill
+    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (
+        50, 1, 2, 12.5)
+    now[0] = 13.0
+    a.free("r2")  # ended before its first token: its prefill leaves the queue too
+    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (
+        0, 0, 2, 13.0)
+    now[0] = 20.0
+    a.add("r3", "w", 10, blocks=1)  # an idle prefill queue restarts the clock
+    assert (load.prefill_requests, load.prefill_since) == (1, 20.0)

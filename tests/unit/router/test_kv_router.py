@@ -132,6 +132,21 @@ async def test_latency_policy_prefers_the_worker_that_answers_first() -> None:
     assert decision.card.instance_id == "b"
 
 
+async def test_latency_policy_counts_prefill_progress_since_the_last_first_token() -> None:
+    now = [100.0]
+    perf = PerfModel((0.0, 1.0, 0.0), (0.0, 0.0, 1.0), 1.0, 1.0)  # 1 ms per prefill token, 1 ms decode
+    sel = KvSelector(ActiveLoad(clock=lambda: now[0]), KvRouterConfig(cost=KvCostConfig(policy="latency"), seed=0))
+    workers = [card("a", perf=perf), card("b", perf=perf)]
+    sel.active.add("old", "a", 60, blocks=15)  # queued on a at t=100
+    now[0] = 100.05
+    sel.active.add("new", "b", 50, blocks=13)  # less queued on b, but just now
+    # a: 50 ms at 65 ms per full step (64 tokens + 1 ms decode) = 49 tokens done -> 11 + 16 = 27
+    # tokens, 27 ms; b: 50 + 16 = 66 tokens = one full chunk + 2 = 66 ms + one 1 ms decode phase.
+    # Without the progress a would cost 76 + 1 ms and lose.
+    decision = await sel.route(req("r", A, B, C, D), workers)
+    assert decision.card.instance_id == "a"
+
+
 async def test_decision_for_a_pinned_worker_counts_its_overlap() -> None:
     sel = selector()
     seed_constructed(sel)
