@@ -1,6 +1,9 @@
 """Pick one next token per row of a logits batch, each row with its request's sampling options.
 
-Greedy rows are one argmax; random rows share one vectorized temperature / top-k / top-p pass and
+Greedy rows are one argmax (taken as `max(dim).indices`: the same first-maximum index as
+`argmax`, ~10x faster on CPU, where aten's argmax over [32, 49152] fp32 took ~2.7 ms of a 50 ms
+decode step); a batch of only greedy rows without bans, penalties or logprobs (the common serving
+case) skips everything else: no copies, no index lists, no per-row tensors. Random rows share one vectorized temperature / top-k / top-p pass and
 are drawn with the exponential-race trick (argmax of probs / Exp(1) noise), which needs exactly
 one noise row per sample: a seeded request owns a `torch.Generator` whose stream therefore
 depends only on how many tokens that request has drawn, never on what it was batched with.
@@ -50,6 +53,19 @@ def _has_penalty(options: SamplingOptions) -> bool:
     return bool(options.presence_penalty) or bool(options.frequency_penalty)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Row-wise argmax (first maximum on ties, NaN wins like argmax): `max` has a vectorized
+    CPU kernel with the same tie rule, aten's `argmax` reduction does not."""
+    return logits.max(dim=-1).indices
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    """Nothing but an argmax to do for this row: no bans, penalties, state or logprobs."""
+    opts = row.options
+    return (is_greedy(opts) and not row.banned_token_ids and not _has_penalty(opts)
+            and opts.logprobs is None)
+
+
 class Sampler:
     def __init__(self, vocab_size: int, device: torch.device) -> None:
         self.vocab_size = vocab_size
@@ -69,16 +85,18 @@ class Sampler:
         """logits: float32 [len(rows), vocab]. Returns one result per row, in order."""
         if logits.shape[0] != len(rows):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(rows)} sampling rows")
+        if all(_is_plain_greedy(row) for row in rows):
+            return [SampleResult(tok) for tok in greedy_ids(logits).tolist()]
         logprobs = self._logprobs(logits, rows)
         work = self._adjusted(logits, rows)
         tokens = torch.empty(len(rows), dtype=torch.int64, device=logits.device)
         greedy = [i for i, row in enumerate(rows) if is_greedy(row.options)]
         random = [i for i, row in enumerate(rows) if not is_greedy(row.options)]
         if len(greedy) == len(rows):
-            tokens = work.argmax(dim=-1)
+            tokens = greedy_ids(work)
         elif greedy:
             index = torch.tensor(greedy, device=logits.device)
-            tokens[index] = work.index_select(0, index).argmax(dim=-1)
+            tokens[index] = greedy_ids(work.index_select(0, index))
         if random:
             index = torch.tensor(random, device=logits.device)
             tokens[index] = self._sample_random(work.index_select(0, index),
@@ -118,7 +136,7 @@ class Sampler:
         scaled = logits / temps.unsqueeze(1)
         scaled = self._truncate(scaled, rows)
         probs = scaled.softmax(dim=-1)
-        return (probs / self._exponential_noise(probs, rows)).argmax(dim=-1)
+        return greedy_ids(probs / self._exponential_noise(probs, rows))
 
     def _truncate(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Top-k then top-p (nucleus), on one descending sort shared by both."""

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lightspeed.engine.sampler import Sampler, SamplingRow
+from lightspeed.engine.sampler import Sampler, SamplingRow, greedy_ids
 from lightspeed.protocol import SamplingOptions, TokenLogprob, TopLogprob
 
 CPU = torch.device("cpu")
@@ -118,3 +118,52 @@ def test_full_top_logprobs_sum_to_one() -> None:
     assert len(top) == 16
     assert [t.logprob for t in top] == sorted((t.logprob for t in top), reverse=True)
     assert math.isclose(sum(math.exp(t.logprob) for t in top), 1.0, rel_tol=1e-5)
+
+
+def _tied_logits() -> torch.Tensor:
+    """Few distinct values over a real vocab: every row has many tied maxima, at positions
+    that land in different SIMD lanes and chunks of the reduction."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randint(0, 4, (33, 49152), generator=gen).float()
+    logits[1].fill_(-3.0)  # all equal: the first index
+    logits[2, 40000] = logits[2, 7] = 10.0  # two far-apart maxima
+    return logits
+
+
+def test_greedy_ids_is_first_index_argmax() -> None:
+    logits = _tied_logits()
+    assert greedy_ids(logits).tolist() == logits.argmax(dim=-1).tolist()
+    assert greedy_ids(logits)[1].item() == 0 and greedy_ids(logits)[2].item() == 7
+    with_nan = torch.tensor([[0.0, float("nan"), 5.0], [1.0, 2.0, 2.0]])
+    assert greedy_ids(with_nan).tolist() == with_nan.argmax(dim=-1).tolist() == [1, 1]
+
+
+def test_greedy_fast_path_matches_general_path() -> None:
+    """An all-greedy batch takes the fast path; the same rows with logprobs requested (or a
+    no-op ban) take the general one: the same ids, and the logprobs still describe the raw
+    distribution."""
+    logits = _tied_logits()
+    plain = [SamplingRow(f"r{i}", GREEDY) for i in range(33)]
+    fast = Sampler(49152, CPU).sample(logits, plain)
+    general_rows = [SamplingRow(f"r{i}", SamplingOptions(logprobs=1) if i % 2 else GREEDY,
+                                banned_token_ids=() if i % 2 else (49151,))
+                    for i in range(33)]
+    general = Sampler(49152, CPU).sample(logits.clone(), general_rows)
+    assert [r.token_id for r in fast] == [r.token_id for r in general]
+    assert [r.token_id for r in fast] == logits.argmax(dim=-1).tolist()
+    assert all(r.logprob is None for r in fast)
+    raw = logits.log_softmax(dim=-1)
+    for i in range(1, 33, 2):
+        token = general[i].token_id
+        assert general[i].logprob is not None
+        assert general[i].logprob.logprob == raw[i, token].item()
+        assert general[i].logprob.top[0].logprob == raw[i].max().item()
+
+
+def test_greedy_fast_path_leaves_input_and_state_alone() -> None:
+    logits = _tied_logits()
+    before = logits.clone()
+    sampler = Sampler(49152, CPU)
+    sampler.sample(logits, [SamplingRow(f"r{i}", GREEDY) for i in range(33)])
+    assert torch.equal(logits, before)
+    assert sampler.num_tracked_requests == 0
