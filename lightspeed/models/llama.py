@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightspeed.models.fused_ops import FusedOps
 from lightspeed.models.linear_ops import AtenOps, select_linear_ops
 from lightspeed.models.paged_attention import (
     PagedDecodeAttention,
@@ -196,7 +197,8 @@ def _scale_inv_freq(inv: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
 
 class RotaryTable:
     """Per position: cos duplicated over both halves, and sin negated on the first half, so
-    rotary is x * cos + roll(x, d/2) * sin (4 kernels instead of rotate_half's 8).
+    rotary is x * cos + roll(x, d/2) * sin (4 kernels instead of rotate_half's 8); and for the
+    fused kernel, float32 cos/sin of each frequency once ([positions, d/2], `cos_half`).
     Grown on demand, looked up once per step."""
 
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device) -> None:
@@ -205,6 +207,7 @@ class RotaryTable:
         self._device = device
         self.cos = torch.empty(0, config.head_dim, dtype=dtype, device=device)
         self.sin = self.cos
+        self.cos_half = self.sin_half = torch.empty(0, config.head_dim // 2)
         self.ensure(config.max_position_embeddings)
 
     def ensure(self, num_positions: int) -> None:
@@ -213,6 +216,7 @@ class RotaryTable:
         size = max(num_positions, 2 * self.cos.shape[0])  # amortize growth past the config
         freqs = torch.outer(torch.arange(size, dtype=torch.float32), self._inv_freq)
         cos, sin = freqs.cos(), freqs.sin()
+        self.cos_half, self.sin_half = cos.contiguous(), sin.contiguous()
         self.cos = torch.cat((cos, cos), dim=-1).to(self._device, self._dtype)
         self.sin = torch.cat((-sin, sin), dim=-1).to(self._device, self._dtype)
 
@@ -269,6 +273,8 @@ class PagedLlama:
         self.rotary = RotaryTable(config, dtype, device)
         self.scale = 1.0 / math.sqrt(config.head_dim)
         self.paged_kernel = self._paged_kernel()
+        # Rotary + KV write and the weightless norm in one C pass each (models/fused_ops.py).
+        self.fused_ops = None if self.paged_kernel is None else FusedOps(self.paged_kernel.lib)
 
     def _paged_kernel(self) -> PagedDecodeAttention | None:
         cfg = self.config
@@ -324,7 +330,12 @@ class PagedLlama:
                 kv_caches: Sequence[torch.Tensor],
                 logits_indices: torch.Tensor | None = None) -> torch.Tensor:
         """float32 logits [len(logits_indices) or T, vocab] for the flat batch `input_ids`."""
-        cos, sin = self.rotary.lookup(meta.positions)
+        if self.fused_ops is not None:  # the C kernels index with these: check them once
+            self.fused_ops.check_indices(meta.positions, meta.slot_mapping, self.rotary.cos_half,
+                                         kv_caches[0])
+            cos = sin = self.rotary.cos_half  # unused: the kernel reads the fp32 tables
+        else:
+            cos, sin = self.rotary.lookup(meta.positions)
         hidden = F.embedding(input_ids, self.embed)  # the residual stream
         for layer, cache in zip(self.layers, kv_caches, strict=True):
             hidden = self._layer_forward(layer, hidden, cos, sin, cache, meta)
@@ -340,11 +351,8 @@ class PagedLlama:
                        meta: AttentionMetadata) -> torch.Tensor:
         cfg, ops = self.config, self.ops
         qkv = ops.linear(self._rms_norm(hidden, w.input_norm), w.qkv, w.qkv_bias)
-        tokens = qkv.shape[0]
-        # Rotate q and k together: they are adjacent heads in the fused projection.
-        qk = apply_rope(qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim), cos, sin)
-        v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
-        attn = self._attention(qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v, cache, meta)
+        q, k, v = self._rotate_and_cache(qkv, cos, sin, cache, meta)
+        attn = self._attention(q, k, v, cache, meta)
         hidden = ops.linear_add(attn, w.o_proj, hidden)
         x = self._rms_norm(hidden, w.post_norm)
         if w.gate_up is not None:
@@ -355,10 +363,33 @@ class PagedLlama:
             act = ops.linear_mul(x, w.up, ops.linear_silu(x, w.gate))
         return ops.linear_add(act, w.down, hidden)
 
+    def _rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                          cache: torch.Tensor, meta: AttentionMetadata,
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotary on q and k, the new k and v written into their cache slots; returns q, k, v
+        as [T, heads, dim] views (q and k rotated)."""
+        cfg = self.config
+        tokens = qkv.shape[0]
+        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        if self.fused_ops is not None:  # in place in qkv, plus the cache write: one pass
+            self.fused_ops.rope_write_kv(qkv, meta.positions, self.rotary.cos_half,
+                                         self.rotary.sin_half, cache, meta.slot_mapping,
+                                         cfg.num_heads)
+            return qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v
+        # Rotate q and k together: they are adjacent heads in the fused projection.
+        qk = apply_rope(qk, cos, sin)
+        flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
+        flat[0].index_copy_(0, meta.slot_mapping, qk[:, cfg.num_heads:])
+        flat[1].index_copy_(0, meta.slot_mapping, v)
+        return qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         eps = self.config.rms_norm_eps
         if weight is not None:
             return F.rms_norm(x, weight.shape, weight, eps)
+        if self.fused_ops is not None:
+            return self.fused_ops.rms_norm(x, eps)
         # Weight folded into the next matmul: one float32-accumulating reduction straight off
         # the bf16 input, then one rescale (F.rms_norm in bf16 makes ~8 passes over x).
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
@@ -366,11 +397,7 @@ class PagedLlama:
 
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                    meta: AttentionMetadata) -> torch.Tensor:
-        """Write the new K/V into the cache, then attend per group. Returns [T, heads * dim]."""
-        cfg = self.config
-        flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, k)
-        flat[1].index_copy_(0, meta.slot_mapping, v)
+        """Attend per group (the new K/V are already in the cache). Returns [T, heads * dim]."""
         outs = [self._group_attention(q[g.token_start:g.token_end], cache, g) for g in meta.groups]
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

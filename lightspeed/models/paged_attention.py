@@ -72,6 +72,7 @@ class PagedDecodeAttention:
     """The loaded kernel. Call it with one query token per sequence."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib  # also holds the fused elementwise ops (models/fused_ops.py)
         self._fn = lib.ls_paged_decode_attention
         self._fn.argtypes = [ctypes.POINTER(_Args)]
         self._fn.restype = ctypes.c_int
@@ -177,7 +178,9 @@ def _build(spec: BuildSpec) -> Path:
     fd, tmp = tempfile.mkstemp(prefix=target.stem, suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *spec.flags, str(SOURCE), "-o", tmp, "-lm"], check=True,
+        # One shared object for every kernel in csrc/ (paged attention, fused elementwise ops).
+        c_files = [str(f) for f in sorted(SOURCE.parent.glob("*.c"))]
+        subprocess.run([compiler, *spec.flags, *c_files, "-o", tmp, "-lm"], check=True,
                        capture_output=True, text=True, timeout=120)
         os.replace(tmp, target)
     finally:
