@@ -110,8 +110,9 @@ class ModelRunner:
         return out
 
     def _prepare(self, scheduled: list[ScheduledSeq]) -> StepBatch:
-        # Single-token sequences first: they form the attention group that needs no padding.
-        seqs = sorted(scheduled, key=lambda s: len(s.token_ids) != 1)
+        # Single-token sequences first: they form the attention group that needs no padding;
+        # fresh prompts (position 0) last: they attend over their own tokens, no cache gather.
+        seqs = sorted(scheduled, key=lambda s: (len(s.token_ids) != 1, s.start_pos == 0))
         self._validate(seqs)
         qlens = [len(s.token_ids) for s in seqs]
         meta = build_attention_metadata(qlens, [s.start_pos for s in seqs],

@@ -2,15 +2,21 @@
 
 The model computes a FLAT batch: the new tokens of every sequence in the step, concatenated
 (prefill chunks and decodes mixed). Each layer writes the new K/V into the cache slots given by
-`slot_mapping`, then attends over each sequence's whole context gathered through its block table.
-Sequences are split into at most two attention groups per step, each one SDPA call per layer:
-a leading run of single-token (decode) sequences, which needs no query padding, and the rest,
-whose queries are padded to the longest chunk. Per layer there is no per-sequence Python work.
-On CPU (fp32/bf16) the decode group runs the paged kernel of models/paged_attention.py, which
-reads K/V in place through the block tables: no gather, no mask. Otherwise (GPUs, other dtypes,
-no C compiler) it gathers the blocks and calls SDPA with the query heads sharing a KV head folded
-into the query-row axis, so GQA costs no K/V copy. The prefill group uses SDPA's own GQA support
-so its causal mask is not repeated per head (and a lone fresh prompt needs no mask: `is_causal`).
+`slot_mapping`, then attends over each sequence's whole context (cached + new tokens).
+Sequences are split into at most three attention groups per step. A leading run of single-token
+(decode) sequences needs no query padding. On CPU (fp32/bf16) it runs the paged kernel of
+models/paged_attention.py, which reads K/V in place through the block tables: no gather, no mask;
+otherwise (GPUs, other dtypes, no C compiler) it gathers the blocks and calls SDPA with the query
+heads sharing a KV head folded into the query-row axis, so GQA costs no K/V copy. A trailing run
+of fresh prompts (position 0) attends causally over its own new K/V, one SDPA call per prompt
+straight on the projection output: no gather, no mask, no padding. Whatever lies between
+(chunks continuing a prompt, prompts after a cached prefix) gathers its context through the block
+tables and runs one SDPA call with queries padded to the longest chunk, using SDPA's own GQA
+support so the causal mask is not repeated per head. Per layer there is no per-sequence Python
+work except the fresh prompts' SDPA calls.
+
+On CPU the rotary embedding, the KV-cache write and the weightless RMSNorm run as fused C kernels
+(models/fused_ops.py) from the same library as the paged kernel.
 
 KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 """
@@ -71,6 +77,10 @@ class AttentionGroup:
     # Paged-kernel decode group only (else None).
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with block 0
     context_lens: torch.Tensor | None = None  # [B] int32
+    # Fresh-prompt group only (else None): each sequence's [lo, hi) tokens within the group.
+    # They start at position 0, so causal attention over their own new K/V is exact: no gather,
+    # no mask, no padding.
+    fresh_bounds: tuple[tuple[int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,6 +120,25 @@ def _paged_decode_group(token_start: int, ctx_lens: np.ndarray, num_blocks: int,
                           block_tables=padded, context_lens=lens)
 
 
+def _fresh_group(token_start: int, qlens: np.ndarray) -> AttentionGroup:
+    ends = np.cumsum(qlens).tolist()
+    bounds = tuple(zip([0, *ends[:-1]], ends))
+    return AttentionGroup(token_start, token_start + ends[-1], len(qlens), None, None,
+                          int(qlens.max()), fresh_bounds=bounds)
+
+
+def _group_bounds(qlens: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, bool]]:
+    """(lo, hi, fresh) runs of sequences: the leading single-token run, the trailing run of
+    fresh prompts (position 0, several tokens), and whatever lies between."""
+    n = len(qlens)
+    num_decode = int(np.argmax(qlens != 1)) if (qlens != 1).any() else n
+    first_fresh = n
+    while first_fresh > num_decode and starts[first_fresh - 1] == 0:
+        first_fresh -= 1
+    runs = [(0, num_decode, False), (num_decode, first_fresh, False), (first_fresh, n, True)]
+    return [run for run in runs if run[1] > run[0]]
+
+
 def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
                  tables: Sequence[Sequence[int]], layout: CacheLayout,
                  device: torch.device) -> AttentionGroup:
@@ -120,9 +149,7 @@ def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
     padded = _padded_tables(tables, num_blocks).reshape(-1)
     kv_index = torch.from_numpy(np.concatenate((padded, padded + layout.num_blocks))).to(device)
     max_q = int(qlens.max())
-    fresh_single = len(qlens) == 1 and starts[0] == 0 and max_q > 1
-    mask = None if fresh_single else _attn_mask(starts, qlens, num_blocks * layout.block_size,
-                                                layout.dtype, device)
+    mask = _attn_mask(starts, qlens, num_blocks * layout.block_size, layout.dtype, device)
     group = AttentionGroup(token_start, token_start + int(qlens.sum()), len(qlens), kv_index,
                            mask, max_q)
     if max_q == 1 or len(qlens) == 1:
@@ -155,18 +182,18 @@ def build_attention_metadata(query_lens: Sequence[int], start_positions: Sequenc
                              device: torch.device) -> AttentionMetadata:
     """Describe one step's flat batch. Sequence i contributes query_lens[i] tokens at positions
     start_positions[i].. and owns block_tables[i]. Put single-token sequences first: that
-    leading run becomes the unpadded decode group."""
+    leading run becomes the unpadded decode group; and fresh prompts (position 0) last: that
+    trailing run attends causally over its own tokens, without reading the cache."""
     qlens = np.asarray(query_lens, dtype=np.int64)
     starts = np.asarray(start_positions, dtype=np.int64)
     if len(qlens) == 0 or qlens.min() < 1 or starts.min() < 0:
         raise ValueError("need at least one sequence, each with >= 1 token at a position >= 0")
     positions, slots = _positions_and_slots(starts, qlens, block_tables, layout.block_size)
-    num_decode = int(np.argmax(qlens != 1)) if (qlens != 1).any() else len(qlens)
     groups = []
-    for lo, hi in ((0, num_decode), (num_decode, len(qlens))):
-        if hi > lo:
-            groups.append(_build_group(int(qlens[:lo].sum()), starts[lo:hi], qlens[lo:hi],
-                                       block_tables[lo:hi], layout, device))
+    for lo, hi, fresh in _group_bounds(qlens, starts):
+        token_start = int(qlens[:lo].sum())
+        groups.append(_fresh_group(token_start, qlens[lo:hi]) if fresh else _build_group(
+            token_start, starts[lo:hi], qlens[lo:hi], block_tables[lo:hi], layout, device))
     return AttentionMetadata(torch.from_numpy(positions).to(device),
                              torch.from_numpy(slots).to(device), tuple(groups))
 
@@ -398,7 +425,23 @@ class PagedLlama:
     def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
                    meta: AttentionMetadata) -> torch.Tensor:
         """Attend per group (the new K/V are already in the cache). Returns [T, heads * dim]."""
-        outs = [self._group_attention(q[g.token_start:g.token_end], cache, g) for g in meta.groups]
+        outs = []
+        for g in meta.groups:
+            span = slice(g.token_start, g.token_end)
+            outs.append(self._group_attention(q[span], cache, g) if g.fresh_bounds is None
+                        else self._fresh_attention(q[span], k[span], v[span], g.fresh_bounds))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _fresh_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         bounds: tuple[tuple[int, int], ...]) -> torch.Tensor:
+        """Causal SDPA per fresh prompt on its own q/k/v (strided views of the projection):
+        no cache gather, no mask, no padding to the longest prompt."""
+        outs = []
+        for lo, hi in bounds:
+            heads = [x[lo:hi].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
+            out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale,
+                                                 enable_gqa=True)
+            outs.append(out[0].transpose(0, 1).reshape(hi - lo, self.config.q_size))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,

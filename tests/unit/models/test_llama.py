@@ -177,6 +177,23 @@ def test_metadata_padding_and_fresh_prompt() -> None:
     assert (group.attn_mask == 0).view(2, 3, 8).sum(-1).tolist() == [[1, 2, 2], [5, 6, 7]]
     (fresh,) = build_attention_metadata([5], [0], [[0, 1]], layout, CPU).groups
     assert fresh.attn_mask is None and fresh.pad_index is None  # plain causal attention
+    assert fresh.kv_index is None and fresh.fresh_bounds == ((0, 5),)  # no cache read
+
+
+def test_metadata_three_groups() -> None:
+    """Decodes lead, fresh prompts trail, a continuing chunk sits between: three groups."""
+    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
+    meta = build_attention_metadata([1, 3, 2, 4], [5, 4, 0, 0], [[7, 2], [2, 3], [1], [5]],
+                                    layout, CPU)
+    decode, middle, fresh = meta.groups
+    assert (decode.token_start, decode.token_end, decode.fresh_bounds) == (0, 1, None)
+    assert (middle.token_start, middle.token_end, middle.num_seqs) == (1, 4, 1)
+    assert middle.kv_index.tolist() == [2, 3, 12, 13] and middle.attn_mask is not None
+    assert (fresh.token_start, fresh.token_end, fresh.num_seqs) == (4, 10, 2)
+    assert fresh.fresh_bounds == ((0, 2), (2, 6)) and fresh.kv_index is None
+    # A fresh prompt before a continuing chunk stays in the gathered group.
+    (only,) = build_attention_metadata([2, 3], [0, 4], [[1], [2, 3]], layout, CPU).groups
+    assert only.fresh_bounds is None and only.num_seqs == 2
 
 
 def test_metadata_rejects_short_block_table() -> None:
@@ -231,6 +248,28 @@ def test_mixed_batch_matches_separate_runs(model64: PagedLlama) -> None:
                                    [tables[2], tables[0], tables[1]])
     torch.testing.assert_close(trailing, expected[[2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]],
                                atol=1e-5, rtol=0)
+
+
+def test_three_groups_match_separate_runs(model64: PagedLlama) -> None:
+    """A decode, a continuing chunk and two fresh prompts of different lengths in one step
+    (three attention groups) equal the same work done one sequence at a time."""
+    tables = [[0, 1, 2, 3, 4], [10, 11], [20, 21, 22], [30, 31]]
+
+    def with_history() -> Paged:  # STORY[:18] and FRANCE[:2] already cached
+        paged = Paged(model64)
+        paged.step([STORY[:18]], [0], [tables[0]])
+        paged.step([FRANCE[:2]], [0], [tables[1]])
+        return paged
+
+    alone = with_history()
+    expected = torch.cat([alone.step([STORY[18:]], [18], [tables[0]]),
+                          alone.step([FRANCE[2:]], [2], [tables[1]]),
+                          alone.step([STORY[:9]], [0], [tables[2]]),
+                          alone.step([FRANCE], [0], [tables[3]])])
+    got = with_history().step([STORY[18:], FRANCE[2:], STORY[:9], FRANCE], [18, 2, 0, 0], tables)
+    assert len(build_attention_metadata([1, 3, 9, 5], [18, 2, 0, 0], tables,
+                                        model64.cache_layout(NUM_BLOCKS, BLOCK), CPU).groups) == 3
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("paged", [True, False])
