@@ -41,6 +41,10 @@ class FusedOps:
         self._norm.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                ctypes.c_int64, ctypes.c_float, ctypes.c_int]
         self._norm.restype = ctypes.c_int
+        self._silu_mul = lib.ls_silu_mul
+        self._silu_mul.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                   ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+        self._silu_mul.restype = ctypes.c_int
 
     def rope_write_kv(self, qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                       sin: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
@@ -80,6 +84,18 @@ class FusedOps:
         return out
 
 
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for [T, 2F] rows holding gate then up (one fused projection)."""
+        if (gate_up.dim() != 2 or gate_up.dtype not in SUPPORTED_DTYPES or gate_up.stride(1) != 1
+                or gate_up.shape[1] % 2):
+            raise ValueError("silu_mul needs [T, 2F] fp32/bf16 rows with unit inner stride")
+        rows, width = gate_up.shape
+        out = torch.empty(rows, width // 2, dtype=gate_up.dtype)
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), rows, width // 2, gate_up.stride(0),
+                       int(gate_up.dtype == torch.bfloat16))
+        return out
+
+
 def _check_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                 sin: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor,
                 num_heads: int) -> None:
@@ -96,3 +112,4 @@ def _check_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     for t in (cos, sin):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[1:] != (half,):
             raise ValueError("cos/sin must be contiguous float32 [positions, head_dim / 2]")
+

@@ -148,3 +148,84 @@ int ls_rms_norm(const void *x, void *out, int64_t rows, int64_t dim, int64_t x_s
                 is_bf16);
     return 0;
 }
+
+/* ls_silu_mul: out = silu(gate) * up for rows of a fused [gate | up] projection ([T, 2F] in,
+ * [T, F] out), math in fp32. One wide matmul plus this pass is cheaper than two matmuls with
+ * oneDNN's swish and mul epilogues (at 2,048 rows: ~2.8 ms against ~3.4 ms per layer). */
+#if defined(__AVX512F__) && !defined(LS_PA_SCALAR)
+#include <immintrin.h>
+
+/* exp(x) for x in [-87, 88]: the polynomial of paged_attention.c (~1 ulp on [-ln2/2, ln2/2]). */
+static inline __m512 exp512_full(__m512 x) {
+    x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512 load16(const void *p, int is_bf16) {
+    if (!is_bf16)
+        return _mm512_loadu_ps(p);
+    __m256i h = _mm256_loadu_si256((const __m256i *)p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+static inline void store16(void *p, __m512 v, int is_bf16) {
+    if (!is_bf16) {
+        _mm512_storeu_ps(p, v);
+        return;
+    }
+    __m512i bits = _mm512_castps_si512(v); /* round to nearest even, as f32_to_bf16 */
+    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
+    _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
+}
+#define LS_SILU_SIMD 1
+#else
+#define LS_SILU_SIMD 0
+#endif
+
+static inline float load1(const void *p, int64_t i, int is_bf16) {
+    return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+
+static void silu_mul_row(const void *gate, const void *up, void *out, int64_t f, int is_bf16) {
+    const int64_t esize = is_bf16 ? 2 : 4;
+    int64_t i = 0;
+#if LS_SILU_SIMD
+    for (; i + 16 <= f; i += 16) {
+        __m512 g = load16((const char *)gate + i * esize, is_bf16);
+        __m512 u = load16((const char *)up + i * esize, is_bf16);
+        __m512 den = _mm512_add_ps(_mm512_set1_ps(1.0f), exp512_full(_mm512_sub_ps(
+            _mm512_setzero_ps(), g)));
+        store16((char *)out + i * esize, _mm512_mul_ps(_mm512_div_ps(g, den), u), is_bf16);
+    }
+#endif
+    for (; i < f; i++) {
+        float g = load1(gate, i, is_bf16), v = g / (1.0f + expf(-g)) * load1(up, i, is_bf16);
+        if (is_bf16)
+            ((uint16_t *)out)[i] = f32_to_bf16(v);
+        else
+            ((float *)out)[i] = v;
+    }
+}
+
+int ls_silu_mul(const void *gate_up, void *out, int64_t rows, int64_t f, int64_t in_stride,
+                int is_bf16) {
+    const int64_t esize = is_bf16 ? 2 : 4;
+#pragma omp parallel for schedule(static) if (rows * f >= PAR_MIN_ELEMS)
+    for (int64_t r = 0; r < rows; r++) {
+        const char *row = (const char *)gate_up + r * in_stride * esize;
+        silu_mul_row(row, row + f * esize, (char *)out + r * f * esize, f, is_bf16);
+    }
+    return 0;
+}
