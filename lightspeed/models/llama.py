@@ -8,15 +8,16 @@ Sequences are split into at most three attention groups per step. A leading run 
 models/paged_attention.py, which reads K/V in place through the block tables: no gather, no mask;
 otherwise (GPUs, other dtypes, no C compiler) it gathers the blocks and calls SDPA with the query
 heads sharing a KV head folded into the query-row axis, so GQA costs no K/V copy. A trailing run
-of fresh prompts (position 0) attends causally over its own new K/V, one SDPA call per prompt
-straight on the projection output: no gather, no mask, no padding. Whatever lies between
-(chunks continuing a prompt, prompts after a cached prefix) gathers its context through the block
-tables and runs one SDPA call with queries padded to the longest chunk, using SDPA's own GQA
-support so the causal mask is not repeated per head. Per layer there is no per-sequence Python
-work except the fresh prompts' SDPA calls.
+of fresh prompts (position 0) attends causally over its own new K/V straight on the projection
+output, one SDPA call per run of equal-length prompts: no gather, no mask, no padding. Whatever
+lies between (chunks continuing a prompt, prompts after a cached prefix) gathers its context
+through the block tables and runs one SDPA call with queries padded to the longest chunk, using
+SDPA's own GQA support so the causal mask is not repeated per head. Per layer there is no
+per-sequence Python work except a call per fresh prompt whose length differs from its
+neighbour's.
 
-On CPU the rotary embedding, the KV-cache write and the weightless RMSNorm run as fused C kernels
-(models/fused_ops.py) from the same library as the paged kernel.
+On CPU the rotary embedding, the KV-cache write, the weightless RMSNorm and silu(gate) * up run
+as fused C kernels (models/fused_ops.py) from the same library as the paged kernel.
 
 KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then V).
 """
