@@ -21,6 +21,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define PAR_MIN_ELEMS 65536 /* below this, one thread: the fork/join would cost more */
 #define LANES 16
 #define MAX_HALF 256       /* head_dim <= 512 */
@@ -36,20 +38,6 @@ typedef struct ls_rope_args {
     int64_t tokens, row_stride, num_heads, num_kv_heads, head_dim;
     int is_bf16;
 } ls_rope_args;
-
-static inline float bf16_to_f32(uint16_t h) {
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline uint16_t f32_to_bf16(float f) { /* round to nearest even; finite inputs */
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    bits += 0x7FFFu + ((bits >> 16) & 1u);
-    return (uint16_t)(bits >> 16);
-}
 
 /* HF rotate_half rotary of one head: (x1, x2) -> (x1 c - x2 s, x2 c + x1 s). Widened into
  * fp32 scratch first: with loads, math and stores in one loop gcc's vectorized version sat behind
@@ -155,21 +143,12 @@ int ls_rms_norm(const void *x, void *out, int64_t rows, int64_t dim, int64_t x_s
 #if defined(__AVX512F__) && !defined(LS_PA_SCALAR)
 #include <immintrin.h>
 
-/* exp(x) for x in [-87, 88]: the polynomial of paged_attention.c (~1 ulp on [-ln2/2, ln2/2]). */
+#include "simd_exp.h"
+
+/* exp(x), clamped into the range the polynomial covers. */
 static inline __m512 exp512_full(__m512 x) {
     x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0f)), _mm512_set1_ps(88.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-    return _mm512_scalef_ps(p, n);
+    return exp512_poly(x);
 }
 
 static inline __m512 load16(const void *p, int is_bf16) {
