@@ -7,7 +7,6 @@ so deployments can configure processes through the environment.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys

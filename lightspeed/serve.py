@@ -16,7 +16,13 @@ import time
 
 import aiohttp
 
-from lightspeed.config import FrontendConfig, PlaneConfig, RouterConfig, ServeConfig, WorkerConfig
+from lightspeed.config import (
+    FrontendConfig,
+    PlaneConfig,
+    RouterConfig,
+    ServeConfig,
+    WorkerConfig,
+)
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,12 @@ from lightspeed.bench.config import BenchConfig
 from lightspeed.bench.report import BenchReport, write_report
 from lightspeed.bench.stats import summarize, time_series
 from lightspeed.bench.traces import TraceWindow, load_trace
-from lightspeed.bench.workload import RequestSpec, SyntheticWorkload, TokenSpace, Workload
+from lightspeed.bench.workload import (
+    RequestSpec,
+    SyntheticWorkload,
+    TokenSpace,
+    Workload,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -67,10 +67,10 @@ def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
 
 
 def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
+    import torch
+
     from lightspeed.engine.model_runner import ModelRunner
     from lightspeed.engine.native_executor import NativeExecutor
-
-    import torch
 
     source = model.gguf_path if model.gguf_path is not None else model.folder
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)

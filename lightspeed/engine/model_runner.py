@@ -16,7 +16,11 @@ import torch
 
 from lightspeed.engine.sampler import Sampler, SamplingRow
 from lightspeed.engine.types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
-from lightspeed.models.llama import AttentionMetadata, PagedLlama, build_attention_metadata
+from lightspeed.models.llama import (
+    AttentionMetadata,
+    PagedLlama,
+    build_attention_metadata,
+)
 from lightspeed.models.weights import ModelConfig, load_weights
 
 logger = logging.getLogger(__name__)

@@ -23,7 +23,7 @@ from lightspeed.frontend.openai_types import (
 )
 from lightspeed.frontend.pipeline import Pipeline, new_request_id
 from lightspeed.frontend.responses import ResponseBuilder, TokenText
-from lightspeed.frontend.streaming import serve_stream, serve_whole
+from lightspeed.frontend.streaming import WORKER_HEADER, serve_stream, serve_whole
 from lightspeed.router.selector import RouterOverrides
 
 log = logging.getLogger(__name__)
@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
-PINNED_HEADER = "x-worker-instance-id"
+PINNED_HEADER = WORKER_HEADER  # on a request: pin it to this worker
 SESSION_HEADER = "x-session-id"
 WEIGHT_HEADER = "x-router-overlap-weight"
 TEMPERATURE_HEADER = "x-router-temperature"
@@ -133,7 +133,7 @@ class FrontendApp:
             "status": "healthy" if workers else "unhealthy",
             "models": [m.name for m in self.models.models()],
             "workers": [{"instance_id": w.instance_id, "model": w.model, "address": w.address,
-                         "role": w.role.value} for w in workers],
+                         "role": w.role.value, "pid": w.pid} for w in workers],
         }
         return web.Response(status=200 if workers else 503, body=msgspec.json.encode(body),
                             content_type="application/json")

@@ -3,6 +3,12 @@
 Built only from discovery: a worker's card names its model and a local folder with the tokenizer,
 so a frontend needs no model flags of its own. A model disappears from /v1/models when its last
 worker leaves; its tokenizer stays cached for when a worker comes back.
+
+A worker that fails a request at the transport level (cannot be dialled, connection dropped,
+draining) is reported down and kept out of routing for a while: a killed process stays in
+discovery until its entry expires, and without this every request routed to it in that window
+would fail. Discovery still has the final word: the entry expires (the worker is gone) or the
+quarantine ends and a live worker is routed to again.
 """
 
 from __future__ import annotations
@@ -29,12 +35,24 @@ class ModelEntry:
     context_length: int
     created: int
     workers: dict[str, WorkerCard] = field(default_factory=dict)
+    down_until: dict[str, float] = field(default_factory=dict)  # instance id -> monotonic deadline
 
     def serving_workers(self) -> list[WorkerCard]:
         """Workers that take whole requests (aggregated or decode role), in a stable order."""
         cards = [c for c in self.workers.values() if c.role != WorkerRole.PREFILL]
+        if self.down_until:
+            cards = [c for c in cards if not self.is_down(c.instance_id)]
         cards.sort(key=lambda c: c.instance_id)
         return cards
+
+    def is_down(self, instance_id: str) -> bool:
+        deadline = self.down_until.get(instance_id)
+        if deadline is None:
+            return False
+        if time.monotonic() < deadline:
+            return True
+        del self.down_until[instance_id]  # quarantine over: route to it again
+        return False
 
 
 class ModelManager:
@@ -70,6 +88,14 @@ class ModelManager:
     def all_workers(self) -> list[WorkerCard]:
         return [c for m in self._models.values() for c in m.workers.values()]
 
+    def report_down(self, instance_id: str, seconds: float) -> None:
+        """Keep a worker that failed at the transport level out of routing for `seconds`."""
+        name = self._worker_model.get(instance_id)
+        if name is None:
+            return  # already gone from discovery
+        self._models[name].down_until[instance_id] = time.monotonic() + seconds
+        log.warning("worker %s is unreachable; not routing to it for %.1fs", instance_id, seconds)
+
     async def _watch(self) -> None:
         async for event in self._discovery.watch():
             try:
@@ -88,7 +114,9 @@ class ModelManager:
             return
         name = self._override or card.model
         if self._worker_model.get(card.instance_id) == name:
-            self._models[name].workers[card.instance_id] = card
+            entry = self._models[name]
+            entry.workers[card.instance_id] = card
+            entry.down_until.pop(card.instance_id, None)  # it registered again: it is alive
             return
         entry = self._models.get(name)
         if entry is None:
@@ -111,6 +139,7 @@ class ModelManager:
         if name is None:
             return
         self._models[name].workers.pop(instance_id, None)
+        self._models[name].down_until.pop(instance_id, None)
         log.info("worker %s left (%s)", instance_id, name)
         for callback in self.on_worker_removed:
             callback(instance_id)

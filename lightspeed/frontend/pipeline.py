@@ -3,16 +3,21 @@
 preprocess (tokenize, limits) -> route (choose a worker) -> push (stream engine outputs) ->
 detokenize (incremental text, stop strings). Migration re-sends prompt + tokens so far to
 another worker when the first one is lost mid-stream, so the client sees one unbroken stream.
+
+A worker lost at the transport level is reported down to the model manager (kept out of routing
+until discovery catches up). A request that never reached its worker (dial failed, worker
+draining) is sent to another one without counting as a migration: nothing ran, so a re-send
+cannot duplicate work or output. Down workers leave the candidate list, so this ends.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-
-import msgspec
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+
+import msgspec
 
 from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerLost
 from lightspeed.frontend.detokenize import IncrementalDetokenizer
@@ -28,10 +33,12 @@ from lightspeed.protocol import (
 )
 from lightspeed.router.push_router import PushRouter
 from lightspeed.router.selector import RouteDecision, RouteRequest, RouterOverrides
+from lightspeed.runtime.request_plane import CODE_CONNECT_FAILED, CODE_SHUTTING_DOWN
 
 log = logging.getLogger(__name__)
 
 AnyRequest = ChatCompletionRequest | CompletionRequest
+_NEVER_STARTED = frozenset({CODE_CONNECT_FAILED, CODE_SHUTTING_DOWN})
 
 
 @dataclass(slots=True)
@@ -68,10 +75,14 @@ def new_request_id(prefix: str) -> str:
 
 
 class Pipeline:
-    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0) -> None:
+    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0,
+                 down_seconds: float = 10.0) -> None:
+        if down_seconds <= 0:
+            raise ValueError(f"down_seconds must be > 0; got {down_seconds}")
         self._models = models
         self._router = router
         self._migration_limit = migration_limit
+        self._down_seconds = down_seconds
 
     def prepare(self, req: AnyRequest, request_id: str, pinned: str | None = None,
                 session: str | None = None, overrides: RouterOverrides | None = None) -> Generation:
@@ -108,7 +119,12 @@ class Pipeline:
                 async for delta in self._stream_once(gen, detok):
                     yield delta
                 return
-            except WorkerLost:
+            except WorkerLost as err:
+                self._models.report_down(gen.worker_id, self._down_seconds)
+                if err.code in _NEVER_STARTED and gen.pinned_worker is None:
+                    log.warning("worker %s did not take %s (%s); sending it elsewhere",
+                                gen.worker_id, gen.request_id, err.code)
+                    continue
                 if migrations >= self._migration_limit or _is_done(gen):
                     raise
                 migrations += 1
@@ -132,6 +148,8 @@ class Pipeline:
             self._router.release(gen.request_id)  # also when the stream never started
 
     async def _route(self, gen: Generation, token_ids: list[int]) -> RouteDecision:
+        if gen.pinned_worker is not None and gen.entry.is_down(gen.pinned_worker):
+            raise Overloaded(f"worker instance {gen.pinned_worker!r} is not reachable")
         workers = gen.entry.serving_workers()
         if not workers:
             raise Overloaded(f"no workers are serving `{gen.entry.name}`")

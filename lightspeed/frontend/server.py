@@ -13,6 +13,8 @@ from lightspeed.frontend.app import FrontendApp
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
+from lightspeed.frontend.worker_metrics import WorkerMetricsWatcher
+from lightspeed.protocol import TOPIC_KV_EVENTS, TOPIC_LOAD_METRICS
 from lightspeed.router.active import ActiveLoad
 from lightspeed.router.factory import STATEFUL_MODES, build_selector
 from lightspeed.router.indexer import KvIndex
@@ -24,10 +26,12 @@ from lightspeed.router.replica_sync import TOPIC_ROUTER_SYNC, ReplicaSync
 from lightspeed.router.selector import WorkerSelector
 from lightspeed.router.session import SessionAffinity
 from lightspeed.runtime.discovery import Discovery
+from lightspeed.runtime.planes import (
+    discovery_from_config,
+    publisher_from_config,
+    subscriber_from_config,
+)
 from lightspeed.runtime.request_plane import RequestPlaneClient
-from lightspeed.runtime.planes import discovery_from_config, publisher_from_config, subscriber_from_config
-from lightspeed.frontend.worker_metrics import WorkerMetricsWatcher
-from lightspeed.protocol import TOPIC_KV_EVENTS, TOPIC_LOAD_METRICS
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +50,7 @@ class Frontend:
         self.models.on_worker_removed.append(self.router.remove_worker)
         self.kv_feed = self._kv_feed(selector)
         self.replicas = self._replica_sync(selector)
-        self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit)
+        self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit, cfg.planes.discovery_ttl)
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry)

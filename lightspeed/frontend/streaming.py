@@ -18,6 +18,9 @@ from lightspeed.frontend.pipeline import Generation, Pipeline
 from lightspeed.frontend.responses import ResponseBuilder
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
+# Which worker served the request (a stream: the one that sent the first token); the same header
+# on a request pins a worker.
+WORKER_HEADER = "x-worker-instance-id"
 _DONE = b"data: [DONE]\n\n"
 
 
@@ -60,7 +63,7 @@ async def serve_stream(request: web.Request, pipeline: Pipeline, builder: Respon
     # Pull the first delta before sending headers so routing errors (no workers, ...) can still
     # be reported with a proper status code instead of inside a 200 stream.
     first = await anext(stream, None)
-    resp = web.StreamResponse(headers=SSE_HEADERS)
+    resp = web.StreamResponse(headers={**SSE_HEADERS, WORKER_HEADER: gen.worker_id})
     await resp.prepare(request)
     try:
         if builder.chat:
@@ -88,7 +91,8 @@ async def serve_whole(pipeline: Pipeline, builder: ResponseBuilder, metrics: Fro
         timer.tokens(len(delta.token_ids))
         builder.add(delta)
     timer.finish(builder.gen)
-    return web.Response(body=builder.final(), content_type="application/json")
+    return web.Response(body=builder.final(), content_type="application/json",
+                        headers={WORKER_HEADER: builder.gen.worker_id})
 
 
 def _error_json(err: LightspeedError) -> bytes:

@@ -395,7 +395,7 @@ class PagedLlama:
     def _layer_forward(self, w: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor,
                        sin: torch.Tensor, cache: torch.Tensor,
                        meta: AttentionMetadata) -> torch.Tensor:
-        cfg, ops = self.config, self.ops
+        ops = self.ops
         qkv = ops.linear(self._rms_norm(hidden, w.input_norm), w.qkv, w.qkv_bias)
         q, k, v = self._rotate_and_cache(qkv, cos, sin, cache, meta)
         attn = self._attention(q, k, v, cache, meta)

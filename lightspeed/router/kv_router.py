@@ -20,7 +20,13 @@ from typing import Protocol
 from lightspeed.protocol import PerfModel, WorkerCard
 from lightspeed.router.active import ActiveLoad, LoadChange, WorkerLoad
 from lightspeed.router.admission import AdmissionConfig, AdmissionQueue
-from lightspeed.router.cost import Candidate, KvCostConfig, block_cost, choose, latency_cost
+from lightspeed.router.cost import (
+    Candidate,
+    KvCostConfig,
+    block_cost,
+    choose,
+    latency_cost,
+)
 from lightspeed.router.hashing import compute_prompt_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.metrics import RouterMetrics

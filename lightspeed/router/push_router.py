@@ -15,7 +15,12 @@ import msgspec
 
 from lightspeed.protocol import LLMEngineOutput, PreprocessedRequest, WorkerCard
 from lightspeed.router.active import ActiveLoad
-from lightspeed.router.selector import RouteDecision, RouteRequest, WorkerSelector, pick_pinned
+from lightspeed.router.selector import (
+    RouteDecision,
+    RouteRequest,
+    WorkerSelector,
+    pick_pinned,
+)
 from lightspeed.router.session import SessionAffinity
 from lightspeed.runtime.request_plane import RequestPlaneClient
 

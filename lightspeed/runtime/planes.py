@@ -7,7 +7,12 @@ from pathlib import Path
 
 from lightspeed.config import PlaneConfig
 from lightspeed.runtime.discovery import Discovery, make_discovery
-from lightspeed.runtime.event_plane import Publisher, Subscriber, make_publisher, make_subscriber
+from lightspeed.runtime.event_plane import (
+    Publisher,
+    Subscriber,
+    make_publisher,
+    make_subscriber,
+)
 
 
 def default_discovery_path(namespace: str) -> Path:

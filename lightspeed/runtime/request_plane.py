@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 # Error codes with a meaning on both sides of the wire.
 CODE_UNKNOWN_ENDPOINT = "UnknownEndpoint"
 CODE_SHUTTING_DOWN = "ShuttingDown"  # the request never started: safe to send elsewhere
+CODE_CONNECT_FAILED = "ConnectFailed"  # the worker could not be dialled: nothing was sent
 CODE_PROTOCOL = "ProtocolError"
 
 # Past this many buffered outgoing bytes, write now instead of at the end of the loop iteration,
@@ -517,7 +518,7 @@ class RequestPlaneClient:
                 self._connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
-            raise WorkerLost(f"cannot connect to {address}: {exc!r}", code="ConnectFailed") from exc
+            raise WorkerLost(f"cannot connect to {address}: {exc!r}", code=CODE_CONNECT_FAILED) from exc
         return conn
 
     def _dropped(self, conn: _ClientConnection) -> None:

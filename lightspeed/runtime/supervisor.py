@@ -1,9 +1,11 @@
 """Start, watch and stop local child processes (the embedded `lightspeed serve`).
 
 Children are plain `python -m lightspeed ...` processes in their own process group. A child
-that exits unexpectedly is logged and restarted (with backoff) so one crash does not take the
-service down; on shutdown every child gets SIGTERM (graceful drain), then SIGKILL after a grace
-period.
+that exits unexpectedly is logged and restarted (with exponential backoff) so one crash does not
+take the service down; a child that keeps crashing is given up on after `max_restarts` restarts in
+a row (a run longer than `stable_seconds` clears the count, so a long-lived server is not given up
+on for crashes days apart). On shutdown every child gets SIGTERM (graceful drain), then SIGKILL
+after a grace period.
 """
 
 from __future__ import annotations
@@ -24,19 +26,32 @@ class ChildSpec:
     args: list[str]  # arguments after `python -m lightspeed`
     env: dict[str, str] = field(default_factory=dict)
     restart: bool = True
+    # interpreter arguments before `args`: every child is a Python process
+    python_args: tuple[str, ...] = ("-m", "lightspeed")
 
 
 @dataclass
 class _Child:
     spec: ChildSpec
     proc: asyncio.subprocess.Process | None = None
-    restarts: int = 0
+    restarts: int = 0  # restarts in a row, without a stable run in between
+    started_at: float = 0.0
 
 
 class Supervisor:
-    def __init__(self, grace_seconds: float = 10.0, max_restarts: int = 5) -> None:
+    def __init__(
+        self,
+        grace_seconds: float = 10.0,
+        max_restarts: int = 5,
+        backoff_seconds: float = 0.25,
+        stable_seconds: float = 60.0,
+    ) -> None:
+        if grace_seconds <= 0 or backoff_seconds < 0 or stable_seconds <= 0 or max_restarts < 0:
+            raise ValueError("supervisor: grace and stable periods must be > 0, backoff and restarts >= 0")
         self._grace = grace_seconds
         self._max_restarts = max_restarts
+        self._backoff = backoff_seconds
+        self._stable = stable_seconds
         self._children: list[_Child] = []
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -51,8 +66,9 @@ class Supervisor:
     async def _start(self, child: _Child) -> None:
         env = {**os.environ, **child.spec.env}
         child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "lightspeed", *child.spec.args, env=env, start_new_session=True
+            sys.executable, *child.spec.python_args, *child.spec.args, env=env, start_new_session=True
         )
+        child.started_at = asyncio.get_running_loop().time()
         log.info("started %s (pid %d)", child.spec.name, child.proc.pid)
 
     async def _watch(self, child: _Child) -> None:
@@ -62,12 +78,16 @@ class Supervisor:
             if self._stopping:
                 return
             log.error("%s exited with code %s", child.spec.name, code)
+            if asyncio.get_running_loop().time() - child.started_at >= self._stable:
+                child.restarts = 0
             if not child.spec.restart or child.restarts >= self._max_restarts:
                 log.error("%s will not be restarted", child.spec.name)
                 self.failed.set()
                 return
             child.restarts += 1
-            await asyncio.sleep(min(2.0**child.restarts * 0.25, 5.0))
+            await asyncio.sleep(min(2.0**child.restarts * self._backoff, 5.0))
+            if self._stopping:
+                return
             await self._start(child)
 
     @property

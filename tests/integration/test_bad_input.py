@@ -5,7 +5,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.integration.conftest import MODEL, Server, free_port, start_serve, stop_serve
+from tests.integration.conftest import MODEL, Server, free_port
 
 CHAT = "/v1/chat/completions"
 COMPL = "/v1/completions"

@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from lightspeed.engine.kv_transfer import export_blocks, import_blocks
-from lightspeed.engine.model_runner import ModelRunner, blocks_for_budget, kv_block_bytes
+from lightspeed.engine.model_runner import (
+    ModelRunner,
+    blocks_for_budget,
+    kv_block_bytes,
+)
 from lightspeed.engine.native_executor import NativeExecutor
 from lightspeed.engine.types import ScheduledSeq, SchedulerOutput
 from lightspeed.models.weights import ModelConfig, export_hf_folder

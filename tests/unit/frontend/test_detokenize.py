@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from lightspeed.frontend.detokenize import DetokDelta, IncrementalDetokenizer, StopMatcher
+from lightspeed.frontend.detokenize import (
+    DetokDelta,
+    IncrementalDetokenizer,
+    StopMatcher,
+)
 from lightspeed.models.gguf_folder import materialize_gguf_folder
 from lightspeed.models.registry import packaged_gguf_path
 

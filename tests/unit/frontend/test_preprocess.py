@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 
 from lightspeed.errors import InvalidRequest
-from lightspeed.frontend.preprocess import Preprocessor, TokenizerSettings, normalize_messages
+from lightspeed.frontend.preprocess import (
+    Preprocessor,
+    TokenizerSettings,
+    normalize_messages,
+)
 from lightspeed.models.gguf_folder import materialize_gguf_folder
 from lightspeed.models.registry import packaged_gguf_path
 

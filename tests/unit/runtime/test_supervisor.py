@@ -1,0 +1,95 @@
+"""Supervisor: restart with backoff, give up after a crash loop, SIGTERM then SIGKILL on stop.
+
+The children are real Python processes (`python -c ...`); each one appends a line to a file when
+it starts, so the tests count starts exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from lightspeed.runtime.supervisor import ChildSpec, Supervisor
+
+
+def script_child(name: str, log: Path, body: str, restart: bool = True) -> ChildSpec:
+    code = f"open({str(log)!r}, 'a').write('start\\n')\n{body}"
+    return ChildSpec(name, [], restart=restart, python_args=("-c", code))
+
+
+def starts(log: Path) -> int:
+    return log.read_text().count("start") if log.exists() else 0
+
+
+async def wait_for(predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_child_that_must_not_restart_fails_the_supervisor(tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    sup = Supervisor(backoff_seconds=0.01)
+    await sup.spawn(script_child("once", log, "raise SystemExit(3)", restart=False))
+    await asyncio.wait_for(sup.failed.wait(), 10)
+    assert starts(log) == 1
+    assert sup.pids == []
+    await sup.stop()
+
+
+async def test_a_crash_loop_is_restarted_max_restarts_times_then_given_up(tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    sup = Supervisor(max_restarts=3, backoff_seconds=0.01)
+    await sup.spawn(script_child("crashy", log, "raise SystemExit(1)"))
+    await asyncio.wait_for(sup.failed.wait(), 20)
+    assert starts(log) == 1 + 3
+    await sup.stop()
+
+
+async def test_a_stable_run_clears_the_restart_count(tmp_path: Path) -> None:
+    # Each run lasts longer than stable_seconds, so crashes never count up: with max_restarts=1 a
+    # crash loop would give up after 2 starts, a stable one keeps being restarted.
+    log = tmp_path / "starts"
+    sup = Supervisor(max_restarts=1, backoff_seconds=0.01, stable_seconds=0.2)
+    await sup.spawn(script_child("slow-crash", log, "import time; time.sleep(0.4); raise SystemExit(1)"))
+    await wait_for(lambda: starts(log) >= 4, timeout=20)
+    assert not sup.failed.is_set()
+    await sup.stop()
+
+
+async def test_a_healthy_child_is_stopped_with_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    sup = Supervisor(grace_seconds=10)
+    await sup.spawn(script_child("healthy", log, "import time; time.sleep(60)"))
+    await wait_for(lambda: starts(log) == 1)
+    assert len(sup.pids) == 1
+    t0 = time.monotonic()
+    await sup.stop()
+    assert time.monotonic() - t0 < 5  # SIGTERM's default action ends it at once
+    assert sup.pids == [] and starts(log) == 1 and not sup.failed.is_set()
+
+
+async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    log = tmp_path / "starts"
+    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+    sup = Supervisor(grace_seconds=0.5)
+    await sup.spawn(script_child("stubborn", log, stubborn))
+    await wait_for(lambda: starts(log) == 1)
+    await asyncio.sleep(0.2)  # let it install the handler
+    t0 = time.monotonic()
+    await sup.stop()
+    assert 0.5 <= time.monotonic() - t0 < 5
+    assert sup.pids == [] and starts(log) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs"),
+    [{"grace_seconds": 0}, {"max_restarts": -1}, {"backoff_seconds": -0.1}, {"stable_seconds": 0}],
+)
+def test_bad_settings_are_rejected(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError, match="supervisor"):
+        Supervisor(**kwargs)  # type: ignore[arg-type]
