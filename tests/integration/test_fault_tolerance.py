@@ -1,5 +1,6 @@
 """A worker killed under `lightspeed serve`: requests keep succeeding, streams migrate, the
-supervisor brings a replacement up, and the dead worker leaves discovery.
+supervisor brings a replacement up, and the dead worker leaves discovery. A killed frontend is
+restarted on the same port.
 
 Real processes throughout: the workers are SIGKILLed (no clean deregistration, no drain), so the
 frontend only learns of it from the request plane (connection dropped / refused) and, later,
@@ -119,3 +120,32 @@ async def test_without_migration_the_stream_reports_the_loss_in_band(server: Ser
         out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
                                         extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 2
+
+
+def frontend_pids(server: Server) -> list[int]:
+    """The serve process's children that run `lightspeed frontend` (from /proc, Linux)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue  # exited while we looked
+        if ppid == server.proc.pid and b"frontend" in argv:
+            pids.append(int(entry))
+    return pids
+
+
+async def test_a_killed_frontend_is_restarted_on_the_same_port(server: Server) -> None:
+    [old] = frontend_pids(server)
+    os.kill(old, signal.SIGKILL)
+    wait_until(lambda: len(frontend_pids(server)) == 1 and frontend_pids(server) != [old])
+    wait_until(lambda: len(worker_pids(server)) == 2)  # the new frontend found both workers
+    client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
+    out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 2
