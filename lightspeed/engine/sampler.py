@@ -3,10 +3,11 @@
 Greedy rows are one argmax (taken as `max(dim).indices`: the same first-maximum index as
 `argmax`, ~10x faster on CPU, where aten's argmax over [32, 49152] fp32 took ~2.7 ms of a 50 ms
 decode step); a batch of only greedy rows without bans, penalties or logprobs (the common serving
-case) skips everything else: no copies, no index lists, no per-row tensors. Random rows share one vectorized temperature / top-k / top-p pass and
-are drawn with the exponential-race trick (argmax of probs / Exp(1) noise), which needs exactly
-one noise row per sample: a seeded request owns a `torch.Generator` whose stream therefore
-depends only on how many tokens that request has drawn, never on what it was batched with.
+case) skips everything else: no copies, no index lists, no per-row tensors. Random rows share one
+vectorized temperature / top-k / top-p pass and are drawn with the exponential-race trick (argmax
+of probs / Exp(1) noise), which needs exactly one noise row per sample: a seeded request owns a
+`torch.Generator` whose stream therefore depends only on how many tokens that request has drawn,
+never on what it was batched with.
 Logprobs are of the raw model distribution (before bans, penalties, temperature, truncation).
 """
 

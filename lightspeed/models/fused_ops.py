@@ -83,7 +83,6 @@ class FusedOps:
                    int(x.dtype == torch.bfloat16))
         return out
 
-
     def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up for [T, 2F] rows holding gate then up (one fused projection)."""
         if (gate_up.dim() != 2 or gate_up.dtype not in SUPPORTED_DTYPES or gate_up.stride(1) != 1
@@ -112,4 +111,3 @@ def _check_rope(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
     for t in (cos, sin):
         if t.dtype != torch.float32 or not t.is_contiguous() or t.shape[1:] != (half,):
             raise ValueError("cos/sin must be contiguous float32 [positions, head_dim / 2]")
-

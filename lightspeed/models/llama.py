@@ -25,6 +25,7 @@ KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -78,10 +79,10 @@ class AttentionGroup:
     # Paged-kernel decode group only (else None).
     block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with block 0
     context_lens: torch.Tensor | None = None  # [B] int32
-    # Fresh-prompt group only (else None): each sequence's [lo, hi) tokens within the group.
-    # They start at position 0, so causal attention over their own new K/V is exact: no gather,
-    # no mask, no padding.
-    fresh_bounds: tuple[tuple[int, int], ...] | None = None
+    # Fresh-prompt group only (else None): (token lo, token hi, prompts) of each run of adjacent
+    # equal-length prompts within the group, one batched SDPA call each. They start at position
+    # 0, so causal attention over their own new K/V is exact: no gather, no mask, no padding.
+    fresh_runs: tuple[tuple[int, int, int], ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,21 +123,19 @@ def _paged_decode_group(token_start: int, ctx_lens: np.ndarray, num_blocks: int,
 
 
 def _fresh_group(token_start: int, qlens: np.ndarray) -> AttentionGroup:
-    ends = np.cumsum(qlens).tolist()
-    bounds = tuple(zip([0, *ends[:-1]], ends))
-    return AttentionGroup(token_start, token_start + ends[-1], len(qlens), None, None,
-                          int(qlens.max()), fresh_bounds=bounds)
+    runs = _equal_length_runs(qlens)
+    return AttentionGroup(token_start, token_start + runs[-1][1], len(qlens), None, None,
+                          int(qlens.max()), fresh_runs=tuple(runs))
 
 
-def _equal_length_runs(bounds: Sequence[tuple[int, int]]) -> list[tuple[int, int, int]]:
-    """(token lo, token hi, prompts) of each maximal run of adjacent equal-length spans."""
+def _equal_length_runs(qlens: np.ndarray) -> list[tuple[int, int, int]]:
+    """(token lo, token hi, prompts) of each maximal run of adjacent equal-length prompts."""
     runs: list[tuple[int, int, int]] = []
-    for lo, hi in bounds:
-        if runs and runs[-1][1] == lo and (runs[-1][1] - runs[-1][0]) // runs[-1][2] == hi - lo:
-            first, _, count = runs[-1]
-            runs[-1] = (first, hi, count + 1)
-        else:
-            runs.append((lo, hi, 1))
+    lo = 0
+    for length, members in itertools.groupby(qlens.tolist()):
+        count = len(list(members))
+        runs.append((lo, lo + length * count, count))
+        lo += length * count
     return runs
 
 
@@ -428,12 +427,11 @@ class PagedLlama:
             self.fused_ops.rope_write_kv(qkv, meta.positions, self.rotary.cos_half,
                                          self.rotary.sin_half, cache, meta.slot_mapping,
                                          cfg.num_heads)
-            return qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v
-        # Rotate q and k together: they are adjacent heads in the fused projection.
-        qk = apply_rope(qk, cos, sin)
-        flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
-        flat[0].index_copy_(0, meta.slot_mapping, qk[:, cfg.num_heads:])
-        flat[1].index_copy_(0, meta.slot_mapping, v)
+        else:  # rotate q and k together: they are adjacent heads in the fused projection
+            qk = apply_rope(qk, cos, sin)
+            flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
+            flat[0].index_copy_(0, meta.slot_mapping, qk[:, cfg.num_heads:])
+            flat[1].index_copy_(0, meta.slot_mapping, v)
         return qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
@@ -453,17 +451,17 @@ class PagedLlama:
         outs = []
         for g in meta.groups:
             span = slice(g.token_start, g.token_end)
-            outs.append(self._group_attention(q[span], cache, g) if g.fresh_bounds is None
-                        else self._fresh_attention(q[span], k[span], v[span], g.fresh_bounds))
+            outs.append(self._group_attention(q[span], cache, g) if g.fresh_runs is None
+                        else self._fresh_attention(q[span], k[span], v[span], g.fresh_runs))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     def _fresh_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         bounds: tuple[tuple[int, int], ...]) -> torch.Tensor:
+                         runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
         """Causal SDPA on the fresh prompts' own q/k/v (strided views of the projection): no
         cache gather, no mask, no padding. Each run of adjacent equal-length prompts is one
         batched call (8 x 256 tokens: ~7% faster a prefill step than a call per prompt + cat)."""
         outs = []
-        for lo, hi, count in _equal_length_runs(bounds):
+        for lo, hi, count in runs:
             outs.append(self._causal_sdpa(q[lo:hi], k[lo:hi], v[lo:hi], count))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 

@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -178,7 +179,7 @@ def test_metadata_padding_and_fresh_prompt() -> None:
     assert (group.attn_mask == 0).view(2, 3, 8).sum(-1).tolist() == [[1, 2, 2], [5, 6, 7]]
     (fresh,) = build_attention_metadata([5], [0], [[0, 1]], layout, CPU).groups
     assert fresh.attn_mask is None and fresh.pad_index is None  # plain causal attention
-    assert fresh.kv_index is None and fresh.fresh_bounds == ((0, 5),)  # no cache read
+    assert fresh.kv_index is None and fresh.fresh_runs == ((0, 5, 1),)  # no cache read
 
 
 def test_metadata_three_groups() -> None:
@@ -187,14 +188,14 @@ def test_metadata_three_groups() -> None:
     meta = build_attention_metadata([1, 3, 2, 4], [5, 4, 0, 0], [[7, 2], [2, 3], [1], [5]],
                                     layout, CPU)
     decode, middle, fresh = meta.groups
-    assert (decode.token_start, decode.token_end, decode.fresh_bounds) == (0, 1, None)
+    assert (decode.token_start, decode.token_end, decode.fresh_runs) == (0, 1, None)
     assert (middle.token_start, middle.token_end, middle.num_seqs) == (1, 4, 1)
     assert middle.kv_index.tolist() == [2, 3, 12, 13] and middle.attn_mask is not None
     assert (fresh.token_start, fresh.token_end, fresh.num_seqs) == (4, 10, 2)
-    assert fresh.fresh_bounds == ((0, 2), (2, 6)) and fresh.kv_index is None
+    assert fresh.fresh_runs == ((0, 2, 1), (2, 6, 1)) and fresh.kv_index is None
     # A fresh prompt before a continuing chunk stays in the gathered group.
     (only,) = build_attention_metadata([2, 3], [0, 4], [[1], [2, 3]], layout, CPU).groups
-    assert only.fresh_bounds is None and only.num_seqs == 2
+    assert only.fresh_runs is None and only.num_seqs == 2
 
 
 def test_metadata_rejects_short_block_table() -> None:
@@ -274,9 +275,9 @@ def test_three_groups_match_separate_runs(model64: PagedLlama) -> None:
 
 
 def test_equal_length_runs() -> None:
-    spans = ((0, 4), (4, 8), (8, 12), (12, 14), (14, 16), (16, 19))
-    assert _equal_length_runs(spans) == [(0, 12, 3), (12, 16, 2), (16, 19, 1)]
-    assert _equal_length_runs(((0, 5),)) == [(0, 5, 1)]
+    qlens = np.array([4, 4, 4, 2, 2, 3])
+    assert _equal_length_runs(qlens) == [(0, 12, 3), (12, 16, 2), (16, 19, 1)]
+    assert _equal_length_runs(np.array([5])) == [(0, 5, 1)]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
