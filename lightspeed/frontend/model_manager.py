@@ -56,8 +56,12 @@ class ModelEntry:
 
 
 class ModelManager:
-    def __init__(self, discovery: Discovery, served_model_name: str = "") -> None:
+    def __init__(self, discovery: Discovery, served_model_name: str = "",
+                 down_seconds: float = 10.0) -> None:
+        if down_seconds <= 0:
+            raise ValueError(f"down_seconds must be > 0; got {down_seconds}")
         self._discovery = discovery
+        self._down_seconds = down_seconds  # how long a worker reported down stays out of routing
         self._override = served_model_name
         self._models: dict[str, ModelEntry] = {}
         self._tokenizers: dict[str, Preprocessor] = {}
@@ -88,13 +92,14 @@ class ModelManager:
     def all_workers(self) -> list[WorkerCard]:
         return [c for m in self._models.values() for c in m.workers.values()]
 
-    def report_down(self, instance_id: str, seconds: float) -> None:
-        """Keep a worker that failed at the transport level out of routing for `seconds`."""
+    def report_down(self, instance_id: str) -> None:
+        """Keep a worker that failed at the transport level out of routing for a while."""
         name = self._worker_model.get(instance_id)
         if name is None:
             return  # already gone from discovery
-        self._models[name].down_until[instance_id] = time.monotonic() + seconds
-        log.warning("worker %s is unreachable; not routing to it for %.1fs", instance_id, seconds)
+        self._models[name].down_until[instance_id] = time.monotonic() + self._down_seconds
+        log.warning("worker %s is unreachable; not routing to it for %.1fs", instance_id,
+                    self._down_seconds)
 
     async def _watch(self) -> None:
         async for event in self._discovery.watch():

@@ -75,14 +75,10 @@ def new_request_id(prefix: str) -> str:
 
 
 class Pipeline:
-    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0,
-                 down_seconds: float = 10.0) -> None:
-        if down_seconds <= 0:
-            raise ValueError(f"down_seconds must be > 0; got {down_seconds}")
+    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0) -> None:
         self._models = models
         self._router = router
         self._migration_limit = migration_limit
-        self._down_seconds = down_seconds
 
     def prepare(self, req: AnyRequest, request_id: str, pinned: str | None = None,
                 session: str | None = None, overrides: RouterOverrides | None = None) -> Generation:
@@ -120,7 +116,7 @@ class Pipeline:
                     yield delta
                 return
             except WorkerLost as err:
-                self._models.report_down(gen.worker_id, self._down_seconds)
+                self._models.report_down(gen.worker_id)
                 if err.code in _NEVER_STARTED and gen.pinned_worker is None:
                     log.warning("worker %s did not take %s (%s); sending it elsewhere",
                                 gen.worker_id, gen.request_id, err.code)

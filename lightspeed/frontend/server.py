@@ -40,7 +40,7 @@ class Frontend:
     def __init__(self, cfg: FrontendConfig, discovery: Discovery | None = None) -> None:
         self.cfg = cfg
         self.discovery = discovery if discovery is not None else discovery_from_config(cfg.planes)
-        self.models = ModelManager(self.discovery, cfg.served_model_name)
+        self.models = ModelManager(self.discovery, cfg.served_model_name, cfg.planes.discovery_ttl)
         self.client = RequestPlaneClient()
         self.active = ActiveLoad()
         metrics = FrontendMetrics()
@@ -50,7 +50,7 @@ class Frontend:
         self.models.on_worker_removed.append(self.router.remove_worker)
         self.kv_feed = self._kv_feed(selector)
         self.replicas = self._replica_sync(selector)
-        self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit, cfg.planes.discovery_ttl)
+        self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit)
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.protocol import WorkerCard, WorkerRole
 from lightspeed.runtime.discovery import MemDiscovery
+from tests.polling import until
 
 
 @pytest.fixture
@@ -24,19 +24,14 @@ def make_card(smollm_folder: Path) -> Callable[..., WorkerCard]:
 
 
 @pytest.fixture
-async def fleet() -> AsyncIterator[tuple[MemDiscovery, ModelManager]]:
+async def fleet(request: pytest.FixtureRequest) -> AsyncIterator[tuple[MemDiscovery, ModelManager]]:
+    """Workers' discovery and a manager on it; `indirect` parameter: its down_seconds (60)."""
     name = f"test-{uuid.uuid4().hex}"
-    workers, manager = MemDiscovery(name), ModelManager(MemDiscovery(name))
+    down_seconds = getattr(request, "param", 60.0)
+    workers, manager = MemDiscovery(name), ModelManager(MemDiscovery(name), down_seconds=down_seconds)
     await manager.start()
     yield workers, manager
     await manager.stop()
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.01)
 
 
 def ids(cards: list[WorkerCard]) -> list[str]:
@@ -48,20 +43,23 @@ async def test_serving_workers_are_sorted_and_exclude_prefill(
     workers, manager = fleet
     for card in (make_card("b"), make_card("p", WorkerRole.PREFILL), make_card("a", WorkerRole.DECODE)):
         await workers.register(card)
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3,
+                timeout=5.0)
     entry = manager.get("m")
     assert ids(entry.serving_workers()) == ["a", "b"]
     assert entry.context_length == 4096 and [m.name for m in manager.models()] == ["m"]
 
 
+@pytest.mark.parametrize("fleet", [0.2], indirect=True)
 async def test_a_worker_reported_down_is_skipped_until_its_quarantine_ends(
         fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
     workers, manager = fleet
     await workers.register(make_card("a"))
     await workers.register(make_card("b"))
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2,
+                timeout=5.0)
     entry = manager.get("m")
-    manager.report_down("a", 0.2)
+    manager.report_down("a")  # for 0.2 s
     assert ids(entry.serving_workers()) == ["b"] and entry.is_down("a")
     assert ids(manager.all_workers()) == ["a", "b"]  # still registered: discovery decides that
     await asyncio.sleep(0.25)
@@ -75,17 +73,23 @@ async def test_registering_again_clears_down_and_leaving_forgets_it(
     manager.on_worker_removed.append(removed.append)
     await workers.register(make_card("a"))
     await workers.register(make_card("b"))
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2,
+                timeout=5.0)
     entry = manager.get("m")
-    manager.report_down("a", 60)
-    manager.report_down("b", 60)
-    manager.report_down("unknown", 60)  # not in discovery: nothing to do
+    manager.report_down("a")
+    manager.report_down("b")
+    manager.report_down("unknown")  # not in discovery: nothing to do
     assert entry.serving_workers() == []
     await workers.register(make_card("a", blocks=200))  # a changed card: the worker is alive
-    await until(lambda: ids(entry.serving_workers()) == ["a"])
+    await until(lambda: ids(entry.serving_workers()) == ["a"], timeout=5.0)
     await workers.deregister("b")
-    await until(lambda: removed == ["b"])
+    await until(lambda: removed == ["b"], timeout=5.0)
     assert "b" not in entry.down_until and ids(manager.all_workers()) == ["a"]
     await workers.deregister("a")
-    await until(lambda: manager.models() == [])
+    await until(lambda: manager.models() == [], timeout=5.0)
     assert manager.get("m") is entry  # the model (and its tokenizer) stays for a returning worker
+
+
+def test_a_non_positive_quarantine_is_rejected() -> None:
+    with pytest.raises(ValueError, match="down_seconds"):
+        ModelManager(MemDiscovery(f"test-{uuid.uuid4().hex}"), down_seconds=0)
