@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -20,6 +19,7 @@ import openai
 import pytest
 
 from tests.integration.conftest import MODEL, Server, start_serve, stop_serve
+from tests.polling import until
 
 WORKER_HEADER = "x-worker-instance-id"
 ARGS = ["--engine", "mocker", "--router-mode", "round-robin", "--discovery-ttl", "2",
@@ -28,13 +28,6 @@ ARGS = ["--engine", "mocker", "--router-mode", "round-robin", "--discovery-ttl",
 
 def worker_pids(server: Server) -> dict[str, int]:
     return {w["instance_id"]: w["pid"] for w in server.health().get("workers", [])}
-
-
-def wait_until(predicate, timeout: float = 30.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.1)
 
 
 async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
@@ -101,7 +94,8 @@ async def test_requests_right_after_a_kill_succeed_and_a_replacement_joins(serve
                                   extra_headers={WORKER_HEADER: victim_id})
     assert err.value.status_code == 503 and "not reachable" in err.value.message
     # The supervisor restarts the worker under a new instance id; the dead one's entry expires.
-    wait_until(lambda: len(worker_pids(server)) == 2 and victim_id not in worker_pids(server))
+    await until(lambda: len(worker_pids(server)) == 2 and victim_id not in worker_pids(server),
+                what="the replacement worker, without the dead one")
     after = worker_pids(server)
     [new_id] = set(after) - set(before)
     out = client.completions.with_raw_response.create(
@@ -143,8 +137,9 @@ def frontend_pids(server: Server) -> list[int]:
 async def test_a_killed_frontend_is_restarted_on_the_same_port(server: Server) -> None:
     [old] = frontend_pids(server)
     os.kill(old, signal.SIGKILL)
-    wait_until(lambda: len(frontend_pids(server)) == 1 and frontend_pids(server) != [old])
-    wait_until(lambda: len(worker_pids(server)) == 2)  # the new frontend found both workers
+    await until(lambda: len(frontend_pids(server)) == 1 and frontend_pids(server) != [old],
+                what="a new frontend process")
+    await until(lambda: len(worker_pids(server)) == 2, what="both workers")  # seen by the new one
     client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
     out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
                                     extra_body={"ignore_eos": True})

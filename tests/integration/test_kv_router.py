@@ -12,7 +12,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from lightspeed.frontend.server import Frontend
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.kv_router import KvSelector
 from tests.integration.conftest import MODEL
+from tests.polling import until
 
 BS = 16
 A, B, C, D, E, F = ([1000 + k * 100 + i for i in range(BS)] for k in range(6))
@@ -62,13 +63,6 @@ def workers(discovery_dir: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
 def frontend_config(discovery: Path, mode: str = "kv", **router: object) -> FrontendConfig:
     planes = PlaneConfig(discovery="file", discovery_path=str(discovery), discovery_ttl=3)
     return FrontendConfig(port=0, router_mode=mode, planes=planes, router=RouterConfig(**router))  # type: ignore[arg-type]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "") -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def started(cfg: FrontendConfig, num_workers: int = 2) -> Frontend:

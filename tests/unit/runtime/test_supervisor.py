@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
+from tests.polling import until
 
 
 def script_child(name: str, log: Path, body: str, restart: bool = True) -> ChildSpec:
@@ -22,13 +23,6 @@ def script_child(name: str, log: Path, body: str, restart: bool = True) -> Child
 
 def starts(log: Path) -> int:
     return log.read_text().count("start") if log.exists() else 0
-
-
-async def wait_for(predicate, timeout: float = 10.0) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        await asyncio.sleep(0.02)
 
 
 async def test_a_child_that_must_not_restart_fails_the_supervisor(tmp_path: Path) -> None:
@@ -56,7 +50,7 @@ async def test_a_stable_run_clears_the_restart_count(tmp_path: Path) -> None:
     log = tmp_path / "starts"
     sup = Supervisor(max_restarts=1, backoff_seconds=0.01, stable_seconds=0.2)
     await sup.spawn(script_child("slow-crash", log, "import time; time.sleep(0.4); raise SystemExit(1)"))
-    await wait_for(lambda: starts(log) >= 4, timeout=20)
+    await until(lambda: starts(log) >= 4, timeout=20, interval=0.02)
     assert not sup.failed.is_set()
     await sup.stop()
 
@@ -65,7 +59,7 @@ async def test_a_healthy_child_is_stopped_with_sigterm(tmp_path: Path) -> None:
     log = tmp_path / "starts"
     sup = Supervisor(grace_seconds=10)
     await sup.spawn(script_child("healthy", log, "import time; time.sleep(60)"))
-    await wait_for(lambda: starts(log) == 1)
+    await until(lambda: starts(log) == 1, timeout=10, interval=0.02)
     assert len(sup.pids) == 1
     t0 = time.monotonic()
     await sup.stop()
@@ -78,7 +72,7 @@ async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp
     stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
     sup = Supervisor(grace_seconds=0.5)
     await sup.spawn(script_child("stubborn", log, stubborn))
-    await wait_for(lambda: starts(log) == 1)
+    await until(lambda: starts(log) == 1, timeout=10, interval=0.02)
     await asyncio.sleep(0.2)  # let it install the handler
     t0 = time.monotonic()
     await sup.stop()
