@@ -26,15 +26,15 @@ from pathlib import Path
 import msgspec
 from harness import (
     DYNAMO_ENV,
-    ROOT,
     DYNAMO_PLANES,
+    ROOT,
     Service,
+    add_param_flags,
     command_line,
     configure_logging,
     flags,
     free_port,
     params_from,
-    add_param_flags,
     pyplot,
     wait_for_model,
     write_json,
@@ -98,9 +98,7 @@ def lightspeed_service(p: Params, log_dir: Path, discovery_dir: Path) -> Service
     return Service("lightspeed", f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
 
 
-def dynamo_service(
-    p: Params, log_dir: Path, kv_dir: Path, venv: Path, model_dir: Path, model_name: str
-) -> Service:
+def dynamo_service(p: Params, log_dir: Path, kv_dir: Path, venv: Path, model_dir: Path, model_name: str) -> Service:
     port = free_port()
     py = str(venv / "bin" / "python")
     frontend = [py, "-m", "dynamo.frontend"]
@@ -269,17 +267,13 @@ def plot(report: OverheadReport, path: Path) -> None:
     for t_index, target in enumerate(TARGETS):
         xs, ys = [], []
         for c_index, conn in enumerate(CONNECTIONS):
-            agg = next(
-                (a for a in report.aggregates if a.target == target and a.connection == conn), None
-            )
+            agg = next((a for a in report.aggregates if a.target == target and a.connection == conn), None)
             if agg is None:
                 continue
             x = c_index + (t_index - 0.5) * width
             xs.append(x)
             ys.append(agg.req_per_s)
-            rounds = [
-                r.req_per_s for r in report.runs if r.target == target and r.connection == conn
-            ]
+            rounds = [r.req_per_s for r in report.runs if r.target == target and r.connection == conn]
             ax.scatter([x] * len(rounds), rounds, color="black", s=12, zorder=3)
         if xs:
             bars = ax.bar(xs, ys, width, label=target, color=COLORS[target])
@@ -363,9 +357,7 @@ def _keep_logs(tmp: Path, out: Path) -> None:
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_param_flags(ap, Params)
     work = ROOT / "bench" / ".work"
     ap.add_argument("--only", choices=("both", "lightspeed", "dynamo"), default="both")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -65,11 +66,13 @@ class Service:
     def start(self) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         for i, cmd in enumerate(self.commands):
-            log = open(self.log_dir / f"{self.name}-{i}.log", "wb")
             logger.info("start %s: %s", self.name, shlex.join(cmd))
-            # Own process group, so stop() reaches the children a launcher spawns.
-            proc = subprocess.Popen(cmd, cwd=ROOT, env=self.env, stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            # Own process group, so stop() reaches the children a launcher spawns. The child
+            # holds its own copy of the log descriptor, so ours closes right away.
+            with open(self.log_dir / f"{self.name}-{i}.log", "wb") as log:
+                proc = subprocess.Popen(
+                    cmd, cwd=ROOT, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                )
             self.procs.append(proc)
 
     def stop(self) -> None:
@@ -91,10 +94,8 @@ class Service:
 
 
 def signal_group(proc: subprocess.Popen[bytes], sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 def free_port() -> int:
@@ -125,8 +126,9 @@ async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5
     raise RuntimeError(f"{service.name} did not list a model within {timeout_s} s")
 
 
-async def with_service(service: Service, ready: Callable[[Service], Awaitable[object]],
-                       body: Callable[[str], Awaitable[T]]) -> T:
+async def with_service(
+    service: Service, ready: Callable[[Service], Awaitable[object]], body: Callable[[str], Awaitable[T]]
+) -> T:
     """Start `service`, wait until `ready`, run `body(url)`, and always stop it."""
     try:
         service.start()
@@ -154,12 +156,14 @@ def params_from(args: argparse.Namespace, params_type: Callable[..., P]) -> P:
     return params_type(**{name: getattr(args, name) for name in names})
 
 
-def parse_params(doc: str | None, params_type: Callable[..., P],
-                 extra: Callable[[argparse.ArgumentParser], None] | None = None,
-                 argv: list[str] | None = None) -> tuple[argparse.Namespace, P]:
+def parse_params(
+    doc: str | None,
+    params_type: Callable[..., P],
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: list[str] | None = None,
+) -> tuple[argparse.Namespace, P]:
     """A parser with the Params flags plus the script's own (`extra`), parsed."""
-    ap = argparse.ArgumentParser(description=doc,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_param_flags(ap, params_type)  # type: ignore[arg-type]
     if extra is not None:
         extra(ap)
@@ -200,5 +204,4 @@ def pyplot() -> Any | None:
 
 
 def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

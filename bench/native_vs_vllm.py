@@ -96,23 +96,56 @@ class Params:
 # ---------------------------------------------------------------- servers
 
 
-def native_service(name: str, dtype: str, log_dir: Path, discovery_dir: Path,
-                   extra: list[str] | None = None, max_batched: int = 2048) -> Service:
+def native_service(
+    name: str, dtype: str, log_dir: Path, discovery_dir: Path, extra: list[str] | None = None, max_batched: int = 2048
+) -> Service:
     """`lightspeed serve --engine native` with one worker on the packaged model."""
     port = free_port()
-    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "native", "--workers", "1",
-           "--dtype", dtype, "--max-num-batched-tokens", str(max_batched),
-           "--host", "127.0.0.1", "--port", str(port),
-           "--discovery-path", str(discovery_dir), *(extra or [])]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightspeed",
+        "serve",
+        "--engine",
+        "native",
+        "--workers",
+        "1",
+        "--dtype",
+        dtype,
+        "--max-num-batched-tokens",
+        str(max_batched),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--discovery-path",
+        str(discovery_dir),
+        *(extra or []),
+    ]
     return Service(name, f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
 
 
 def vllm_service(p: Params, log_dir: Path, venv: Path, model_dir: Path, bind: str) -> Service:
     port = free_port()
-    cmd = [str(venv / "bin" / "python"), "-m", "vllm.entrypoints.openai.api_server",
-           "--model", str(model_dir), "--served-model-name", "smollm2", "--host", "127.0.0.1",
-           "--port", str(port), "--dtype", p.vllm_dtype, "--max-model-len", str(p.max_model_len),
-           "--seed", str(p.seed)]
+    cmd = [
+        str(venv / "bin" / "python"),
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_dir),
+        "--served-model-name",
+        "smollm2",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--dtype",
+        p.vllm_dtype,
+        "--max-model-len",
+        str(p.max_model_len),
+        "--seed",
+        str(p.seed),
+    ]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": str(p.vllm_kvcache_gb)}
     name = "vllm"
     if bind != "auto":  # e.g. "0-1": every core for the model, none reserved
@@ -152,22 +185,53 @@ def _ms(dist: object, attr: str) -> float:
     return float(getattr(dist, attr)) * 1e3 if dist is not None else 0.0
 
 
-async def measure_point(url: str, p: Params, target: str, concurrency: int,
-                        num_requests: int | None = None) -> Point:
+async def measure_point(url: str, p: Params, target: str, concurrency: int, num_requests: int | None = None) -> Point:
     n = num_requests or p.num_requests(concurrency)
     warmup = max(concurrency, 2)  # one full wave, so every in-flight slot has run once
-    cfg = BenchConfig(url=url, concurrency=concurrency, num_requests=n, warmup=warmup,
-                      isl=p.isl, osl=p.osl, progress=False, seed=p.seed + concurrency,
-                      timeout_s=p.point_timeout_s, label=f"{target}-c{concurrency}")
+    cfg = BenchConfig(
+        url=url,
+        concurrency=concurrency,
+        num_requests=n,
+        warmup=warmup,
+        isl=p.isl,
+        osl=p.osl,
+        progress=False,
+        seed=p.seed + concurrency,
+        timeout_s=p.point_timeout_s,
+        label=f"{target}-c{concurrency}",
+    )
     s = (await run_bench(cfg)).summary
-    point = Point(target, concurrency, n, warmup, s.duration_s, s.output_tok_per_s, s.req_per_s,
-                  _ms(s.ttft_s, "p50"), _ms(s.ttft_s, "p90"), _ms(s.itl_s, "p50"),
-                  _ms(s.itl_s, "p90"), _ms(s.tpot_s, "p50"), _ms(s.tpot_s, "p90"),
-                  s.e2e_s.p50 if s.e2e_s else 0.0, s.completed, s.failed, s.failures)
-    logger.info("%s c=%d: %.1f out tok/s, TTFT p50 %.0f ms p90 %.0f ms, TPOT p50 %.1f ms, "
-                "ITL p50 %.1f ms, %d failed, %.0f s", target, concurrency,
-                point.output_tok_per_s, point.ttft_p50_ms, point.ttft_p90_ms, point.tpot_p50_ms,
-                point.itl_p50_ms, point.failed, point.duration_s)
+    point = Point(
+        target,
+        concurrency,
+        n,
+        warmup,
+        s.duration_s,
+        s.output_tok_per_s,
+        s.req_per_s,
+        _ms(s.ttft_s, "p50"),
+        _ms(s.ttft_s, "p90"),
+        _ms(s.itl_s, "p50"),
+        _ms(s.itl_s, "p90"),
+        _ms(s.tpot_s, "p50"),
+        _ms(s.tpot_s, "p90"),
+        s.e2e_s.p50 if s.e2e_s else 0.0,
+        s.completed,
+        s.failed,
+        s.failures,
+    )
+    logger.info(
+        "%s c=%d: %.1f out tok/s, TTFT p50 %.0f ms p90 %.0f ms, TPOT p50 %.1f ms, ITL p50 %.1f ms, %d failed, %.0f s",
+        target,
+        concurrency,
+        point.output_tok_per_s,
+        point.ttft_p50_ms,
+        point.ttft_p90_ms,
+        point.tpot_p50_ms,
+        point.itl_p50_ms,
+        point.failed,
+        point.duration_s,
+    )
     return point
 
 
@@ -193,17 +257,15 @@ async def probe_dtypes(p: Params, log_dir: Path, tmp: Path) -> tuple[str, list[P
     for dtype in [d.strip() for d in p.dtype_probe.split(",") if d.strip()]:
         disc = tmp / f"probe-{dtype}"
         disc.mkdir()
-        svc = native_service(f"probe-{dtype}", dtype, log_dir, disc,
-                             max_batched=p.native_max_num_batched_tokens)
+        svc = native_service(f"probe-{dtype}", dtype, log_dir, disc, max_batched=p.native_max_num_batched_tokens)
         c = p.probe_concurrency
 
-        async def body(url: str, c: int = c) -> Point:
+        async def body(url: str, c: int = c, dtype: str = dtype) -> Point:
             return await measure_point(url, p, f"lightspeed-{dtype}", c, p.num_requests(c))
 
         results.append(ProbeResult(dtype, await with_service(svc, body)))
     best = max(results, key=lambda r: r.point.output_tok_per_s)
-    logger.info("dtype probe: %s", ", ".join(
-        f"{r.dtype} {r.point.output_tok_per_s:.1f} tok/s" for r in results))
+    logger.info("dtype probe: %s", ", ".join(f"{r.dtype} {r.point.output_tok_per_s:.1f} tok/s" for r in results))
     return best.dtype, results
 
 
@@ -261,13 +323,18 @@ def make_ratios(points: list[Point]) -> list[Ratio]:
     baselines = sorted({pt.target for pt in points if pt.target.startswith("vllm")})
     for base in baselines:
         for c in sorted({pt.concurrency for pt in points}):
-            ours = next((x for x in points if x.target == "lightspeed" and x.concurrency == c),
-                        None)
+            ours = next((x for x in points if x.target == "lightspeed" and x.concurrency == c), None)
             them = next((x for x in points if x.target == base and x.concurrency == c), None)
             if ours and them and them.output_tok_per_s and them.ttft_p50_ms and them.tpot_p50_ms:
-                out.append(Ratio(base, c, ours.output_tok_per_s / them.output_tok_per_s,
-                                 ours.ttft_p50_ms / them.ttft_p50_ms,
-                                 ours.tpot_p50_ms / them.tpot_p50_ms))
+                out.append(
+                    Ratio(
+                        base,
+                        c,
+                        ours.output_tok_per_s / them.output_tok_per_s,
+                        ours.ttft_p50_ms / them.ttft_p50_ms,
+                        ours.tpot_p50_ms / them.tpot_p50_ms,
+                    )
+                )
     return out
 
 
@@ -275,15 +342,16 @@ def plot(report: Report, path: Path) -> None:
     plt = pyplot()
     if plt is None:
         return
-    panels = (("output_tok_per_s", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"),
-              ("tpot_p50_ms", "TPOT p50 (ms)"))
+    panels = (("output_tok_per_s", "output tok/s"), ("ttft_p50_ms", "TTFT p50 (ms)"), ("tpot_p50_ms", "TPOT p50 (ms)"))
     fig, axes = plt.subplots(1, 3, figsize=(14, 4.5))
     cs = sorted({pt.concurrency for pt in report.points})
     targets = [t for t in COLORS if any(pt.target == t for pt in report.points)]
     width = 0.8 / len(targets)
-    names = {"lightspeed": f"lightspeed native ({report.native_dtype})",
-             "vllm": "vllm-cpu 0.32.0 (default: model on 1 core)",
-             "vllm-allcores": "vllm-cpu 0.32.0 (model on both cores)"}
+    names = {
+        "lightspeed": f"lightspeed native ({report.native_dtype})",
+        "vllm": "vllm-cpu 0.32.0 (default: model on 1 core)",
+        "vllm-allcores": "vllm-cpu 0.32.0 (model on both cores)",
+    }
     for ax, (attr, label) in zip(axes, panels):
         for t_index, target in enumerate(targets):
             pts = {pt.concurrency: pt for pt in report.points if pt.target == target}
@@ -296,11 +364,12 @@ def plot(report: Report, path: Path) -> None:
         ax.set_ylabel(label)
         ax.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    lines = [f"SmolLM2-135M, ISL {report.params.isl} / OSL {report.params.osl}, 2 CPU cores; "
-             "ours/vLLM output tok/s:"]
+    lines = [f"SmolLM2-135M, ISL {report.params.isl} / OSL {report.params.osl}, 2 CPU cores; ours/vLLM output tok/s:"]
     for base in sorted({r.baseline for r in report.ratios}):
-        lines.append(f"{base}: " + ", ".join(f"c{r.concurrency} x{r.output_tok_per_s:.2f}"
-                                              for r in report.ratios if r.baseline == base))
+        lines.append(
+            f"{base}: "
+            + ", ".join(f"c{r.concurrency} x{r.output_tok_per_s:.2f}" for r in report.ratios if r.baseline == base)
+        )
     fig.suptitle("\n".join(lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -321,19 +390,32 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
         services = []
         if args.only in ("both", "lightspeed"):
             (tmp / "ls-discovery").mkdir()
-            services.append(native_service("lightspeed", dtype, log_dir, tmp / "ls-discovery",
-                                           max_batched=p.native_max_num_batched_tokens))
+            services.append(
+                native_service(
+                    "lightspeed", dtype, log_dir, tmp / "ls-discovery", max_batched=p.native_max_num_batched_tokens
+                )
+            )
         if args.only in ("both", "vllm"):
-            services += [vllm_service(p, log_dir, venv, model_dir, b.strip())
-                         for b in p.vllm_omp_binds.split(",") if b.strip()]
+            services += [
+                vllm_service(p, log_dir, venv, model_dir, b.strip()) for b in p.vllm_omp_binds.split(",") if b.strip()
+            ]
         points = [pt for svc in services for pt in await sweep(svc, p)]
     ratios = make_ratios(points)
-    met = {f"{r.baseline}/c{r.concurrency}": r.output_tok_per_s >= 1.0 for r in ratios
-           if r.concurrency in (16, 32)}
-    return Report(command_line(), started,
-                  datetime.now(UTC).isoformat(timespec="seconds"), f"{os.cpu_count()} CPUs", p,
-                  dtype, probe, {s.name: shlex.join(s.commands[0]) for s in services}, points,
-                  ratios, met, NOTE)
+    met = {f"{r.baseline}/c{r.concurrency}": r.output_tok_per_s >= 1.0 for r in ratios if r.concurrency in (16, 32)}
+    return Report(
+        command_line(),
+        started,
+        datetime.now(UTC).isoformat(timespec="seconds"),
+        f"{os.cpu_count()} CPUs",
+        p,
+        dtype,
+        probe,
+        {s.name: shlex.join(s.commands[0]) for s in services},
+        points,
+        ratios,
+        met,
+        NOTE,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
@@ -359,8 +441,14 @@ def main(argv: list[str] | None = None) -> int:
     write_json(report, path)
     plot(report, path.with_suffix(".png"))
     for r in report.ratios:
-        logger.info("c=%d ours/%s: out tok/s x%.2f, TTFT p50 x%.2f, TPOT p50 x%.2f",
-                    r.concurrency, r.baseline, r.output_tok_per_s, r.ttft_p50, r.tpot_p50)
+        logger.info(
+            "c=%d ours/%s: out tok/s x%.2f, TTFT p50 x%.2f, TPOT p50 x%.2f",
+            r.concurrency,
+            r.baseline,
+            r.output_tok_per_s,
+            r.ttft_p50,
+            r.tpot_p50,
+        )
     logger.info("target (>= 1.0x at c16, c32): %s; wrote %s", report.target_met, path)
     return 0
 

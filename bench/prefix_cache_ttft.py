@@ -120,11 +120,21 @@ async def one_pair(client: OpenAIClient, rng: random.Random, p: Params, rep: int
     tail_len = p.prompt_len - p.prefix_len
     cold = await _ttft(client, prefix + _tokens(rng, tail_len, p))
     cached = await _ttft(client, prefix + _tokens(rng, tail_len, p))
-    sample = Sample(rep, cold.ttft_s * 1e3, cached.ttft_s * 1e3,  # type: ignore[operator]
-                    cold.cached_tokens, cached.cached_tokens)
-    logger.info("rep %d: cold %.1f ms, cached %.1f ms (cached tokens %s -> %s)", rep,
-                sample.cold_ttft_ms, sample.cached_ttft_ms, sample.cold_cached_tokens,
-                sample.cached_cached_tokens)
+    sample = Sample(
+        rep,
+        cold.ttft_s * 1e3,
+        cached.ttft_s * 1e3,  # type: ignore[operator]
+        cold.cached_tokens,
+        cached.cached_tokens,
+    )
+    logger.info(
+        "rep %d: cold %.1f ms, cached %.1f ms (cached tokens %s -> %s)",
+        rep,
+        sample.cold_ttft_ms,
+        sample.cached_ttft_ms,
+        sample.cold_cached_tokens,
+        sample.cached_cached_tokens,
+    )
     return sample
 
 
@@ -143,9 +153,16 @@ def summarize(samples: list[Sample]) -> Summary:
     cached = [s.cached_ttft_ms for s in samples]
     ratio_mean = statistics.mean(cached) / statistics.mean(cold)
     ratio_p50 = statistics.median(cached) / statistics.median(cold)
-    return Summary(statistics.mean(cold), statistics.median(cold), statistics.mean(cached),
-                   statistics.median(cached), ratio_mean, ratio_p50, TARGET_RATIO,
-                   ratio_mean <= TARGET_RATIO)
+    return Summary(
+        statistics.mean(cold),
+        statistics.median(cold),
+        statistics.mean(cached),
+        statistics.median(cached),
+        ratio_mean,
+        ratio_p50,
+        TARGET_RATIO,
+        ratio_mean <= TARGET_RATIO,
+    )
 
 
 NOTE = (
@@ -160,16 +177,30 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-prefix-") as tmp:
         extra = ["--block-size", str(p.block_size)]
-        svc = native_service("lightspeed-prefix", p.dtype, WORK / "prefix-cache-logs",
-                             Path(tmp), extra=extra, max_batched=p.max_num_batched_tokens)
+        svc = native_service(
+            "lightspeed-prefix",
+            p.dtype,
+            WORK / "prefix-cache-logs",
+            Path(tmp),
+            extra=extra,
+            max_batched=p.max_num_batched_tokens,
+        )
         models: list[str] = []
 
         async def ready(service: Service) -> None:
             models.append(await wait_ready(service))
 
         samples = await with_service(svc, ready, lambda url: measure(url, models[0], p))
-    return Report(command_line(), started, f"{os.cpu_count()} CPUs", p,
-                  shlex.join(svc.commands[0]), samples, summarize(samples), NOTE)
+    return Report(
+        command_line(),
+        started,
+        f"{os.cpu_count()} CPUs",
+        p,
+        shlex.join(svc.commands[0]),
+        samples,
+        summarize(samples),
+        NOTE,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
@@ -188,10 +219,19 @@ def main(argv: list[str] | None = None) -> int:
     path = Path(args.out) / "prefix_cache_ttft.json"
     write_json(report, path)
     s = report.summary
-    logger.info("cold TTFT mean %.1f ms (p50 %.1f), cached mean %.1f ms (p50 %.1f): "
-                "cached/cold %.3f (p50 %.3f), target <= %.2f met: %s; wrote %s",
-                s.cold_mean_ms, s.cold_p50_ms, s.cached_mean_ms, s.cached_p50_ms, s.ratio_mean,
-                s.ratio_p50, s.target_ratio, s.target_met, path)
+    logger.info(
+        "cold TTFT mean %.1f ms (p50 %.1f), cached mean %.1f ms (p50 %.1f): "
+        "cached/cold %.3f (p50 %.3f), target <= %.2f met: %s; wrote %s",
+        s.cold_mean_ms,
+        s.cold_p50_ms,
+        s.cached_mean_ms,
+        s.cached_p50_ms,
+        s.ratio_mean,
+        s.ratio_p50,
+        s.target_ratio,
+        s.target_met,
+        path,
+    )
     return 0
 
 

@@ -38,17 +38,17 @@ import msgspec
 import numpy as np
 from harness import ROOT, command_line, write_json
 
+from lightspeed.kv_hashing import (
+    compute_block_hashes,
+    compute_prompt_seq_hashes,
+    compute_seq_hashes,
+)
 from lightspeed.protocol import (
     KvEvent,
     KvEventData,
     KvRemoved,
     KvStored,
     StoredBlock,
-)
-from lightspeed.router.hashing import (
-    compute_block_hashes,
-    compute_prompt_seq_hashes,
-    compute_seq_hashes,
 )
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 
@@ -59,8 +59,7 @@ TARGET_DECISION_P99_US = 200.0
 VOCAB = (100, 49152)  # SmolLM2 vocab without special tokens, as `lightspeed bench` uses
 
 DYNAMO_REFERENCE = {
-    "source": "NVIDIA Dynamo blog 'Flash Indexer: A Story of Inter-Galactic KV Routing' "
-    "(Feb 23, 2026)",
+    "source": "NVIDIA Dynamo blog 'Flash Indexer: A Story of Inter-Galactic KV Routing' (Feb 23, 2026)",
     "urls": [
         "https://docs.dynamo.nvidia.com/dynamo/dev/blog/flash-indexer.md",
         "https://docs.nvidia.com/dynamo/zh-CN/v1.1.0/blog/flash-indexer",
@@ -212,9 +211,7 @@ def store_prompt(
         fleet.tails[w].append(seq[first_new:end])
 
 
-def evict_oldest(
-    p: Params, fleet: Fleet, stream: Stream, w: int, rng: random.Random, encode: Encode
-) -> None:
+def evict_oldest(p: Params, fleet: Fleet, stream: Stream, w: int, rng: random.Random, encode: Encode) -> None:
     """Emit Removed events for the oldest stored run of worker `w` (leaves first, like LRU)."""
     if not fleet.tails[w]:
         return
@@ -230,13 +227,11 @@ def generate(p: Params, pool: list[Prefix], rng: random.Random) -> tuple[Stream,
     """The build stream (up to exactly p.blocks pairs) and the churn stream after it."""
     encode = msgspec.msgpack.Encoder().encode
     pick = zipf_picker(p, rng)
-    fleet = Fleet([set() for _ in range(p.workers)], [deque() for _ in range(p.workers)],
-                  [0] * p.workers)
+    fleet = Fleet([set() for _ in range(p.workers)], [deque() for _ in range(p.workers)], [0] * p.workers)
     build, churn = Stream(), Stream()
     while fleet.pairs < p.blocks:
         w = rng.randrange(p.workers)
-        store_prompt(p, fleet, build, w, make_prompt(p, pool[pick()], rng), rng, encode,
-                     p.blocks - fleet.pairs)
+        store_prompt(p, fleet, build, w, make_prompt(p, pool[pick()], rng), rng, encode, p.blocks - fleet.pairs)
     for _ in range(p.churn_prompts):
         w = rng.randrange(p.workers)
         evict_oldest(p, fleet, churn, w, rng, encode)
@@ -265,8 +260,7 @@ def ingest(index: KvIndex, stream: Stream) -> dict[str, float]:
     }
 
 
-def make_query(p: Params, pool: list[Prefix], pick: Callable[[], int],
-               nrng: np.random.Generator) -> list[int]:
+def make_query(p: Params, pool: list[Prefix], pick: Callable[[], int], nrng: np.random.Generator) -> list[int]:
     prefix = pool[pick()].tokens[: p.isl]
     return prefix + nrng.integers(*VOCAB, size=p.isl - len(prefix)).tolist()
 
@@ -282,8 +276,9 @@ def percentiles(ns: list[int]) -> dict[str, float]:
     }
 
 
-def decisions(p: Params, index: KvIndex, pool: list[Prefix], rng: random.Random,
-              nrng: np.random.Generator) -> dict[str, object]:
+def decisions(
+    p: Params, index: KvIndex, pool: list[Prefix], rng: random.Random, nrng: np.random.Generator
+) -> dict[str, object]:
     pick = zipf_picker(p, rng)
     hash_ns: list[int] = []
     lookup_ns: list[int] = []
@@ -313,8 +308,9 @@ def decisions(p: Params, index: KvIndex, pool: list[Prefix], rng: random.Random,
     }
 
 
-def reference_hashing(p: Params, pool: list[Prefix], rng: random.Random,
-                      nrng: np.random.Generator, n: int = 1000) -> dict[str, float]:
+def reference_hashing(
+    p: Params, pool: list[Prefix], rng: random.Random, nrng: np.random.Generator, n: int = 1000
+) -> dict[str, float]:
     """The two-step path (compute_block_hashes + compute_seq_hashes) for comparison."""
     pick = zipf_picker(p, rng)
     ns = []
@@ -350,8 +346,7 @@ def approx(p: Params, pool: list[Prefix], rng: random.Random) -> dict[str, objec
     return {
         "pairs": pairs,
         "find_matches_plus_record": percentiles(ns),
-        "expire_all": {"pairs": dropped, "seconds": round(seconds, 4),
-                       "pairs_per_s": round(dropped / seconds)},
+        "expire_all": {"pairs": dropped, "seconds": round(seconds, 4), "pairs_per_s": round(dropped / seconds)},
     }
 
 
@@ -385,8 +380,9 @@ def run(p: Params) -> dict[str, object]:
     t0 = time.perf_counter()
     pool = build_pool(p, rng, nrng)
     build, churn = generate(p, pool, rng)
-    logger.info("workload: %d build events, %d churn events in %.1fs",
-                build.events, churn.events, time.perf_counter() - t0)
+    logger.info(
+        "workload: %d build events, %d churn events in %.1fs", build.events, churn.events, time.perf_counter() - t0
+    )
     index = KvIndex()
     results: dict[str, object] = {"ingest": ingest(index, build)}
     results["index"] = {
@@ -403,9 +399,7 @@ def run(p: Params) -> dict[str, object]:
     return results
 
 
-def report(
-    p: Params, results: dict[str, object], argv: list[str], started: datetime
-) -> dict[str, object]:
+def report(p: Params, results: dict[str, object], argv: list[str], started: datetime) -> dict[str, object]:
     ingest_rate = results["ingest"]["blocks_per_s"]  # type: ignore[index]
     p99 = results["decision"]["total"]["p99_us"]  # type: ignore[index]
     return {
@@ -415,10 +409,8 @@ def report(
         "machine": machine(),
         "params": asdict(p),
         "gc": "default CPython GC thresholds (gc enabled)",
-        "targets": {"ingest_blocks_per_s": TARGET_INGEST_BLOCKS_PER_S,
-                    "decision_p99_us": TARGET_DECISION_P99_US},
-        "met": {"ingest": ingest_rate >= TARGET_INGEST_BLOCKS_PER_S,
-                "decision_p99": p99 <= TARGET_DECISION_P99_US},
+        "targets": {"ingest_blocks_per_s": TARGET_INGEST_BLOCKS_PER_S, "decision_p99_us": TARGET_DECISION_P99_US},
+        "met": {"ingest": ingest_rate >= TARGET_INGEST_BLOCKS_PER_S, "decision_p99": p99 <= TARGET_DECISION_P99_US},
         "results": results,
         "dynamo_reference": DYNAMO_REFERENCE,
     }
@@ -432,8 +424,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Params]:
     ap.add_argument("--smoke", action="store_true", help="tiny scale, writes under bench/.work/")
     ap.add_argument("--out", type=Path, default=None, help="result JSON path")
     args = ap.parse_args(argv)
-    overrides = {n: getattr(args, n) for n in ("workers", "blocks", "block_size", "isl",
-                                               "decisions", "churn_prompts", "seed")}
+    overrides = {
+        n: getattr(args, n) for n in ("workers", "blocks", "block_size", "isl", "decisions", "churn_prompts", "seed")
+    }
     if args.smoke:
         overrides |= {"blocks": 20_000, "decisions": 300, "churn_prompts": 200, "workers": 8}
     return args, Params(**overrides)
@@ -443,8 +436,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     argv = sys.argv[1:] if argv is None else argv
     args, params = parse_args(argv)
-    default_out = ROOT / ("bench/.work/router_micro_smoke.json" if args.smoke
-                          else "bench/results/router_micro.json")
+    default_out = ROOT / ("bench/.work/router_micro_smoke.json" if args.smoke else "bench/results/router_micro.json")
     out: Path = args.out or default_out
     started = datetime.now(UTC)
     doc = report(params, run(params), argv, started)

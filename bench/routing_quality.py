@@ -148,17 +148,13 @@ def lightspeed_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Pa
     return Service(policy, f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
 
 
-def dynamo_service(
-    policy: str, mode: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace
-) -> Service:
+def dynamo_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace) -> Service:
     port = free_port()
     kv_dir = tmp / f"{policy}-kv"
     kv_dir.mkdir()
     py = str(Path(args.dynamo_venv) / "bin" / "python")
     frontend = [py, "-m", "dynamo.frontend"]
-    frontend += flags(
-        {"--http-host": "127.0.0.1", "--http-port": port, "--router-mode": mode, **DYNAMO_PLANES}
-    )
+    frontend += flags({"--http-host": "127.0.0.1", "--http-port": port, "--router-mode": mode, **DYNAMO_PLANES})
     mocker = [py, "-m", "dynamo.mocker"]
     mocker += flags(
         {
@@ -174,9 +170,7 @@ def dynamo_service(
     return Service(policy, f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
 
 
-def build_service(
-    policy: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace
-) -> Service:
+def build_service(policy: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace) -> Service:
     system, mode = POLICIES[policy]
     if system == "lightspeed":
         return lightspeed_service(policy, mode, p, log_dir, tmp)
@@ -323,7 +317,7 @@ def ttft_cdf(ttfts: list[tuple[float, float]]) -> list[float]:
 
 def p90_by_quarter(ttfts: list[tuple[float, float]]) -> list[float]:
     n = len(ttfts)
-    quarters = [sorted(t for _s, t in ttfts[i * n // 4:(i + 1) * n // 4]) for i in range(4)]
+    quarters = [sorted(t for _s, t in ttfts[i * n // 4 : (i + 1) * n // 4]) for i in range(4)]
     return [percentile(q, 90) for q in quarters if q]
 
 
@@ -347,9 +341,7 @@ def bench_config(url: str, p: Params, policy: str, out_dir: Path) -> BenchConfig
     )
 
 
-async def measure(
-    service: Service, system: str, p: Params, out_dir: Path
-) -> tuple[BenchReport, LoadStats]:
+async def measure(service: Service, system: str, p: Params, out_dir: Path) -> tuple[BenchReport, LoadStats]:
     samples: list[LoadSample] = []
     capacity = p.workers * p.num_gpu_blocks
     sampler = asyncio.create_task(sample_load(service.url, system, capacity, samples))
@@ -377,16 +369,33 @@ async def run_policy(policy: str, p: Params, args: argparse.Namespace, tmp: Path
     s = report.summary
     ttfts = read_ttfts(out_dir / "requests.jsonl")
     result = PolicyResult(
-        policy, system, mode, [shlex.join(c) for c in service.commands], s,
-        _ms(s.ttft_s, "p50"), _ms(s.ttft_s, "p90"), _ms(s.ttft_s, "p99"),
-        _ms(s.itl_s, "p50"), _ms(s.tpot_s, "p50"), _ms(s.e2e_s, "p50"), _ms(s.e2e_s, "p90"),
-        s.prefix_cache_hit_rate, report.max_dispatch_lag_s, load,
-        ttft_cdf(ttfts), p90_by_quarter(ttfts),
+        policy,
+        system,
+        mode,
+        [shlex.join(c) for c in service.commands],
+        s,
+        _ms(s.ttft_s, "p50"),
+        _ms(s.ttft_s, "p90"),
+        _ms(s.ttft_s, "p99"),
+        _ms(s.itl_s, "p50"),
+        _ms(s.tpot_s, "p50"),
+        _ms(s.e2e_s, "p50"),
+        _ms(s.e2e_s, "p90"),
+        s.prefix_cache_hit_rate,
+        report.max_dispatch_lag_s,
+        load,
+        ttft_cdf(ttfts),
+        p90_by_quarter(ttfts),
     )
     logger.info(
         "%s: TTFT p50 %.0f p90 %.0f ms, hit %.3f, %d ok / %d failed, inflight mean %s",
-        policy, result.ttft_p50_ms or 0, result.ttft_p90_ms or 0,
-        result.prefix_cache_hit_rate or 0, s.completed, s.failed, load.inflight_mean,
+        policy,
+        result.ttft_p50_ms or 0,
+        result.ttft_p90_ms or 0,
+        result.prefix_cache_hit_rate or 0,
+        s.completed,
+        s.failed,
+        load.inflight_mean,
     )
     return result
 
@@ -440,10 +449,17 @@ def offered_load(p: Params) -> OfferedLoad:
     replay = max(span / p.trace_speedup, 1e-9)
     outputs = sum(window.output_tokens(r.output_length) for r in trace.rows)
     return OfferedLoad(
-        len(trace.rows), span, replay, len(trace.rows) / replay, inputs / replay,
-        outputs / replay, inputs / max(1, len(trace.rows)),
-        max((r.input_length for r in trace.rows), default=0), hits / max(1, inputs),
-        _quantiles(no_cache), _quantiles(perfect),
+        len(trace.rows),
+        span,
+        replay,
+        len(trace.rows) / replay,
+        inputs / replay,
+        outputs / replay,
+        inputs / max(1, len(trace.rows)),
+        max((r.input_length for r in trace.rows), default=0),
+        hits / max(1, inputs),
+        _quantiles(no_cache),
+        _quantiles(perfect),
     )
 
 
@@ -501,8 +517,13 @@ def comparison(results: list[PolicyResult]) -> Comparison:
         "ttft_p90_2x_better_than_rr": None if rr_gain is None else rr_gain >= 2.0,
     }
     return Comparison(
-        best.policy if best else None, vs_dyn, best_hit, dyn_hit, rr_gain,
-        _ratio(dyn_rr and dyn_rr.ttft_p90_ms, dyn_kv and dyn_kv.ttft_p90_ms), targets,
+        best.policy if best else None,
+        vs_dyn,
+        best_hit,
+        dyn_hit,
+        rr_gain,
+        _ratio(dyn_rr and dyn_rr.ttft_p90_ms, dyn_kv and dyn_kv.ttft_p90_ms),
+        targets,
     )
 
 
@@ -554,8 +575,7 @@ def _plot_bars(ax, results: list[PolicyResult]) -> None:  # type: ignore[no-unty
     p50 = [(r.ttft_p50_ms or 0) / 1e3 for r in results]
     p90 = [(r.ttft_p90_ms or 0) / 1e3 for r in results]
     ax.bar([x - 0.2 for x in xs], p50, 0.4, label="TTFT p50", color="tab:gray")
-    bars = ax.bar([x + 0.2 for x in xs], p90, 0.4, label="TTFT p90",
-                  color=[COLORS[r.policy] for r in results])
+    bars = ax.bar([x + 0.2 for x in xs], p90, 0.4, label="TTFT p90", color=[COLORS[r.policy] for r in results])
     hits = [f"hit {r.prefix_cache_hit_rate or 0:.2f}" for r in results]
     ax.bar_label(bars, labels=hits, fontsize=8)
     ax.set_xticks(list(xs), [r.policy for r in results])
@@ -609,18 +629,18 @@ async def run_all(policies: list[str], p: Params, args: argparse.Namespace) -> l
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    ap = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_param_flags(ap, Params)
     work = ROOT / "bench" / ".work"
-    ap.add_argument("--policies", default=",".join(POLICIES),
-                    help=f"comma list, run in this order; known: {', '.join(POLICIES)}")
+    ap.add_argument(
+        "--policies", default=",".join(POLICIES), help=f"comma list, run in this order; known: {', '.join(POLICIES)}"
+    )
     ap.add_argument("--dynamo-venv", default=str(work / "dynamo-venv"))
     ap.add_argument("--dynamo-model-dir", default=str(work / "dynamo-model"))
     ap.add_argument("--model-name", default="smollm2", help="name Dynamo's mocker serves")
-    ap.add_argument("--work-dir", default=str(work / "routing-quality"),
-                    help="per-policy bench reports and server logs")
+    ap.add_argument(
+        "--work-dir", default=str(work / "routing-quality"), help="per-policy bench reports and server logs"
+    )
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing_quality.json"))
     args = ap.parse_args(argv)
     params = params_from(args, Params)
@@ -635,12 +655,22 @@ def write(report: RoutingReport, path: Path) -> None:
 
 def log_summary(report: RoutingReport) -> None:
     load = report.offered_load
-    logger.info("offered: %.2f req/s, %.0f prompt tok/s, perfect-cache hit %.3f",
-                load.req_per_s, load.prompt_tok_per_s, load.perfect_cache_hit_rate)
+    logger.info(
+        "offered: %.2f req/s, %.0f prompt tok/s, perfect-cache hit %.3f",
+        load.req_per_s,
+        load.prompt_tok_per_s,
+        load.perfect_cache_hit_rate,
+    )
     for r in report.results:
-        logger.info("%-14s TTFT p50 %8.0f p90 %8.0f p99 %8.0f ms  hit %.3f  failed %d",
-                    r.policy, r.ttft_p50_ms or 0, r.ttft_p90_ms or 0, r.ttft_p99_ms or 0,
-                    r.prefix_cache_hit_rate or 0, r.summary.failed)
+        logger.info(
+            "%-14s TTFT p50 %8.0f p90 %8.0f p99 %8.0f ms  hit %.3f  failed %d",
+            r.policy,
+            r.ttft_p50_ms or 0,
+            r.ttft_p90_ms or 0,
+            r.ttft_p99_ms or 0,
+            r.prefix_cache_hit_rate or 0,
+            r.summary.failed,
+        )
     logger.info("calibration: %s", report.calibration)
     logger.info("comparison: %s", report.comparison)
 
@@ -657,9 +687,18 @@ def main(argv: list[str] | None = None) -> int:
 
     results = uvloop.run(run_all(policies, params, args))
     report = RoutingReport(
-        command_line(), started, f"{os.cpu_count()} CPUs",
-        asdict(params), str(TRACE), requested, skipped, offered_load(params), results,
-        calibration(results), comparison(results), NOTE,
+        command_line(),
+        started,
+        f"{os.cpu_count()} CPUs",
+        asdict(params),
+        str(TRACE),
+        requested,
+        skipped,
+        offered_load(params),
+        results,
+        calibration(results),
+        comparison(results),
+        NOTE,
     )
     write(report, Path(args.out))
     log_summary(report)

@@ -117,8 +117,7 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-async def sample_rss(roles: dict[str, int], interval_s: float,
-                     out: list[tuple[float, dict[str, float]]]) -> None:
+async def sample_rss(roles: dict[str, int], interval_s: float, out: list[tuple[float, dict[str, float]]]) -> None:
     """Append (monotonic time, role -> RSS MB) every interval until cancelled."""
     while True:
         now = time.monotonic()
@@ -137,32 +136,56 @@ def slope_mb_per_min(samples: list[RssSample], role: str, window_s: float) -> fl
     return float(np.polyfit(t / 60.0, y, 1)[0])
 
 
-def role_stats(samples: list[RssSample], roles: dict[str, int],
-               window_s: float) -> dict[str, RoleStats]:
+def role_stats(samples: list[RssSample], roles: dict[str, int], window_s: float) -> dict[str, RoleStats]:
     measured = [s for s in samples if s.t_s >= 0] or samples
-    return {role: RoleStats(pid, measured[0].rss_mb[role], measured[-1].rss_mb[role],
-                            max(s.rss_mb[role] for s in measured),
-                            slope_mb_per_min(measured, role, window_s))
-            for role, pid in roles.items()}
+    return {
+        role: RoleStats(
+            pid,
+            measured[0].rss_mb[role],
+            measured[-1].rss_mb[role],
+            max(s.rss_mb[role] for s in measured),
+            slope_mb_per_min(measured, role, window_s),
+        )
+        for role, pid in roles.items()
+    }
 
 
 async def soak(svc: Service, p: Params) -> tuple[dict[str, int], list[RssSample], dict[str, float]]:
     roles = await _wait_roles(svc.procs[0].pid)
     raw: list[tuple[float, dict[str, float]]] = []
     sampler = asyncio.create_task(sample_rss(roles, p.interval_s, raw))
-    warm = BenchConfig(url=svc.url, concurrency=p.concurrency, num_requests=p.warmup,
-                       isl=p.isl, osl=p.osl, progress=False, seed=p.seed + 1)
+    warm = BenchConfig(
+        url=svc.url,
+        concurrency=p.concurrency,
+        num_requests=p.warmup,
+        isl=p.isl,
+        osl=p.osl,
+        progress=False,
+        seed=p.seed + 1,
+    )
     await run_bench(warm)
     t0 = time.monotonic()
-    cfg = BenchConfig(url=svc.url, concurrency=p.concurrency, num_requests=None,
-                      duration_s=p.duration_s, isl=p.isl, osl=p.osl, progress=False,
-                      seed=p.seed, label="rss-soak")
+    cfg = BenchConfig(
+        url=svc.url,
+        concurrency=p.concurrency,
+        num_requests=None,
+        duration_s=p.duration_s,
+        isl=p.isl,
+        osl=p.osl,
+        progress=False,
+        seed=p.seed,
+        label="rss-soak",
+    )
     summary = (await run_bench(cfg)).summary
     await asyncio.sleep(p.interval_s)  # one sample after the load stops
     sampler.cancel()
-    load = {"requests": float(summary.requests), "completed": float(summary.completed),
-            "failed": float(summary.failed), "req_per_s": summary.req_per_s,
-            "output_tok_per_s": summary.output_tok_per_s}
+    load = {
+        "requests": float(summary.requests),
+        "completed": float(summary.completed),
+        "failed": float(summary.failed),
+        "req_per_s": summary.req_per_s,
+        "output_tok_per_s": summary.output_tok_per_s,
+    }
     return roles, [RssSample(t - t0, rss) for t, rss in raw], load
 
 
@@ -186,37 +209,54 @@ def plot(report: Report, path: Path) -> None:
         st = report.stats[role]
         ax.plot(ts, ys, marker=".", lw=1)
         ax.axvline(0, color="gray", ls=":", lw=1)
-        ax.set_title(f"{role} (pid {st.pid}): {st.start_mb:.0f} -> {st.end_mb:.0f} MB, "
-                     f"max {st.max_mb:.0f}, slope {st.slope_mb_per_min:+.2f} MB/min", fontsize=9)
+        ax.set_title(
+            f"{role} (pid {st.pid}): {st.start_mb:.0f} -> {st.end_mb:.0f} MB, "
+            f"max {st.max_mb:.0f}, slope {st.slope_mb_per_min:+.2f} MB/min",
+            fontsize=9,
+        )
         ax.set_xlabel("minutes since the measured load started (warmup before 0)")
         ax.set_ylabel("RSS (MB)")
         lo, hi = min(ys), max(ys)
         ax.set_ylim(lo - max(5.0, 0.05 * lo), hi + max(5.0, 0.05 * hi))
         ax.grid(alpha=0.3)
     p = report.params
-    fig.suptitle(f"RSS soak: lightspeed serve --engine native, concurrency {p.concurrency}, "
-                 f"ISL {p.isl} / OSL {p.osl}, {p.duration_s / 60:.0f} min, "
-                 f"{report.load['completed']:.0f} requests", fontsize=10)
+    fig.suptitle(
+        f"RSS soak: lightspeed serve --engine native, concurrency {p.concurrency}, "
+        f"ISL {p.isl} / OSL {p.osl}, {p.duration_s / 60:.0f} min, "
+        f"{report.load['completed']:.0f} requests",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
-NOTE = ("RSS = VmRSS from /proc/<pid>/status of the serve supervisor's worker and frontend "
-        "children. The worker's RSS includes the weights and the KV cache tensor (allocated "
-        "zeroed at start, so its pages become resident as blocks are first written); slope is a "
-        "least-squares fit over the last slope_window_s of the measured phase.")
+NOTE = (
+    "RSS = VmRSS from /proc/<pid>/status of the serve supervisor's worker and frontend "
+    "children. The worker's RSS includes the weights and the KV cache tensor (allocated "
+    "zeroed at start, so its pages become resident as blocks are first written); slope is a "
+    "least-squares fit over the last slope_window_s of the measured phase."
+)
 
 
 async def run(args: argparse.Namespace, p: Params) -> Report:
     started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-soak-") as tmp:
-        svc = native_service("lightspeed-soak", p.dtype, WORK / "rss-soak-logs", Path(tmp),
-                             max_batched=p.max_num_batched_tokens)
+        svc = native_service(
+            "lightspeed-soak", p.dtype, WORK / "rss-soak-logs", Path(tmp), max_batched=p.max_num_batched_tokens
+        )
         roles, samples, load = await with_service(svc, wait_ready, lambda _: soak(svc, p))
-    return Report(command_line(), started, f"{os.cpu_count()} CPUs", p,
-                  shlex.join(svc.commands[0]), load,
-                  role_stats(samples, roles, p.slope_window_s), samples, NOTE)
+    return Report(
+        command_line(),
+        started,
+        f"{os.cpu_count()} CPUs",
+        p,
+        shlex.join(svc.commands[0]),
+        load,
+        role_stats(samples, roles, p.slope_window_s),
+        samples,
+        NOTE,
+    )
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
@@ -237,9 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     write_json(report, path)
     plot(report, path.with_suffix(".png"))
     for role, st in report.stats.items():
-        logger.info("%s: %.1f -> %.1f MB (max %.1f), slope over last %.0f s: %+.3f MB/min",
-                    role, st.start_mb, st.end_mb, st.max_mb, params.slope_window_s,
-                    st.slope_mb_per_min)
+        logger.info(
+            "%s: %.1f -> %.1f MB (max %.1f), slope over last %.0f s: %+.3f MB/min",
+            role,
+            st.start_mb,
+            st.end_mb,
+            st.max_mb,
+            params.slope_window_s,
+            st.slope_mb_per_min,
+        )
     logger.info("load: %s; wrote %s", report.load, path)
     return 0
 

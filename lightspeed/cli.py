@@ -47,11 +47,22 @@ def _bool(raw: str) -> bool:
     raise ValueError(raw)
 
 
-def add_flag(p: argparse.ArgumentParser, flag: str, conv: Callable[[str], Any], default: Any,
-             help: str, choices: tuple[str, ...] | None = None) -> None:
+def add_flag(
+    p: argparse.ArgumentParser,
+    flag: str,
+    conv: Callable[[str], Any],
+    default: Any,
+    help: str,
+    choices: tuple[str, ...] | None = None,
+) -> None:
     env = "LIGHTSPEED_" + flag.lstrip("-").replace("-", "_").upper()
-    p.add_argument(flag, type=conv, default=_env_default(flag, default, conv), choices=choices,
-                   help=f"{help} (env {env}; default {default!r})")
+    p.add_argument(
+        flag,
+        type=conv,
+        default=_env_default(flag, default, conv),
+        choices=choices,
+        help=f"{help} (env {env}; default {default!r})",
+    )
 
 
 def add_plane_flags(p: argparse.ArgumentParser, default_discovery: str = "file") -> None:
@@ -78,10 +89,14 @@ def add_router_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--kv-events", _bool, True, "kv modes: index fed by worker KV events (false = approximate mode)")
     add_flag(p, "--router-approx-ttl", float, 120.0, "approximate mode: seconds a routed prefix counts as cached")
     add_flag(p, "--busy-decode-threshold", float, 0.0, "worker busy above this fraction of KV blocks active (0 = off)")
-    add_flag(p, "--busy-prefill-frac", float, 0.0,
-             "worker busy above this multiple of max_num_batched_tokens queued for prefill (0 = off)")
-    add_flag(p, "--router-queue-policy", str, "fcfs", "admission queue order when all workers are busy",
-             QUEUE_POLICIES)
+    add_flag(
+        p,
+        "--busy-prefill-frac",
+        float,
+        0.0,
+        "worker busy above this multiple of max_num_batched_tokens queued for prefill (0 = off)",
+    )
+    add_flag(p, "--router-queue-policy", str, "fcfs", "admission queue order when all workers are busy", QUEUE_POLICIES)
     add_flag(p, "--router-max-queue", int, 1024, "queued requests past this are refused with 503")
     add_flag(p, "--router-queue-timeout", float, 60.0, "seconds a request may wait for a free worker")
     add_flag(p, "--session-ttl", float, 600.0, "seconds a session (x-session-id) stays bound to its worker")
@@ -95,8 +110,9 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     add_flag(p, "--block-size", int, 64, "tokens per KV block")
     add_flag(p, "--num-gpu-blocks", int, 0, "KV cache size in blocks (0 = mocker 16384, native from --kv-cache-gb)")
     add_flag(p, "--kv-cache-gb", float, 0.0, "native engine: KV cache size in GB when --num-gpu-blocks is 0 (0 = 2 GB)")
-    add_flag(p, "--dtype", str, "auto", "native engine weights/KV dtype (auto: float32 on CPU, bfloat16 on CUDA)",
-             DTYPES)
+    add_flag(
+        p, "--dtype", str, "auto", "native engine weights/KV dtype (auto: float32 on CPU, bfloat16 on CUDA)", DTYPES
+    )
     add_flag(p, "--max-num-seqs", int, 256, "max sequences per step")
     add_flag(p, "--max-num-batched-tokens", int, 8192, "token budget per step")
     add_flag(p, "--max-model-len", int, 0, "context length (0 = the model's)")
@@ -106,32 +122,62 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _planes(a: argparse.Namespace) -> PlaneConfig:
-    return PlaneConfig(discovery=a.discovery, discovery_path=a.discovery_path,
-                       discovery_ttl=a.discovery_ttl, event_plane=a.event_plane, namespace=a.namespace)
+    return PlaneConfig(
+        discovery=a.discovery,
+        discovery_path=a.discovery_path,
+        discovery_ttl=a.discovery_ttl,
+        event_plane=a.event_plane,
+        namespace=a.namespace,
+    )
 
 
 def frontend_config(a: argparse.Namespace) -> FrontendConfig:
-    return FrontendConfig(host=a.host, port=a.port, router_mode=a.router_mode, planes=_planes(a),
-                          max_body_bytes=a.max_body_bytes, processes=a.frontend_processes,
-                          migration_limit=a.migration_limit, router=router_config(a))
+    return FrontendConfig(
+        host=a.host,
+        port=a.port,
+        router_mode=a.router_mode,
+        planes=_planes(a),
+        max_body_bytes=a.max_body_bytes,
+        processes=a.frontend_processes,
+        migration_limit=a.migration_limit,
+        router=router_config(a),
+    )
 
 
 def router_config(a: argparse.Namespace) -> RouterConfig:
     return RouterConfig(
-        overlap_score_weight=a.kv_overlap_score_weight, temperature=a.router_temperature,
-        kv_events=a.kv_events, approx_ttl=a.router_approx_ttl, busy_decode_threshold=a.busy_decode_threshold,
-        busy_prefill_frac=a.busy_prefill_frac, queue_policy=a.router_queue_policy,
-        max_queue=a.router_max_queue, queue_timeout=a.router_queue_timeout, session_ttl=a.session_ttl,
-        replica_sync=a.router_replica_sync)
+        overlap_score_weight=a.kv_overlap_score_weight,
+        temperature=a.router_temperature,
+        kv_events=a.kv_events,
+        approx_ttl=a.router_approx_ttl,
+        busy_decode_threshold=a.busy_decode_threshold,
+        busy_prefill_frac=a.busy_prefill_frac,
+        queue_policy=a.router_queue_policy,
+        max_queue=a.router_max_queue,
+        queue_timeout=a.router_queue_timeout,
+        session_ttl=a.session_ttl,
+        replica_sync=a.router_replica_sync,
+    )
 
 
 def worker_config(a: argparse.Namespace) -> WorkerConfig:
     return WorkerConfig(
-        engine=a.engine, model=a.model, served_model_name=a.served_model_name, role=a.role,
-        host=a.worker_host, planes=_planes(a), block_size=a.block_size, num_gpu_blocks=a.num_gpu_blocks,
-        max_num_seqs=a.max_num_seqs, max_num_batched_tokens=a.max_num_batched_tokens,
-        max_model_len=a.max_model_len, speedup_ratio=a.speedup_ratio, kv_cache_gb=a.kv_cache_gb, dtype=a.dtype,
-        enable_prefix_caching=a.enable_prefix_caching, seed=a.seed,
+        engine=a.engine,
+        model=a.model,
+        served_model_name=a.served_model_name,
+        role=a.role,
+        host=a.worker_host,
+        planes=_planes(a),
+        block_size=a.block_size,
+        num_gpu_blocks=a.num_gpu_blocks,
+        max_num_seqs=a.max_num_seqs,
+        max_num_batched_tokens=a.max_num_batched_tokens,
+        max_model_len=a.max_model_len,
+        speedup_ratio=a.speedup_ratio,
+        kv_cache_gb=a.kv_cache_gb,
+        dtype=a.dtype,
+        enable_prefix_caching=a.enable_prefix_caching,
+        seed=a.seed,
     )
 
 
@@ -166,8 +212,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s"
+    )
     try:
         return _dispatch(args)
     except ValueError as err:  # config validation
@@ -189,7 +236,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         uvloop.run(run_frontend(frontend_config(args)))
     elif args.command == "worker":
-        from lightspeed.engine.worker import run_worker
+        from lightspeed.worker.process import run_worker
 
         uvloop.run(run_worker(worker_config(args)))
     else:

@@ -70,8 +70,7 @@ class RouterConfig:
 
     def __post_init__(self) -> None:
         _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
-        for name in ("overlap_score_weight", "temperature", "busy_decode_threshold", "busy_prefill_frac",
-                     "max_queue"):
+        for name in ("overlap_score_weight", "temperature", "busy_decode_threshold", "busy_prefill_frac", "max_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         for name in ("approx_ttl", "queue_timeout", "session_ttl"):

@@ -29,39 +29,101 @@ log = logging.getLogger(__name__)
 
 
 def plane_args(p: PlaneConfig) -> list[str]:
-    return ["--discovery", p.discovery, "--discovery-path", p.discovery_path,
-            "--discovery-ttl", str(p.discovery_ttl), "--event-plane", p.event_plane,
-            "--namespace", p.namespace]
+    return [
+        "--discovery",
+        p.discovery,
+        "--discovery-path",
+        p.discovery_path,
+        "--discovery-ttl",
+        str(p.discovery_ttl),
+        "--event-plane",
+        p.event_plane,
+        "--namespace",
+        p.namespace,
+    ]
 
 
 def worker_args(w: WorkerConfig) -> list[str]:
     return [
-        "worker", "--engine", w.engine, "--model", w.model, "--served-model-name", w.served_model_name,
-        "--role", w.role, "--worker-host", w.host, "--block-size", str(w.block_size),
-        "--num-gpu-blocks", str(w.num_gpu_blocks), "--kv-cache-gb", str(w.kv_cache_gb), "--dtype", w.dtype,
-        "--max-num-seqs", str(w.max_num_seqs), "--max-num-batched-tokens", str(w.max_num_batched_tokens),
-        "--max-model-len", str(w.max_model_len), "--speedup-ratio", str(w.speedup_ratio),
-        "--enable-prefix-caching", str(w.enable_prefix_caching), "--seed", str(w.seed),
+        "worker",
+        "--engine",
+        w.engine,
+        "--model",
+        w.model,
+        "--served-model-name",
+        w.served_model_name,
+        "--role",
+        w.role,
+        "--worker-host",
+        w.host,
+        "--block-size",
+        str(w.block_size),
+        "--num-gpu-blocks",
+        str(w.num_gpu_blocks),
+        "--kv-cache-gb",
+        str(w.kv_cache_gb),
+        "--dtype",
+        w.dtype,
+        "--max-num-seqs",
+        str(w.max_num_seqs),
+        "--max-num-batched-tokens",
+        str(w.max_num_batched_tokens),
+        "--max-model-len",
+        str(w.max_model_len),
+        "--speedup-ratio",
+        str(w.speedup_ratio),
+        "--enable-prefix-caching",
+        str(w.enable_prefix_caching),
+        "--seed",
+        str(w.seed),
         *plane_args(w.planes),
     ]
 
 
 def frontend_args(f: FrontendConfig) -> list[str]:
     return [
-        "frontend", "--host", f.host, "--port", str(f.port), "--router-mode", f.router_mode,
-        "--max-body-bytes", str(f.max_body_bytes), "--frontend-processes", str(f.processes),
-        "--migration-limit", str(f.migration_limit), *router_args(f.router), *plane_args(f.planes),
+        "frontend",
+        "--host",
+        f.host,
+        "--port",
+        str(f.port),
+        "--router-mode",
+        f.router_mode,
+        "--max-body-bytes",
+        str(f.max_body_bytes),
+        "--frontend-processes",
+        str(f.processes),
+        "--migration-limit",
+        str(f.migration_limit),
+        *router_args(f.router),
+        *plane_args(f.planes),
     ]
 
 
 def router_args(r: RouterConfig) -> list[str]:
     return [
-        "--kv-overlap-score-weight", str(r.overlap_score_weight), "--router-temperature", str(r.temperature),
-        "--kv-events", str(r.kv_events), "--router-approx-ttl", str(r.approx_ttl),
-        "--busy-decode-threshold", str(r.busy_decode_threshold), "--busy-prefill-frac", str(r.busy_prefill_frac),
-        "--router-queue-policy", r.queue_policy, "--router-max-queue", str(r.max_queue),
-        "--router-queue-timeout", str(r.queue_timeout), "--session-ttl", str(r.session_ttl),
-        "--router-replica-sync", str(r.replica_sync),
+        "--kv-overlap-score-weight",
+        str(r.overlap_score_weight),
+        "--router-temperature",
+        str(r.temperature),
+        "--kv-events",
+        str(r.kv_events),
+        "--router-approx-ttl",
+        str(r.approx_ttl),
+        "--busy-decode-threshold",
+        str(r.busy_decode_threshold),
+        "--busy-prefill-frac",
+        str(r.busy_prefill_frac),
+        "--router-queue-policy",
+        r.queue_policy,
+        "--router-max-queue",
+        str(r.max_queue),
+        "--router-queue-timeout",
+        str(r.queue_timeout),
+        "--session-ttl",
+        str(r.session_ttl),
+        "--router-replica-sync",
+        str(r.replica_sync),
     ]
 
 

@@ -6,8 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "",
-                interval: float = 0.05) -> None:
+async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "", interval: float = 0.05) -> None:
     """Poll `predicate` every `interval` seconds; fail the test after `timeout` seconds."""
     deadline = asyncio.get_running_loop().time() + timeout
     while not predicate():

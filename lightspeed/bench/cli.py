@@ -82,9 +82,7 @@ def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
         action = argparse.BooleanOptionalAction
         parser.add_argument(flag.name, action=action, default=default, help=help_)
     else:
-        parser.add_argument(
-            flag.name, type=flag.type_, default=default, help=help_, choices=flag.choices
-        )
+        parser.add_argument(flag.name, type=flag.type_, default=default, help=help_, choices=flag.choices)
 
 
 def add_bench_args(parser: argparse.ArgumentParser) -> None:

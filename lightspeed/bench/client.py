@@ -8,6 +8,7 @@ when the bytes were read.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from time import perf_counter
 
@@ -69,9 +70,7 @@ def completions_url(base_url: str, endpoint: str = "/v1/completions") -> str:
     return base + endpoint
 
 
-def make_session(
-    concurrency: int, timeout_s: float, keepalive: bool = True
-) -> aiohttp.ClientSession:
+def make_session(concurrency: int, timeout_s: float, keepalive: bool = True) -> aiohttp.ClientSession:
     """One pooled session for the whole run; the pool size matches the request concurrency
     (0 = unbounded) so connections are reused instead of re-opened per request.
 
@@ -97,7 +96,7 @@ async def fetch_models(session: aiohttp.ClientSession, base_url: str) -> list[st
 class _StreamState:
     """Mutable per-request accumulator for the stream loop."""
 
-    __slots__ = ("token_times", "usage", "finished", "end", "error")
+    __slots__ = ("end", "error", "finished", "token_times", "usage")
 
     def __init__(self) -> None:
         self.token_times: list[float] = []
@@ -156,9 +155,7 @@ class OpenAIClient:
         body = self._body(spec)
         start = perf_counter()
         try:
-            async with self._session.post(
-                self._url, data=body, headers=self._request_headers(spec)
-            ) as resp:
+            async with self._session.post(self._url, data=body, headers=self._request_headers(spec)) as resp:
                 if resp.status != 200:
                     detail = (await resp.read())[:MAX_ERROR_BODY].decode(errors="replace")
                     return self._failure(start, f"http_{resp.status}", detail, resp.status)
@@ -207,25 +204,21 @@ class OpenAIClient:
         cached = None
         if usage is not None:
             output = usage.completion_tokens if usage.completion_tokens is not None else output
-            prompt_tokens = (
-                usage.prompt_tokens if usage.prompt_tokens is not None else prompt_tokens
-            )
+            prompt_tokens = usage.prompt_tokens if usage.prompt_tokens is not None else prompt_tokens
             details = usage.prompt_tokens_details
             cached = details.cached_tokens if details is not None else None
         return RequestResult(
             start_s=start - self.t0,
             e2e_s=state.end - start,
             ttft_s=times[0] - start,
-            itls_s=[b - a for a, b in zip(times, times[1:], strict=False)],
+            itls_s=[b - a for a, b in itertools.pairwise(times)],
             output_tokens=output,
             prompt_tokens=prompt_tokens,
             cached_tokens=cached,
             status=200,
         )
 
-    def _failure(
-        self, start: float, reason: str, detail: str, status: int, end: float | None = None
-    ) -> RequestResult:
+    def _failure(self, start: float, reason: str, detail: str, status: int, end: float | None = None) -> RequestResult:
         end = perf_counter() if end is None else end
         logger.debug("request failed: %s %s", reason, detail)
         return RequestResult(

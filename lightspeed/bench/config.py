@@ -73,9 +73,7 @@ class BenchConfig:
             if getattr(self, name) < (0 if name in ("warmup", "seed") else 1):
                 raise ValueError(f"{name} out of range: {getattr(self, name)}")
         if not 0.0 <= self.shared_prefix_ratio <= 1.0:
-            raise ValueError(
-                f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}"
-            )
+            raise ValueError(f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}")
         if self.request_rate < 0 or self.speedup <= 0 or self.timeout_s <= 0:
             raise ValueError("request_rate must be >= 0, speedup and timeout_s > 0")
         if self.resolved_mode == "open" and self.trace is None and self.request_rate <= 0:

@@ -46,9 +46,7 @@ def build_workload(cfg: BenchConfig) -> Workload:
     total = None if cfg.num_requests is None else cfg.warmup + cfg.num_requests
     if cfg.trace is None:
         count = None if cfg.duration_s is not None else total
-        return SyntheticWorkload(
-            cfg.isl, cfg.osl, count, cfg.shared_prefix_ratio, cfg.request_rate, cfg.seed, tokens
-        )
+        return SyntheticWorkload(cfg.isl, cfg.osl, count, cfg.shared_prefix_ratio, cfg.request_rate, cfg.seed, tokens)
     window = TraceWindow(cfg.trace_start_s, cfg.trace_window_s, total, cfg.max_output_tokens)
     return load_trace(cfg.trace, cfg.trace_format, seed=cfg.seed, tokens=tokens, window=window)
 
@@ -141,9 +139,7 @@ async def _measure(
     if cfg.resolved_mode == "closed":
         results = await closed_loop(client, specs, cfg.concurrency, deadline, on_done)
     else:
-        results, lag = await open_loop(
-            client, specs, cfg.speedup, cfg.concurrency, deadline, on_done
-        )
+        results, lag = await open_loop(client, specs, cfg.speedup, cfg.concurrency, deadline, on_done)
     end = max((r.start_s + r.e2e_s for r in results), default=perf_counter() - client.t0)
     return results, max(end, 1e-9), lag
 

@@ -78,9 +78,7 @@ def mooncake_prompt(
 ) -> tuple[int, ...]:
     """Concatenate the blocks of `hash_ids`, cut to exactly `input_length` tokens."""
     if input_length > len(hash_ids) * block_tokens:
-        raise ValueError(
-            f"input_length {input_length} exceeds {len(hash_ids)} blocks of {block_tokens}"
-        )
+        raise ValueError(f"input_length {input_length} exceeds {len(hash_ids)} blocks of {block_tokens}")
     needed = -(-input_length // block_tokens)
     blocks = [mooncake_block(h, seed, tokens, block_tokens) for h in hash_ids[:needed]]
     if not blocks:
@@ -103,9 +101,7 @@ class MooncakeTrace:
 
     def __iter__(self) -> Iterator[RequestSpec]:
         for row, arrival in zip(self.rows, self.arrivals, strict=True):
-            prompt = mooncake_prompt(
-                row.hash_ids, row.input_length, self.seed, self.tokens, self.block_tokens
-            )
+            prompt = mooncake_prompt(row.hash_ids, row.input_length, self.seed, self.tokens, self.block_tokens)
             session = None if row.session_id is None else str(row.session_id)
             max_tokens = self.window.output_tokens(row.output_length)
             yield RequestSpec(prompt, max_tokens, True, arrival, session)

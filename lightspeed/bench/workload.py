@@ -59,9 +59,7 @@ class TokenSpace:
 
     def __post_init__(self) -> None:
         if not 0 <= self.min_token_id < self.vocab_size:
-            raise ValueError(
-                f"need 0 <= min_token_id < vocab_size; got {self.min_token_id}, {self.vocab_size}"
-            )
+            raise ValueError(f"need 0 <= min_token_id < vocab_size; got {self.min_token_id}, {self.vocab_size}")
 
     def draw(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.integers(self.min_token_id, self.vocab_size, size=n, dtype=np.int64)
@@ -93,9 +91,7 @@ class SyntheticWorkload:
         if self.count is not None and self.count < 0:
             raise ValueError(f"count must be >= 0; got {self.count}")
         if not 0.0 <= self.shared_prefix_ratio <= 1.0:
-            raise ValueError(
-                f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}"
-            )
+            raise ValueError(f"shared_prefix_ratio must be in [0, 1]; got {self.shared_prefix_ratio}")
         if self.request_rate < 0:
             raise ValueError(f"request_rate must be >= 0; got {self.request_rate}")
 

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 class KVCacheBlock:
     """One fixed-size KV block. `block_hash` is its sequence hash while it is in the cache."""
 
-    __slots__ = ("block_id", "ref_cnt", "block_hash", "local_hash", "parent_hash")
+    __slots__ = ("block_hash", "block_id", "local_hash", "parent_hash", "ref_cnt")
 
     def __init__(self, block_id: int) -> None:
         self.block_id = block_id
@@ -50,9 +50,7 @@ class BlockPool:
         self.enable_caching = enable_caching
         self.blocks = [KVCacheBlock(i) for i in range(num_blocks)]
         # OrderedDict gives O(1) pop-head, push-tail, push-head and remove-from-middle in C.
-        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict(
-            (b.block_id, b) for b in self.blocks
-        )
+        self._free: OrderedDict[int, KVCacheBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KVCacheBlock] = {}
         self._events: list[KvEventData] = []
 

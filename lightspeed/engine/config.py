@@ -27,9 +27,7 @@ class EngineConfig:
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if not isinstance(self.max_model_len, int) or self.max_model_len <= 0:
-            raise ValueError(
-                f"max_model_len must be a positive integer, got {self.max_model_len!r}"
-            )
+            raise ValueError(f"max_model_len must be a positive integer, got {self.max_model_len!r}")
         if not 0.0 <= self.watermark < 1.0:
             raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         # A lone request must always fit, otherwise it would preempt itself forever.
@@ -41,9 +39,7 @@ class EngineConfig:
             )
         # Without chunking a prompt is computed in one step, so the budget must hold the longest.
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
-            raise ValueError(
-                "max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled"
-            )
+            raise ValueError("max_num_batched_tokens must be >= max_model_len when chunked prefill is disabled")
         if self.seed is not None and not isinstance(self.seed, int):
             raise ValueError(f"seed must be an integer or None, got {self.seed!r}")
 

@@ -50,7 +50,7 @@ class RequestStream:
     stream, and the core notices through a weak reference.
     """
 
-    __slots__ = ("request_id", "_core", "_items", "_waiter", "_done", "__weakref__")
+    __slots__ = ("__weakref__", "_core", "_done", "_items", "_waiter", "request_id")
 
     def __init__(self, request_id: str, core: EngineCore) -> None:
         self.request_id = request_id
@@ -120,16 +120,12 @@ class EngineCore:
     ) -> None:
         self.config = config
         self.executor = executor
-        self.kv = KVCacheManager(
-            config.num_gpu_blocks, config.block_size, config.enable_prefix_caching
-        )
+        self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
         self.on_kv_events = on_kv_events
         self.on_step = on_step
         # Weak, so a stream its consumer dropped can be collected (and its request aborted).
-        self._streams: dict[
-            str, tuple[weakref.ref[RequestStream], weakref.finalize[[str], RequestStream]]
-        ]
+        self._streams: dict[str, tuple[weakref.ref[RequestStream], weakref.finalize[[str], RequestStream]]]
         self._streams = {}
         self._wakeup = asyncio.Event()
         self._stopping = False
@@ -221,9 +217,7 @@ class EngineCore:
             result = await self.executor.execute(sched)
             outputs = self.scheduler.update_from_output(sched, result)
         except Exception:
-            logger.exception(
-                "engine step failed; failing %d requests", len(self.scheduler.requests)
-            )
+            logger.exception("engine step failed; failing %d requests", len(self.scheduler.requests))
             self._finish_all(FinishReason.ERROR)
             return
         self._drain_kv_events()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
+from lightspeed.kv_hashing import extend_seq_hashes
 from lightspeed.protocol import FinishReason, PreprocessedRequest, SamplingOptions
-from lightspeed.router.hashing import extend_seq_hashes
 
 
 class RequestStatus(enum.IntEnum):
@@ -44,26 +44,26 @@ class Request:
     """
 
     __slots__ = (
-        "request_id",
-        "token_ids",
-        "output_token_ids",
-        "num_prompt_tokens",
-        "num_computed_tokens",
-        "num_cached_tokens",
-        "cached_reported",
-        "status",
-        "sampling",
-        "max_tokens",
-        "min_tokens",
-        "max_model_len",
-        "lora_name",
-        "block_size",
-        "block_hashes",
-        "local_hashes",
-        "num_preemptions",
+        "_banned",
         "_hash_blocks",
         "_stop_ids",
-        "_banned",
+        "block_hashes",
+        "block_size",
+        "cached_reported",
+        "local_hashes",
+        "lora_name",
+        "max_model_len",
+        "max_tokens",
+        "min_tokens",
+        "num_cached_tokens",
+        "num_computed_tokens",
+        "num_preemptions",
+        "num_prompt_tokens",
+        "output_token_ids",
+        "request_id",
+        "sampling",
+        "status",
+        "token_ids",
     )
 
     def __init__(
@@ -97,9 +97,7 @@ class Request:
         self._hash_blocks = hash_blocks
         self._init_stop_ids(request)
         if hash_blocks:
-            extend_seq_hashes(
-                prompt, block_size, self.block_hashes, self.local_hashes, self.lora_name
-            )
+            extend_seq_hashes(prompt, block_size, self.block_hashes, self.local_hashes, self.lora_name)
 
     def _init_stop_ids(self, request: PreprocessedRequest) -> None:
         stop_ids = set(request.stop.stop_token_ids)
@@ -166,8 +164,7 @@ def _validate(request: PreprocessedRequest, prompt: list[int], max_model_len: in
         raise ValueError(f"request {request.request_id}: prompt is empty")
     if len(prompt) > max_model_len:
         raise ValueError(
-            f"request {request.request_id}: prompt has {len(prompt)} tokens, more than "
-            f"max_model_len={max_model_len}"
+            f"request {request.request_id}: prompt has {len(prompt)} tokens, more than max_model_len={max_model_len}"
         )
     max_tokens = request.stop.max_tokens
     if max_tokens is not None and max_tokens < 1:

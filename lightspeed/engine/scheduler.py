@@ -207,9 +207,7 @@ class Scheduler:
 
     # ------------------------------------------------------------------ results
 
-    def update_from_output(
-        self, sched: SchedulerOutput, out: ModelRunnerOutput
-    ) -> list[EngineCoreOutput]:
+    def update_from_output(self, sched: SchedulerOutput, out: ModelRunnerOutput) -> list[EngineCoreOutput]:
         """Fold a finished step back in: advance progress, append tokens, stop and free."""
         outputs: list[EngineCoreOutput] = []
         any_finished = False
@@ -231,9 +229,7 @@ class Scheduler:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
         return outputs
 
-    def _append_token(
-        self, request: Request, token: int, out: ModelRunnerOutput
-    ) -> EngineCoreOutput:
+    def _append_token(self, request: Request, token: int, out: ModelRunnerOutput) -> EngineCoreOutput:
         request.append_output(token)
         cached: int | None = None
         if not request.cached_reported:

@@ -38,8 +38,7 @@ TEMPERATURE_HEADER = "x-router-temperature"
 
 
 def error_response(err: LightspeedError) -> web.Response:
-    return web.Response(status=err.status, body=msgspec.json.encode(err.to_openai()),
-                        content_type="application/json")
+    return web.Response(status=err.status, body=msgspec.json.encode(err.to_openai()), content_type="application/json")
 
 
 @web.middleware
@@ -64,21 +63,22 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
 class FrontendApp:
     """The aiohttp application and the objects its routes use."""
 
-    def __init__(self, models: ModelManager, pipeline: Pipeline, metrics: FrontendMetrics,
-                 max_body_bytes: int) -> None:
+    def __init__(self, models: ModelManager, pipeline: Pipeline, metrics: FrontendMetrics, max_body_bytes: int) -> None:
         self.models = models
         self.pipeline = pipeline
         self.metrics = metrics
         self._token_text: dict[str, TokenText] = {}
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
-        self.app.add_routes([
-            web.post("/v1/chat/completions", self.chat_completions),
-            web.post("/v1/completions", self.completions),
-            web.get("/v1/models", self.list_models),
-            web.get("/health", self.health),
-            web.get("/live", self.live),
-            web.get("/metrics", self.prometheus),
-        ])
+        self.app.add_routes(
+            [
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.post("/v1/completions", self.completions),
+                web.get("/v1/models", self.list_models),
+                web.get("/health", self.health),
+                web.get("/live", self.live),
+                web.get("/metrics", self.prometheus),
+            ]
+        )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         req = _decode(_chat_decoder, await request.read())
@@ -88,8 +88,9 @@ class FrontendApp:
         req = _decode(_completion_decoder, await request.read())
         return await self._generate(request, req, chat=False)
 
-    async def _generate(self, request: web.Request, req: ChatCompletionRequest | CompletionRequest,
-                        chat: bool) -> web.StreamResponse:
+    async def _generate(
+        self, request: web.Request, req: ChatCompletionRequest | CompletionRequest, chat: bool
+    ) -> web.StreamResponse:
         req.validate()
         endpoint = "chat_completions" if chat else "completions"
         rid = new_request_id("chatcmpl" if chat else "cmpl")
@@ -98,9 +99,13 @@ class FrontendApp:
         model = req.model if self.models.get(req.model) is not None else "unknown"
         self.metrics.inflight.labels(model).inc()
         try:
-            gen = self.pipeline.prepare(req, rid, request.headers.get(PINNED_HEADER),
-                                        request.headers.get(SESSION_HEADER),
-                                        router_overrides(req, request.headers))
+            gen = self.pipeline.prepare(
+                req,
+                rid,
+                request.headers.get(PINNED_HEADER),
+                request.headers.get(SESSION_HEADER),
+                router_overrides(req, request.headers),
+            )
             builder = ResponseBuilder(chat, gen, gen.entry.name, self._token_text_for(gen.entry.name))
             if req.stream:
                 resp = await serve_stream(request, self.pipeline, builder, self.metrics, req.include_usage)
@@ -132,11 +137,20 @@ class FrontendApp:
         body = {
             "status": "healthy" if workers else "unhealthy",
             "models": [m.name for m in self.models.models()],
-            "workers": [{"instance_id": w.instance_id, "model": w.model, "address": w.address,
-                         "role": w.role.value, "pid": w.pid} for w in workers],
+            "workers": [
+                {
+                    "instance_id": w.instance_id,
+                    "model": w.model,
+                    "address": w.address,
+                    "role": w.role.value,
+                    "pid": w.pid,
+                }
+                for w in workers
+            ],
         }
-        return web.Response(status=200 if workers else 503, body=msgspec.json.encode(body),
-                            content_type="application/json")
+        return web.Response(
+            status=200 if workers else 503, body=msgspec.json.encode(body), content_type="application/json"
+        )
 
     async def live(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "live"})
@@ -146,7 +160,7 @@ class FrontendApp:
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def _decode(decoder: msgspec.json.Decoder, body: bytes):  # noqa: ANN202 - typed by the decoder
+def _decode(decoder: msgspec.json.Decoder, body: bytes):
     if not body:
         raise InvalidRequest("request body is empty; expected a JSON object")
     try:
@@ -157,8 +171,9 @@ def _decode(decoder: msgspec.json.Decoder, body: bytes):  # noqa: ANN202 - typed
         raise InvalidRequest(f"request body is not valid JSON: {err}") from None
 
 
-def router_overrides(req: ChatCompletionRequest | CompletionRequest,
-                     headers: Mapping[str, str]) -> RouterOverrides | None:
+def router_overrides(
+    req: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str]
+) -> RouterOverrides | None:
     """KV-router knobs for this request: the body's `nvext.router_config_override`, then headers."""
     override = req.nvext.router_config_override if req.nvext is not None else None
     weight = override.overlap_score_weight if override is not None else None

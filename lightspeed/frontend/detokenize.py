@@ -58,7 +58,7 @@ class StopMatcher:
             end = start + len(stop) if self._include else start
             return DetokDelta(buf[:end], True)
         keep = self._hold_length(buf)
-        self._held = buf[len(buf) - keep:]
+        self._held = buf[len(buf) - keep :]
         return DetokDelta(buf[: len(buf) - keep])
 
     def flush(self) -> str:
@@ -90,9 +90,14 @@ class StopMatcher:
 class IncrementalDetokenizer:
     """Per-request streaming decoder: `add` new ids as they arrive, `flush` at the end."""
 
-    def __init__(self, tokenizer: TokenDecoder, skip_special_tokens: bool = True,
-                 stop: Sequence[str] | None = None, include_stop_str_in_output: bool = False,
-                 prompt_token_ids: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        tokenizer: TokenDecoder,
+        skip_special_tokens: bool = True,
+        stop: Sequence[str] | None = None,
+        include_stop_str_in_output: bool = False,
+        prompt_token_ids: Sequence[int] | None = None,
+    ) -> None:
         self._tokenizer = tokenizer
         self._skip_special = skip_special_tokens
         self._stop = StopMatcher(stop or [], include_stop_str_in_output)
@@ -148,25 +153,25 @@ class IncrementalDetokenizer:
 
     def _window_prefix_text(self) -> str:
         if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
+            self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
         return self._prefix_text
 
     def _decode_step(self) -> str:
         """New final text after appending ids; advances the window only past complete chars."""
         prefix_text = self._window_prefix_text()
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""  # nothing new yet, or a character is still split across tokens
         self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
         self._prefix_text = None
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def _decode_rest(self) -> str:
         """Whatever is still unreleased, U+FFFD included (the ids truly end mid-character)."""
         if self._read_offset == len(self._ids):
             return ""
         prefix_text = self._window_prefix_text()
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         self._prefix_offset = self._read_offset = len(self._ids)
         self._prefix_text = None
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]

@@ -24,25 +24,55 @@ class FrontendMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("lightspeed_frontend_requests", "Requests by model, endpoint and status",
-                                ["model", "endpoint", "status"], registry=r)
-        self.inflight = Gauge("lightspeed_frontend_inflight_requests", "Requests in flight",
-                              ["model"], registry=r)
-        self.ttft = Histogram("lightspeed_frontend_time_to_first_token_seconds", "Time to first token",
-                              ["model"], buckets=_TTFT_BUCKETS, registry=r)
-        self.itl = Histogram("lightspeed_frontend_inter_token_latency_seconds", "Inter-token latency",
-                             ["model"], buckets=_ITL_BUCKETS, registry=r)
-        self.e2e = Histogram("lightspeed_frontend_request_duration_seconds", "Request duration",
-                             ["model"], buckets=_E2E_BUCKETS, registry=r)
-        self.isl = Histogram("lightspeed_frontend_input_sequence_tokens", "Prompt length in tokens",
-                             ["model"], buckets=_LEN_BUCKETS, registry=r)
-        self.osl = Histogram("lightspeed_frontend_output_sequence_tokens", "Output length in tokens",
-                             ["model"], buckets=_LEN_BUCKETS, registry=r)
-        self.cached = Counter("lightspeed_frontend_cached_tokens", "Prompt tokens served from prefix cache",
-                              ["model"], registry=r)
+        self.requests = Counter(
+            "lightspeed_frontend_requests",
+            "Requests by model, endpoint and status",
+            ["model", "endpoint", "status"],
+            registry=r,
+        )
+        self.inflight = Gauge("lightspeed_frontend_inflight_requests", "Requests in flight", ["model"], registry=r)
+        self.ttft = Histogram(
+            "lightspeed_frontend_time_to_first_token_seconds",
+            "Time to first token",
+            ["model"],
+            buckets=_TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            "lightspeed_frontend_inter_token_latency_seconds",
+            "Inter-token latency",
+            ["model"],
+            buckets=_ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "lightspeed_frontend_request_duration_seconds",
+            "Request duration",
+            ["model"],
+            buckets=_E2E_BUCKETS,
+            registry=r,
+        )
+        self.isl = Histogram(
+            "lightspeed_frontend_input_sequence_tokens",
+            "Prompt length in tokens",
+            ["model"],
+            buckets=_LEN_BUCKETS,
+            registry=r,
+        )
+        self.osl = Histogram(
+            "lightspeed_frontend_output_sequence_tokens",
+            "Output length in tokens",
+            ["model"],
+            buckets=_LEN_BUCKETS,
+            registry=r,
+        )
+        self.cached = Counter(
+            "lightspeed_frontend_cached_tokens", "Prompt tokens served from prefix cache", ["model"], registry=r
+        )
         self.workers = Gauge("lightspeed_frontend_workers", "Workers known from discovery", registry=r)
-        self.migrations = Counter("lightspeed_frontend_migrations", "Requests migrated to another worker",
-                                  ["model"], registry=r)
+        self.migrations = Counter(
+            "lightspeed_frontend_migrations", "Requests migrated to another worker", ["model"], registry=r
+        )
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

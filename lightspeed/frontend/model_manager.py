@@ -56,8 +56,7 @@ class ModelEntry:
 
 
 class ModelManager:
-    def __init__(self, discovery: Discovery, served_model_name: str = "",
-                 down_seconds: float = 10.0) -> None:
+    def __init__(self, discovery: Discovery, served_model_name: str = "", down_seconds: float = 10.0) -> None:
         if down_seconds <= 0:
             raise ValueError(f"down_seconds must be > 0; got {down_seconds}")
         self._discovery = discovery
@@ -98,8 +97,7 @@ class ModelManager:
         if name is None:
             return  # already gone from discovery
         self._models[name].down_until[instance_id] = time.monotonic() + self._down_seconds
-        log.warning("worker %s is unreachable; not routing to it for %.1fs", instance_id,
-                    self._down_seconds)
+        log.warning("worker %s is unreachable; not routing to it for %.1fs", instance_id, self._down_seconds)
 
     async def _watch(self) -> None:
         async for event in self._discovery.watch():

@@ -66,15 +66,20 @@ class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     def validate_sampling(self) -> None:
         _check(self.model != "", "model must not be empty", "model")
         _check(self.max_tokens is None or self.max_tokens > 0, "max_tokens must be at least 1", "max_tokens")
-        _check(self.temperature is None or 0.0 <= self.temperature <= 2.0,
-               "temperature must be between 0 and 2", "temperature")
+        _check(
+            self.temperature is None or 0.0 <= self.temperature <= 2.0,
+            "temperature must be between 0 and 2",
+            "temperature",
+        )
         _check(self.top_p is None or 0.0 < self.top_p <= 1.0, "top_p must be in (0, 1]", "top_p")
-        _check(self.top_k is None or self.top_k == -1 or self.top_k >= 1,
-               "top_k must be -1 or at least 1", "top_k")
+        _check(self.top_k is None or self.top_k == -1 or self.top_k >= 1, "top_k must be -1 or at least 1", "top_k")
         _check(self.n == 1, "only n=1 is supported", "n")
         _check(self.min_tokens >= 0, "min_tokens must be >= 0", "min_tokens")
-        _check(self.max_tokens is None or self.min_tokens <= self.max_tokens,
-               "min_tokens must not exceed max_tokens", "min_tokens")
+        _check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens must not exceed max_tokens",
+            "min_tokens",
+        )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             _check(value is None or -2.0 <= value <= 2.0, f"{name} must be between -2 and 2", name)
@@ -82,10 +87,16 @@ class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
         _check(all(self.stop_list), "stop sequences must not be empty", "stop")
         override = self.nvext.router_config_override if self.nvext is not None else None
         if override is not None:
-            _check(override.overlap_score_weight is None or override.overlap_score_weight >= 0,
-                   "overlap_score_weight must be >= 0", "nvext.router_config_override.overlap_score_weight")
-            _check(override.router_temperature is None or override.router_temperature >= 0,
-                   "router_temperature must be >= 0", "nvext.router_config_override.router_temperature")
+            _check(
+                override.overlap_score_weight is None or override.overlap_score_weight >= 0,
+                "overlap_score_weight must be >= 0",
+                "nvext.router_config_override.overlap_score_weight",
+            )
+            _check(
+                override.router_temperature is None or override.router_temperature >= 0,
+                "router_temperature must be >= 0",
+                "nvext.router_config_override.router_temperature",
+            )
 
     @property
     def stop_list(self) -> list[str]:
@@ -108,12 +119,17 @@ class ChatCompletionRequest(_SamplingFields, frozen=True, kw_only=True):
     def validate(self) -> None:
         self.validate_sampling()
         _check(len(self.messages) > 0, "messages must contain at least one message", "messages")
-        _check(self.max_completion_tokens is None or self.max_completion_tokens > 0,
-               "max_completion_tokens must be at least 1", "max_completion_tokens")
-        _check(self.top_logprobs is None or 0 <= self.top_logprobs <= 20,
-               "top_logprobs must be between 0 and 20", "top_logprobs")
-        _check(self.top_logprobs is None or self.logprobs,
-               "top_logprobs requires logprobs=true", "top_logprobs")
+        _check(
+            self.max_completion_tokens is None or self.max_completion_tokens > 0,
+            "max_completion_tokens must be at least 1",
+            "max_completion_tokens",
+        )
+        _check(
+            self.top_logprobs is None or 0 <= self.top_logprobs <= 20,
+            "top_logprobs must be between 0 and 20",
+            "top_logprobs",
+        )
+        _check(self.top_logprobs is None or self.logprobs, "top_logprobs requires logprobs=true", "top_logprobs")
 
     @property
     def output_limit(self) -> int | None:
@@ -149,8 +165,11 @@ class CompletionRequest(_SamplingFields, frozen=True, kw_only=True):
             _check(prompt != "", "prompt must not be empty", "prompt")
             return prompt
         _check(isinstance(prompt, list) and len(prompt) > 0, "prompt must not be empty", "prompt")
-        _check(all(type(t) is int and t >= 0 for t in prompt),
-               "prompt must be a string, a list of token ids, or a one-element list of either", "prompt")
+        _check(
+            all(type(t) is int and t >= 0 for t in prompt),
+            "prompt must be a string, a list of token ids, or a one-element list of either",
+            "prompt",
+        )
         return prompt
 
 

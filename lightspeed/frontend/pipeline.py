@@ -80,8 +80,14 @@ class Pipeline:
         self._router = router
         self._migration_limit = migration_limit
 
-    def prepare(self, req: AnyRequest, request_id: str, pinned: str | None = None,
-                session: str | None = None, overrides: RouterOverrides | None = None) -> Generation:
+    def prepare(
+        self,
+        req: AnyRequest,
+        request_id: str,
+        pinned: str | None = None,
+        session: str | None = None,
+        overrides: RouterOverrides | None = None,
+    ) -> Generation:
         """Validate against the model, tokenize, and build the worker request (raises 4xx)."""
         entry = self._models.get(req.model)
         if entry is None:
@@ -118,14 +124,20 @@ class Pipeline:
             except WorkerLost as err:
                 self._models.report_down(gen.worker_id)
                 if err.code in _NEVER_STARTED and gen.pinned_worker is None:
-                    log.warning("worker %s did not take %s (%s); sending it elsewhere",
-                                gen.worker_id, gen.request_id, err.code)
+                    log.warning(
+                        "worker %s did not take %s (%s); sending it elsewhere", gen.worker_id, gen.request_id, err.code
+                    )
                     continue
                 if migrations >= self._migration_limit or _is_done(gen):
                     raise
                 migrations += 1
-                log.warning("worker %s lost serving %s; migrating (%d/%d)",
-                            gen.worker_id, gen.request_id, migrations, self._migration_limit)
+                log.warning(
+                    "worker %s lost serving %s; migrating (%d/%d)",
+                    gen.worker_id,
+                    gen.request_id,
+                    migrations,
+                    self._migration_limit,
+                )
 
     async def _stream_once(self, gen: Generation, detok: IncrementalDetokenizer) -> AsyncIterator[Delta]:
         request = _continuation(gen)
@@ -149,8 +161,9 @@ class Pipeline:
         workers = gen.entry.serving_workers()
         if not workers:
             raise Overloaded(f"no workers are serving `{gen.entry.name}`")
-        route = RouteRequest(gen.request_id, token_ids, gen.pinned_worker, gen.session_id,
-                             gen.request.lora_name, gen.overrides)
+        route = RouteRequest(
+            gen.request_id, token_ids, gen.pinned_worker, gen.session_id, gen.request.lora_name, gen.overrides
+        )
         return await self._router.route(route, workers)
 
 
@@ -205,8 +218,9 @@ def _tokenize(entry: ModelEntry, req: AnyRequest) -> list[int]:
         prompt = req.prompt_value()
         ids = pre.encode(prompt) if isinstance(prompt, str) else prompt
         if not isinstance(prompt, str) and max(ids) >= pre.vocab_size:
-            raise InvalidRequest(f"token id {max(ids)} is out of the vocabulary (size {pre.vocab_size})",
-                                 param="prompt")
+            raise InvalidRequest(
+                f"token id {max(ids)} is out of the vocabulary (size {pre.vocab_size})", param="prompt"
+            )
     if not ids:
         raise InvalidRequest("the prompt is empty after tokenization", param="prompt")
     return ids
@@ -216,9 +230,10 @@ def _output_budget(entry: ModelEntry, req: AnyRequest, prompt_len: int) -> int:
     ctx = entry.context_length
     if prompt_len >= ctx:
         raise InvalidRequest(
-            f"This model's maximum context length is {ctx} tokens, but the prompt has "
-            f"{prompt_len} tokens.", param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded")
+            f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens.",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
     limit = req.output_limit
     if limit is None:
         return ctx - prompt_len
@@ -226,7 +241,9 @@ def _output_budget(entry: ModelEntry, req: AnyRequest, prompt_len: int) -> int:
         raise InvalidRequest(
             f"max_tokens={limit} is too large: the prompt has {prompt_len} tokens and the context "
             f"length is {ctx}, so at most {ctx - prompt_len} tokens can be generated.",
-            param="max_tokens", code="context_length_exceeded")
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
     return limit
 
 

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import jinja2
 import jinja2.ext
@@ -87,7 +87,7 @@ class _GenerationTag(jinja2.ext.Extension):
     Templates written for `return_assistant_tokens_mask` use it; without this they fail to compile.
     """
 
-    tags = {"generation"}
+    tags: ClassVar[set[str]] = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -99,11 +99,15 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
-            separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     # Unlike jinja2's built-in tojson this does not HTML-escape, matching transformers.
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 def _strftime_now(fmt: str) -> str:
@@ -137,8 +141,7 @@ def _normalize_message(message: object, index: int) -> dict[str, Any]:
         raise InvalidRequest(f"{param} must be an object", param=param)
     role = message.get("role")
     if not isinstance(role, str) or role not in _ROLES:
-        raise InvalidRequest(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}",
-                             param=f"{param}.role")
+        raise InvalidRequest(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{param}.role")
     out = dict(message)
     content = message.get("content")
     if content is None:
@@ -161,8 +164,9 @@ def _content_text(content: object, param: str) -> str:
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind != "text":
-            raise InvalidRequest(f"{param}[{j}]: unsupported content part type {kind!r} (only 'text')",
-                                 param=f"{param}[{j}]")
+            raise InvalidRequest(
+                f"{param}[{j}]: unsupported content part type {kind!r} (only 'text')", param=f"{param}[{j}]"
+            )
         text = part.get("text")
         if not isinstance(text, str):
             raise InvalidRequest(f"{param}[{j}].text must be a string", param=f"{param}[{j}].text")
@@ -193,8 +197,9 @@ def _parse_arguments(call: object) -> object:
 class Preprocessor:
     """Tokenizer + chat template of one model folder. Thread-safe for reads (encode/decode)."""
 
-    def __init__(self, tokenizer: Tokenizer, settings: TokenizerSettings, eos_token_ids: list[int],
-                 vocab_size: int | None = None) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, settings: TokenizerSettings, eos_token_ids: list[int], vocab_size: int | None = None
+    ) -> None:
         self._tokenizer = tokenizer
         self.settings = settings
         self._eos_token_ids = list(eos_token_ids)
@@ -217,8 +222,7 @@ class Preprocessor:
         template = template_path.read_text() if template_path.is_file() else None
         settings = TokenizerSettings.from_dict(cfg, template)
         vocab = _read_json(folder / "config.json").get("vocab_size")
-        return cls(tokenizer, settings, folder_eos_token_ids(folder),
-                   vocab if isinstance(vocab, int) else None)
+        return cls(tokenizer, settings, folder_eos_token_ids(folder), vocab if isinstance(vocab, int) else None)
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -250,26 +254,37 @@ class Preprocessor:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: list[dict[str, Any]] | None = None) -> str:
+    def apply_chat_template(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> str:
         """Render the conversation to prompt text (special tokens appear as text)."""
         if self._template is None:
-            raise InvalidRequest("this model has no chat template; use /v1/completions",
-                                 param="messages")
+            raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
         normalized = normalize_messages(messages)
         s = self.settings
         try:
             return self._template.render(
-                messages=normalized, tools=tools, add_generation_prompt=add_generation_prompt,
-                bos_token=s.bos_token or "", eos_token=s.eos_token or "",
-                unk_token=s.unk_token or "", pad_token=s.pad_token or "",
+                messages=normalized,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=s.bos_token or "",
+                eos_token=s.eos_token or "",
+                unk_token=s.unk_token or "",
+                pad_token=s.pad_token or "",
             )
         except (jinja2.exceptions.TemplateError, TypeError, ValueError) as exc:
             # The template rejects this conversation (e.g. roles must alternate): a client error.
             raise InvalidRequest(f"chat template error: {exc}", param="messages") from exc
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: list[dict[str, Any]] | None = None) -> list[int]:
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         # The rendered text already holds BOS etc. as text, so no special tokens are added again.
         text = self.apply_chat_template(messages, add_generation_prompt, tools)
         return self.encode(text, add_special_tokens=False)

@@ -54,8 +54,12 @@ class ResponseBuilder:
 
     def usage(self) -> Usage:
         g = self.gen
-        return Usage(g.prompt_tokens, g.completion_tokens, g.prompt_tokens + g.completion_tokens,
-                     PromptTokensDetails(cached_tokens=g.cached_tokens))
+        return Usage(
+            g.prompt_tokens,
+            g.completion_tokens,
+            g.prompt_tokens + g.completion_tokens,
+            PromptTokensDetails(cached_tokens=g.cached_tokens),
+        )
 
     # -------------------------------------------------------------------- streaming
 
@@ -104,9 +108,15 @@ class ResponseBuilder:
         tt = self.token_text
         if self.chat:
             content = [
-                {"token": tt(i.token_id), "logprob": i.logprob, "bytes": list(tt(i.token_id).encode()),
-                 "top_logprobs": [{"token": tt(t.token_id), "logprob": t.logprob,
-                                   "bytes": list(tt(t.token_id).encode())} for t in i.top]}
+                {
+                    "token": tt(i.token_id),
+                    "logprob": i.logprob,
+                    "bytes": list(tt(i.token_id).encode()),
+                    "top_logprobs": [
+                        {"token": tt(t.token_id), "logprob": t.logprob, "bytes": list(tt(t.token_id).encode())}
+                        for t in i.top
+                    ],
+                }
                 for i in items
             ]
             return {"content": content}

@@ -53,7 +53,8 @@ class Frontend:
         self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit)
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.worker_metrics = WorkerMetricsWatcher(
-            subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry)
+            subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry
+        )
         self.models.on_worker_added.append(self.worker_metrics.worker_added)
         self.models.on_worker_removed.append(self.worker_metrics.worker_removed)
         self._runner: web.AppRunner | None = None
@@ -63,8 +64,9 @@ class Frontend:
         """KV modes with events: keep the selector's prefix index fed from every worker."""
         if not isinstance(selector, KvSelector) or not isinstance(selector.index, KvIndex):
             return None
-        feed = KvEventFeed(subscriber_from_config(self.cfg.planes, [TOPIC_KV_EVENTS]), selector.index,
-                           self.client, self.router_metrics)
+        feed = KvEventFeed(
+            subscriber_from_config(self.cfg.planes, [TOPIC_KV_EVENTS]), selector.index, self.client, self.router_metrics
+        )
         self.models.on_worker_added.append(feed.worker_added)
         self.models.on_worker_removed.append(feed.worker_removed)
         return feed
@@ -74,9 +76,14 @@ class Frontend:
         if not self.cfg.router.replica_sync or self.cfg.router_mode not in STATEFUL_MODES:
             return None
         planes = self.cfg.planes
-        sync = ReplicaSync(self.active, publisher_from_config(planes, self.cfg.host),
-                           subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]), self.discovery,
-                           planes.namespace, selector.mirror if isinstance(selector, KvSelector) else None)
+        sync = ReplicaSync(
+            self.active,
+            publisher_from_config(planes, self.cfg.host),
+            subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]),
+            self.discovery,
+            planes.namespace,
+            selector.mirror if isinstance(selector, KvSelector) else None,
+        )
         self.models.on_peer_added.append(sync.peer_added)
         self.models.on_peer_removed.append(sync.peer_removed)
         return sync
@@ -90,14 +97,12 @@ class Frontend:
         await self.models.start()
         self._runner = web.AppRunner(self.http.app, handler_cancellation=True, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port,
-                           reuse_port=self.cfg.processes > 1, backlog=1024)
+        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_port=self.cfg.processes > 1, backlog=1024)
         await site.start()
         server = site._server  # the bound port, for port 0 in tests
         if server is not None and server.sockets:  # type: ignore[union-attr]
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-        log.info("frontend listening on http://%s:%d (router %s)", self.cfg.host, self.port,
-                 self.cfg.router_mode)
+        log.info("frontend listening on http://%s:%d (router %s)", self.cfg.host, self.port, self.cfg.router_mode)
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -55,8 +55,9 @@ class _Timer:
         self._m.cached.labels(model).inc(gen.cached_tokens)
 
 
-async def serve_stream(request: web.Request, pipeline: Pipeline, builder: ResponseBuilder,
-                       metrics: FrontendMetrics, include_usage: bool) -> web.StreamResponse:
+async def serve_stream(
+    request: web.Request, pipeline: Pipeline, builder: ResponseBuilder, metrics: FrontendMetrics, include_usage: bool
+) -> web.StreamResponse:
     gen = builder.gen
     timer = _Timer(metrics, builder.model)
     stream = pipeline.stream(gen)
@@ -91,8 +92,9 @@ async def serve_whole(pipeline: Pipeline, builder: ResponseBuilder, metrics: Fro
         timer.tokens(len(delta.token_ids))
         builder.add(delta)
     timer.finish(builder.gen)
-    return web.Response(body=builder.final(), content_type="application/json",
-                        headers={WORKER_HEADER: builder.gen.worker_id})
+    return web.Response(
+        body=builder.final(), content_type="application/json", headers={WORKER_HEADER: builder.gen.worker_id}
+    )
 
 
 def _error_json(err: LightspeedError) -> bytes:

@@ -7,6 +7,7 @@ operator (and the tests) can see per-worker KV usage and queue depth in one plac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import msgspec
@@ -28,8 +29,9 @@ class WorkerMetricsWatcher:
         labels = ["worker"]
         self._active = Gauge("lightspeed_worker_kv_active_blocks", "KV blocks in use", labels, registry=registry)
         self._total = Gauge("lightspeed_worker_kv_total_blocks", "KV blocks in the pool", labels, registry=registry)
-        self._cached = Gauge("lightspeed_worker_kv_cached_blocks", "Reusable cached KV blocks", labels,
-                             registry=registry)
+        self._cached = Gauge(
+            "lightspeed_worker_kv_cached_blocks", "Reusable cached KV blocks", labels, registry=registry
+        )
         self._running = Gauge("lightspeed_worker_requests_running", "Requests running", labels, registry=registry)
         self._waiting = Gauge("lightspeed_worker_requests_waiting", "Requests waiting", labels, registry=registry)
         self._gauges = (self._active, self._total, self._cached, self._running, self._waiting)
@@ -45,10 +47,8 @@ class WorkerMetricsWatcher:
             self._sub.disconnect(address)
         self.latest.pop(instance_id, None)
         for gauge in self._gauges:
-            try:
+            with contextlib.suppress(KeyError):
                 gauge.remove(instance_id)
-            except KeyError:
-                pass
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="worker-metrics")

@@ -73,9 +73,7 @@ class MockerExecutor:
                 else:
                     position = seq.start_pos + len(seq.token_ids)
                     sampled[seq.request_id] = self._sample_seeded(seed, position, seq.banned_token_ids)
-        prefill_s, decode_s = self.timing.phase_seconds(
-            output.num_prefill_tokens, output.kv_usage, has_decode
-        )
+        prefill_s, decode_s = self.timing.phase_seconds(output.num_prefill_tokens, output.kv_usage, has_decode)
         self.num_steps += 1
         self.modelled_seconds += prefill_s + decode_s
         # Tokens leave when the prefill phase ends; the decode phase runs on after that (see

@@ -72,9 +72,7 @@ class MockerTiming:
         ms = self.step_ms_unscaled(num_prefill_tokens, kv_usage, has_decode)
         return ms / 1000.0 / self.speedup_ratio
 
-    def phase_seconds(
-        self, num_prefill_tokens: int, kv_usage: float, has_decode: bool
-    ) -> tuple[float, float]:
+    def phase_seconds(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> tuple[float, float]:
         """(prefill phase, decode phase) wall seconds; tokens are emitted between the two."""
         scale = 1000.0 * self.speedup_ratio
         decode = decode_ms(kv_usage) / scale if has_decode else 0.0

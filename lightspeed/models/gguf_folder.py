@@ -49,18 +49,14 @@ _QWEN2_REGEX = (
 )
 # llama.cpp splits digits one by one ("\p{N}") before the GPT-2 regex for these; HF's
 # Digits(individual_digits) + ByteLevel(use_regex) is the same two-stage split.
-_DIGIT_SPLIT_PRES = frozenset(
-    {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"}
-)
+_DIGIT_SPLIT_PRES = frozenset({"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva"})
 _LLAMA3_PRES = frozenset({"llama-bpe", "llama3", "smaug-bpe", "falcon3", "pixtral"})
 _QWEN2_PRES = frozenset({"qwen2", "stablelm2", "deepseek-r1-qwen", "megrez"})
 _GPT2_PRES = frozenset({"default", "gpt-2", "gpt2", "mpt", "olmo", "jais"})
 
 # Text of end-of-turn tokens llama.cpp also treats as end of generation, beyond the EOS id:
 # an instruct model that finishes a "document" emits <|endoftext|> rather than <|im_end|>.
-_EOG_TEXTS = (
-    "<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>"
-)
+_EOG_TEXTS = ("<|endoftext|>", "<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<end_of_turn>", "<|end|>")
 
 _HF_ARCH = {"llama": ("LlamaForCausalLM", "llama"), "qwen2": ("Qwen2ForCausalLM", "qwen2")}
 
@@ -115,17 +111,14 @@ def build_tokenizer(info: GgufInfo) -> Tokenizer:
     """A byte-level BPE `tokenizers.Tokenizer` equivalent to llama.cpp's for this GGUF."""
     model_kind = info.fields.get("tokenizer.ggml.model")
     if model_kind != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer model {model_kind!r} is not supported (only byte-level BPE 'gpt2')"
-        )
+        raise ValueError(f"GGUF tokenizer model {model_kind!r} is not supported (only byte-level BPE 'gpt2')")
     tokens: list[str] = info.fields["tokenizer.ggml.tokens"]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     if len(vocab) != len(tokens):
         raise ValueError("GGUF vocabulary has duplicate tokens; ids would not round-trip")
     merges = [tuple(m.split(" ", 1)) for m in info.fields.get("tokenizer.ggml.merges", [])]
     pre = str(info.fields.get("tokenizer.ggml.pre", "default"))
-    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False,
-                     ignore_merges=pre in _LLAMA3_PRES)
+    bpe = models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False, ignore_merges=pre in _LLAMA3_PRES)
     tokenizer = Tokenizer(bpe)
     if pre in _QWEN2_PRES:
         tokenizer.normalizer = normalizers.NFC()
@@ -138,10 +131,14 @@ def build_tokenizer(info: GgufInfo) -> Tokenizer:
 def _add_special_tokens(tokenizer: Tokenizer, tokens: list[str], types: list[int]) -> None:
     # Registered as added tokens so "<|im_start|>" in text encodes as one id instead of BPE pieces;
     # control tokens are "special" (dropped by skip_special_tokens), user-defined ones are not.
-    control = [AddedToken(tokens[i], special=True, normalized=False)
-               for i, kind in enumerate(types) if kind == _TOKEN_CONTROL]
-    user = [AddedToken(tokens[i], special=False, normalized=False)
-            for i, kind in enumerate(types) if kind == _TOKEN_USER_DEFINED]
+    control = [
+        AddedToken(tokens[i], special=True, normalized=False) for i, kind in enumerate(types) if kind == _TOKEN_CONTROL
+    ]
+    user = [
+        AddedToken(tokens[i], special=False, normalized=False)
+        for i, kind in enumerate(types)
+        if kind == _TOKEN_USER_DEFINED
+    ]
     tokenizer.add_special_tokens(control)
     if user:
         tokenizer.add_tokens(user)
@@ -194,9 +191,7 @@ def tokenizer_config(info: GgufInfo) -> dict[str, Any]:
 def model_config(info: GgufInfo) -> dict[str, Any]:
     """`config.json` in HF's Llama/Qwen2 layout, from the GGUF hyper-parameters."""
     if info.arch not in _HF_ARCH:
-        raise ValueError(
-            f"GGUF architecture {info.arch!r} is not supported (supported: {sorted(_HF_ARCH)})"
-        )
+        raise ValueError(f"GGUF architecture {info.arch!r} is not supported (supported: {sorted(_HF_ARCH)})")
     hf_class, model_type = _HF_ARCH[info.arch]
     hidden = int(info.arch_field("embedding_length"))
     heads = int(info.arch_field("attention.head_count"))

@@ -27,8 +27,7 @@ class AtenOps:
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         return w
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return F.linear(x, w, bias)
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -51,8 +50,7 @@ class OneDnnOps(AtenOps):
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor,
-               bias: torch.Tensor | None = None) -> torch.Tensor:
+    def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
@@ -75,8 +73,9 @@ def _onednn_works(dtype: torch.dtype) -> bool:
     other = torch.ones(3, 2, dtype=dtype)
     try:
         packed = ops.pack(w)
-        return (torch.equal(ops.linear(x, packed), ref.linear(x, w))
-                and torch.equal(ops.linear_add(x, packed, other), ref.linear_add(x, w, other)))
+        return torch.equal(ops.linear(x, packed), ref.linear(x, w)) and torch.equal(
+            ops.linear_add(x, packed, other), ref.linear_add(x, w, other)
+        )
     except RuntimeError:  # a torch build without these ops: plain matmuls still work
         return False
 

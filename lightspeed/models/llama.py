@@ -24,16 +24,18 @@ KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then 
 
 from __future__ import annotations
 
-import dataclasses
-import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lightspeed.models.attention_metadata import (
+    AttentionGroup,
+    AttentionMetadata,
+    CacheLayout,
+)
 from lightspeed.models.fused_ops import FusedOps
 from lightspeed.models.linear_ops import AtenOps, select_linear_ops
 from lightspeed.models.paged_attention import (
@@ -42,173 +44,6 @@ from lightspeed.models.paged_attention import (
     load_kernel,
 )
 from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
-
-# ---------------------------------------------------------------- attention metadata
-
-
-@dataclass(frozen=True, slots=True)
-class CacheLayout:
-    """What the metadata builder needs to know about the KV cache."""
-
-    num_blocks: int
-    block_size: int
-    dtype: torch.dtype  # of the attention mask: the model's compute dtype
-    # Decode groups carry int32 block tables + context lengths for the paged kernel instead of
-    # a gather index and a mask.
-    paged_decode: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionGroup:
-    """Sequences sharing one SDPA call: tokens [token_start, token_end) of the flat batch."""
-
-    token_start: int
-    token_end: int
-    num_seqs: int
-    # Rows of the cache viewed as [2 * num_blocks, ...]: every sequence's K blocks (block table
-    # padded with block 0, masked out), then the same for V, so one index op gathers both.
-    # None for a paged-kernel decode group, which reads the blocks in place.
-    kv_index: torch.Tensor | None  # [2 * num_seqs * max_blocks] int64
-    # Additive float [B, 1, max_query_len, max_blocks * block_size]; None for a single sequence
-    # starting at position 0, where plain causal attention over its own tokens is exact.
-    attn_mask: torch.Tensor | None
-    max_query_len: int
-    # None when no query padding is needed (one sequence, or one token per sequence).
-    pad_index: torch.Tensor | None = None  # [B * max_query_len] group token index per padded row
-    unpad_index: torch.Tensor | None = None  # [token_end - token_start] padded row per token
-    # Paged-kernel decode group only (else None).
-    block_tables: torch.Tensor | None = None  # [B, max_blocks] int32, padded with block 0
-    context_lens: torch.Tensor | None = None  # [B] int32
-    # Fresh-prompt group only (else None): (token lo, token hi, prompts) of each run of adjacent
-    # equal-length prompts within the group, one batched SDPA call each. They start at position
-    # 0, so causal attention over their own new K/V is exact: no gather, no mask, no padding.
-    fresh_runs: tuple[tuple[int, int, int], ...] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class AttentionMetadata:
-    positions: torch.Tensor  # [T] int64
-    slot_mapping: torch.Tensor  # [T] int64: block_id * block_size + offset of each new token
-    groups: tuple[AttentionGroup, ...]
-
-
-def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int,
-                   dtype: type = np.int64) -> np.ndarray:
-    out = np.zeros((len(tables), max(num_blocks, 1)), dtype=dtype)
-    for row, table in enumerate(tables):
-        used = min(len(table), num_blocks)
-        out[row, :used] = table[:used]
-    return out
-
-
-def _attn_mask(starts: np.ndarray, qlens: np.ndarray, ctx: int, dtype: torch.dtype,
-               device: torch.device) -> torch.Tensor:
-    """Additive mask [B, 1, max_q, ctx]: causal within the chunk and cut at the context length.
-    Padded query rows repeat the last real row so no row is fully masked (which would NaN)."""
-    max_q = int(qlens.max())
-    rows = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)  # [B, max_q]
-    last_key = torch.from_numpy(starts[:, None] + rows).to(device)
-    allowed = torch.arange(ctx, device=device)[None, None, :] <= last_key[:, :, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-    return mask.unsqueeze(1)  # broadcast over heads
-
-
-def _paged_decode_group(token_start: int, ctx_lens: np.ndarray, num_blocks: int,
-                        tables: Sequence[Sequence[int]], device: torch.device) -> AttentionGroup:
-    """What the paged kernel reads: the block tables and context lengths, nothing else."""
-    padded = torch.from_numpy(_padded_tables(tables, num_blocks, np.int32)).to(device)
-    lens = torch.from_numpy(ctx_lens.astype(np.int32)).to(device)
-    return AttentionGroup(token_start, token_start + len(ctx_lens), len(ctx_lens), None, None, 1,
-                          block_tables=padded, context_lens=lens)
-
-
-def _fresh_group(token_start: int, qlens: np.ndarray) -> AttentionGroup:
-    runs = _equal_length_runs(qlens)
-    return AttentionGroup(token_start, token_start + runs[-1][1], len(qlens), None, None,
-                          int(qlens.max()), fresh_runs=tuple(runs))
-
-
-def _equal_length_runs(qlens: np.ndarray) -> list[tuple[int, int, int]]:
-    """(token lo, token hi, prompts) of each maximal run of adjacent equal-length prompts."""
-    runs: list[tuple[int, int, int]] = []
-    lo = 0
-    for length, members in itertools.groupby(qlens.tolist()):
-        count = len(list(members))
-        runs.append((lo, lo + length * count, count))
-        lo += length * count
-    return runs
-
-
-def _group_bounds(qlens: np.ndarray, starts: np.ndarray) -> list[tuple[int, int, bool]]:
-    """(lo, hi, fresh) runs of sequences: the leading single-token run, the trailing run of
-    fresh prompts (position 0, several tokens), and whatever lies between."""
-    n = len(qlens)
-    num_decode = int(np.argmax(qlens != 1)) if (qlens != 1).any() else n
-    first_fresh = n
-    while first_fresh > num_decode and starts[first_fresh - 1] == 0:
-        first_fresh -= 1
-    runs = [(0, num_decode, False), (num_decode, first_fresh, False), (first_fresh, n, True)]
-    return [run for run in runs if run[1] > run[0]]
-
-
-def _build_group(token_start: int, starts: np.ndarray, qlens: np.ndarray,
-                 tables: Sequence[Sequence[int]], layout: CacheLayout,
-                 device: torch.device) -> AttentionGroup:
-    ctx_lens = starts + qlens
-    num_blocks = -(-int(ctx_lens.max()) // layout.block_size)
-    if layout.paged_decode and int(qlens.max()) == 1:
-        return _paged_decode_group(token_start, ctx_lens, num_blocks, tables, device)
-    padded = _padded_tables(tables, num_blocks).reshape(-1)
-    kv_index = torch.from_numpy(np.concatenate((padded, padded + layout.num_blocks))).to(device)
-    max_q = int(qlens.max())
-    mask = _attn_mask(starts, qlens, num_blocks * layout.block_size, layout.dtype, device)
-    group = AttentionGroup(token_start, token_start + int(qlens.sum()), len(qlens), kv_index,
-                           mask, max_q)
-    if max_q == 1 or len(qlens) == 1:
-        return group
-    qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
-    col = np.minimum(np.arange(max_q)[None, :], qlens[:, None] - 1)
-    pad = (qstart[:, None] + col).reshape(-1)
-    seq_of_token = np.repeat(np.arange(len(qlens)), qlens)
-    unpad = seq_of_token * max_q + (np.arange(int(qlens.sum())) - np.repeat(qstart, qlens))
-    return dataclasses.replace(group, pad_index=torch.from_numpy(pad).to(device),
-                               unpad_index=torch.from_numpy(unpad).to(device))
-
-
-def _positions_and_slots(starts: np.ndarray, qlens: np.ndarray, tables: Sequence[Sequence[int]],
-                         block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    ctx_lens = starts + qlens
-    for table, ctx in zip(tables, ctx_lens):
-        if len(table) * block_size < ctx:
-            raise ValueError(f"block table of {len(table)} blocks cannot hold {ctx} tokens")
-    padded = _padded_tables(tables, max(len(t) for t in tables))
-    seq = np.repeat(np.arange(len(qlens)), qlens)
-    qstart = np.concatenate(([0], np.cumsum(qlens)[:-1]))
-    positions = np.arange(int(qlens.sum())) - np.repeat(qstart, qlens) + np.repeat(starts, qlens)
-    slots = padded[seq, positions // block_size] * block_size + positions % block_size
-    return positions, slots
-
-
-def build_attention_metadata(query_lens: Sequence[int], start_positions: Sequence[int],
-                             block_tables: Sequence[Sequence[int]], layout: CacheLayout,
-                             device: torch.device) -> AttentionMetadata:
-    """Describe one step's flat batch. Sequence i contributes query_lens[i] tokens at positions
-    start_positions[i].. and owns block_tables[i]. Put single-token sequences first: that
-    leading run becomes the unpadded decode group; and fresh prompts (position 0) last: that
-    trailing run attends causally over its own tokens, without reading the cache."""
-    qlens = np.asarray(query_lens, dtype=np.int64)
-    starts = np.asarray(start_positions, dtype=np.int64)
-    if len(qlens) == 0 or qlens.min() < 1 or starts.min() < 0:
-        raise ValueError("need at least one sequence, each with >= 1 token at a position >= 0")
-    positions, slots = _positions_and_slots(starts, qlens, block_tables, layout.block_size)
-    groups = []
-    for lo, hi, fresh in _group_bounds(qlens, starts):
-        token_start = int(qlens[:lo].sum())
-        groups.append(_fresh_group(token_start, qlens[lo:hi]) if fresh else _build_group(
-            token_start, starts[lo:hi], qlens[lo:hi], block_tables[lo:hi], layout, device))
-    return AttentionMetadata(torch.from_numpy(positions).to(device),
-                             torch.from_numpy(slots).to(device), tuple(groups))
-
 
 # ---------------------------------------------------------------- rotary embedding
 
@@ -226,11 +61,9 @@ def _scale_inv_freq(inv: torch.Tensor, scaling: RopeScaling) -> torch.Tensor:
     old_len = scaling.original_max_position_embeddings
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > old_len / scaling.low_freq_factor, inv / scaling.factor, inv)
-    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
-        scaling.high_freq_factor - scaling.low_freq_factor)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (scaling.high_freq_factor - scaling.low_freq_factor)
     blended = (1 - smooth) * scaled / scaling.factor + smooth * scaled
-    medium = (wavelen >= old_len / scaling.high_freq_factor) & (
-        wavelen <= old_len / scaling.low_freq_factor)
+    medium = (wavelen >= old_len / scaling.high_freq_factor) & (wavelen <= old_len / scaling.low_freq_factor)
     return torch.where(medium, blended, scaled)
 
 
@@ -299,8 +132,7 @@ class LayerWeights:
 class PagedLlama:
     """Llama-family causal LM. Plain tensors (no nn.Module): inference only, nothing to train."""
 
-    def __init__(self, config: ModelConfig, state: StateDict, dtype: torch.dtype,
-                 device: torch.device) -> None:
+    def __init__(self, config: ModelConfig, state: StateDict, dtype: torch.dtype, device: torch.device) -> None:
         self.config = config
         self.dtype = dtype
         self.device = device
@@ -320,8 +152,7 @@ class PagedLlama:
 
     def _paged_kernel(self) -> PagedDecodeAttention | None:
         cfg = self.config
-        if not PagedDecodeAttention.supports(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                                             self.dtype, self.device):
+        if not PagedDecodeAttention.supports(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype, self.device):
             return None
         return load_kernel()
 
@@ -346,21 +177,26 @@ class PagedLlama:
             bias = torch.cat([self._get(state, attn + f"{x}_proj.bias") for x in "qkv"])
         gate = self._get(state, p + "mlp.gate_proj.weight", fold_post)
         up = self._get(state, p + "mlp.up_proj.weight", fold_post)
-        o_proj, down = pack(self._get(state, attn + "o_proj.weight")), pack(
-            self._get(state, p + "mlp.down_proj.weight"))
+        o_proj, down = (
+            pack(self._get(state, attn + "o_proj.weight")),
+            pack(self._get(state, p + "mlp.down_proj.weight")),
+        )
         if fused and self.fused_ops is not None:  # one wide matmul, then the C silu * up
-            return LayerWeights(None, pack(qkv), bias, o_proj, None, pack(torch.cat([gate, up])),
-                                down)
+            return LayerWeights(None, pack(qkv), bias, o_proj, None, pack(torch.cat([gate, up])), down)
         if fused:
-            return LayerWeights(None, pack(qkv), bias, o_proj, None, None, down, pack(gate),
-                                pack(up))
-        return LayerWeights(self._get(state, p + "input_layernorm.weight"), qkv, bias, o_proj,
-                            self._get(state, p + "post_attention_layernorm.weight"),
-                            torch.cat([gate, up]), down)
+            return LayerWeights(None, pack(qkv), bias, o_proj, None, None, down, pack(gate), pack(up))
+        return LayerWeights(
+            self._get(state, p + "input_layernorm.weight"),
+            qkv,
+            bias,
+            o_proj,
+            self._get(state, p + "post_attention_layernorm.weight"),
+            torch.cat([gate, up]),
+            down,
+        )
 
     def cache_layout(self, num_blocks: int, block_size: int) -> CacheLayout:
-        return CacheLayout(num_blocks, block_size, self.dtype,
-                           paged_decode=self.paged_kernel is not None)
+        return CacheLayout(num_blocks, block_size, self.dtype, paged_decode=self.paged_kernel is not None)
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[torch.Tensor]:
         shape = (2, num_blocks, block_size, self.config.num_kv_heads, self.config.head_dim)
@@ -371,13 +207,16 @@ class PagedLlama:
             caches.append(cache.zero_())
         return caches
 
-    def forward(self, input_ids: torch.Tensor, meta: AttentionMetadata,
-                kv_caches: Sequence[torch.Tensor],
-                logits_indices: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_caches: Sequence[torch.Tensor],
+        logits_indices: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """float32 logits [len(logits_indices) or T, vocab] for the flat batch `input_ids`."""
         if self.fused_ops is not None:  # the C kernels index with these: check them once
-            self.fused_ops.check_indices(meta.positions, meta.slot_mapping, self.rotary.cos_half,
-                                         kv_caches[0])
+            self.fused_ops.check_indices(meta.positions, meta.slot_mapping, self.rotary.cos_half, kv_caches[0])
             cos = sin = self.rotary.cos_half  # unused: the kernel reads the fp32 tables
         else:
             cos, sin = self.rotary.lookup(meta.positions)
@@ -391,9 +230,15 @@ class PagedLlama:
 
     __call__ = forward
 
-    def _layer_forward(self, w: LayerWeights, hidden: torch.Tensor, cos: torch.Tensor,
-                       sin: torch.Tensor, cache: torch.Tensor,
-                       meta: AttentionMetadata) -> torch.Tensor:
+    def _layer_forward(
+        self,
+        w: LayerWeights,
+        hidden: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
         ops = self.ops
         qkv = ops.linear(self._rms_norm(hidden, w.input_norm), w.qkv, w.qkv_bias)
         q, k, v = self._rotate_and_cache(qkv, cos, sin, cache, meta)
@@ -414,25 +259,30 @@ class PagedLlama:
         gate, up = gate_up.chunk(2, dim=-1)
         return F.silu(gate) * up
 
-    def _rotate_and_cache(self, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                          cache: torch.Tensor, meta: AttentionMetadata,
-                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _rotate_and_cache(
+        self,
+        qkv: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotary on q and k, the new k and v written into their cache slots; returns q, k, v
         as [T, heads, dim] views (q and k rotated)."""
         cfg = self.config
         tokens = qkv.shape[0]
-        qk = qkv[:, :cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim)
-        v = qkv[:, cfg.q_size + cfg.kv_size:].view(tokens, cfg.num_kv_heads, cfg.head_dim)
+        qk = qkv[:, : cfg.q_size + cfg.kv_size].view(tokens, -1, cfg.head_dim)
+        v = qkv[:, cfg.q_size + cfg.kv_size :].view(tokens, cfg.num_kv_heads, cfg.head_dim)
         if self.fused_ops is not None:  # in place in qkv, plus the cache write: one pass
-            self.fused_ops.rope_write_kv(qkv, meta.positions, self.rotary.cos_half,
-                                         self.rotary.sin_half, cache, meta.slot_mapping,
-                                         cfg.num_heads)
+            self.fused_ops.rope_write_kv(
+                qkv, meta.positions, self.rotary.cos_half, self.rotary.sin_half, cache, meta.slot_mapping, cfg.num_heads
+            )
         else:  # rotate q and k together: they are adjacent heads in the fused projection
             qk = apply_rope(qk, cos, sin)
             flat = cache.view(2, -1, cfg.num_kv_heads, cfg.head_dim)
-            flat[0].index_copy_(0, meta.slot_mapping, qk[:, cfg.num_heads:])
+            flat[0].index_copy_(0, meta.slot_mapping, qk[:, cfg.num_heads :])
             flat[1].index_copy_(0, meta.slot_mapping, v)
-        return qk[:, :cfg.num_heads], qk[:, cfg.num_heads:], v
+        return qk[:, : cfg.num_heads], qk[:, cfg.num_heads :], v
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
         eps = self.config.rms_norm_eps
@@ -445,18 +295,23 @@ class PagedLlama:
         sq = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32).square_()
         return x * torch.rsqrt(sq.div_(x.shape[-1]).add_(eps)).to(x.dtype)
 
-    def _attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor,
-                   meta: AttentionMetadata) -> torch.Tensor:
+    def _attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: torch.Tensor, meta: AttentionMetadata
+    ) -> torch.Tensor:
         """Attend per group (the new K/V are already in the cache). Returns [T, heads * dim]."""
         outs = []
         for g in meta.groups:
             span = slice(g.token_start, g.token_end)
-            outs.append(self._group_attention(q[span], cache, g) if g.fresh_runs is None
-                        else self._fresh_attention(q[span], k[span], v[span], g.fresh_runs))
+            outs.append(
+                self._group_attention(q[span], cache, g)
+                if g.fresh_runs is None
+                else self._fresh_attention(q[span], k[span], v[span], g.fresh_runs)
+            )
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _fresh_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                         runs: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+    def _fresh_attention(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: tuple[tuple[int, int, int], ...]
+    ) -> torch.Tensor:
         """Causal SDPA on the fresh prompts' own q/k/v (strided views of the projection): no
         cache gather, no mask, no padding. Each run of adjacent equal-length prompts is one
         batched call (8 x 256 tokens: ~7% faster a prefill step than a call per prompt + cat)."""
@@ -465,35 +320,36 @@ class PagedLlama:
             outs.append(self._causal_sdpa(q[lo:hi], k[lo:hi], v[lo:hi], count))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
 
-    def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     batch: int) -> torch.Tensor:
+    def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
         """`batch` prompts of one length, tokens [T, heads, dim] -> [B, heads, T / B, dim]."""
         heads = [x.view(batch, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale,
-                                             enable_gqa=True)
+        out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], self.config.q_size)
 
-    def _group_attention(self, q: torch.Tensor, cache: torch.Tensor,
-                         group: AttentionGroup) -> torch.Tensor:
+    def _group_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:
         cfg = self.config
         batch, max_q = group.num_seqs, group.max_query_len
         kvh, dim = cfg.num_kv_heads, cfg.head_dim
         if group.block_tables is not None:
             assert self.paged_kernel is not None and group.context_lens is not None
-            return self.paged_kernel(q, cache, group.block_tables, group.context_lens,
-                                     self.scale)
+            return self.paged_kernel(q, cache, group.block_tables, group.context_lens, self.scale)
         assert group.kv_index is not None
         kv = cache.view(-1, *cache.shape[2:]).index_select(0, group.kv_index)
         kv = kv.view(2, batch, -1, kvh, dim).transpose(2, 3)  # [2, B, kv_heads, ctx, dim]
         if max_q == 1:  # decode: the query heads of one KV head become that head's query rows
             queries = q.reshape(batch, kvh, cfg.num_heads // kvh, dim)
-            out = F.scaled_dot_product_attention(queries, kv[0], kv[1],
-                                                 attn_mask=group.attn_mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(queries, kv[0], kv[1], attn_mask=group.attn_mask, scale=self.scale)
             return out.reshape(batch, cfg.q_size)
         padded = q if group.pad_index is None else q.index_select(0, group.pad_index)
         queries = padded.view(batch, max_q, cfg.num_heads, dim).transpose(1, 2)
         out = F.scaled_dot_product_attention(
-            queries, kv[0], kv[1], attn_mask=group.attn_mask, is_causal=group.attn_mask is None,
-            scale=self.scale, enable_gqa=True)
+            queries,
+            kv[0],
+            kv[1],
+            attn_mask=group.attn_mask,
+            is_causal=group.attn_mask is None,
+            scale=self.scale,
+            enable_gqa=True,
+        )
         out = out.transpose(1, 2).reshape(batch * max_q, cfg.q_size)
         return out if group.unpad_index is None else out.index_select(0, group.unpad_index)

@@ -11,7 +11,7 @@ on) into a per-user cache keyed by the source, the flags, the compiler and the C
 with ctypes. The shared object links the libgomp torch already loaded (same soname, resolved to
 the copy in the process), so its parallel loop runs on torch's own OpenMP team: a second OpenMP
 runtime would bring a second set of spinning threads onto the same cores (see
-engine/native_executor.py for what oversubscription costs here). No compiler, a failed build or
+native/executor.py for what oversubscription costs here). No compiler, a failed build or
 LIGHTSPEED_PAGED_ATTENTION=0: a warning once, and the model keeps its torch path.
 """
 
@@ -46,13 +46,20 @@ _MADV_HUGEPAGE = 14  # linux/mman.h
 class _Args(ctypes.Structure):
     """Mirror of `pa_args` in csrc/paged_attention.c."""
 
-    _fields_ = [("k_cache", ctypes.c_void_p), ("v_cache", ctypes.c_void_p),
-                ("query", ctypes.c_void_p), ("out", ctypes.c_void_p),
-                ("block_tables", ctypes.c_void_p), ("context_lens", ctypes.c_void_p),
-                *[(name, ctypes.c_int64) for name in (
-                    "num_seqs", "num_heads", "num_kv_heads", "head_dim", "block_size",
-                    "table_stride", "q_stride")],
-                ("scale", ctypes.c_float), ("is_bf16", ctypes.c_int)]
+    _fields_ = [
+        ("k_cache", ctypes.c_void_p),
+        ("v_cache", ctypes.c_void_p),
+        ("query", ctypes.c_void_p),
+        ("out", ctypes.c_void_p),
+        ("block_tables", ctypes.c_void_p),
+        ("context_lens", ctypes.c_void_p),
+        *[
+            (name, ctypes.c_int64)
+            for name in ("num_seqs", "num_heads", "num_kv_heads", "head_dim", "block_size", "table_stride", "q_stride")
+        ],
+        ("scale", ctypes.c_float),
+        ("is_bf16", ctypes.c_int),
+    ]
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +86,55 @@ class PagedDecodeAttention:
         self.simd = bool(lib.ls_pa_simd())
 
     @staticmethod
-    def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype,
-                 device: torch.device) -> bool:
-        return (device.type == "cpu" and dtype in SUPPORTED_DTYPES and num_kv_heads >= 1
-                and num_heads % num_kv_heads == 0 and num_heads // num_kv_heads <= MAX_GROUP
-                and 1 <= head_dim <= MAX_DIM)
+    def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
+        return (
+            device.type == "cpu"
+            and dtype in SUPPORTED_DTYPES
+            and num_kv_heads >= 1
+            and num_heads % num_kv_heads == 0
+            and num_heads // num_kv_heads <= MAX_GROUP
+            and 1 <= head_dim <= MAX_DIM
+        )
 
-    def __call__(self, query: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                 context_lens: torch.Tensor, scale: float) -> torch.Tensor:
+    def __call__(
+        self,
+        query: torch.Tensor,
+        cache: torch.Tensor,
+        block_tables: torch.Tensor,
+        context_lens: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
         """query [B, heads, dim] (rows may be strided), cache [2, blocks, block_size, kv_heads,
         dim] contiguous, block_tables [B, max_blocks] int32, context_lens [B] int32 (>= 1 each,
         covered by the table). Returns [B, heads * dim] in the cache dtype."""
         batch, heads, dim = query.shape
         _check_inputs(query, cache, block_tables, context_lens)
         out = torch.empty(batch, heads * dim, dtype=cache.dtype)
-        args = _Args(cache[0].data_ptr(), cache[1].data_ptr(), query.data_ptr(), out.data_ptr(),
-                     block_tables.data_ptr(), context_lens.data_ptr(), batch, heads,
-                     cache.shape[3], dim, cache.shape[2], block_tables.stride(0),
-                     query.stride(0), scale, int(cache.dtype == torch.bfloat16))
+        args = _Args(
+            cache[0].data_ptr(),
+            cache[1].data_ptr(),
+            query.data_ptr(),
+            out.data_ptr(),
+            block_tables.data_ptr(),
+            context_lens.data_ptr(),
+            batch,
+            heads,
+            cache.shape[3],
+            dim,
+            cache.shape[2],
+            block_tables.stride(0),
+            query.stride(0),
+            scale,
+            int(cache.dtype == torch.bfloat16),
+        )
         if self._fn(ctypes.byref(args)) != 0:
-            raise ValueError(f"paged attention: unsupported shape heads={heads} "
-                             f"kv_heads={cache.shape[3]} dim={dim}")
+            raise ValueError(f"paged attention: unsupported shape heads={heads} kv_heads={cache.shape[3]} dim={dim}")
         return out
 
 
-def _check_inputs(query: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor,
-                  context_lens: torch.Tensor) -> None:
+def _check_inputs(
+    query: torch.Tensor, cache: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor
+) -> None:
     """The kernel trusts raw pointers: reject anything laid out differently than it assumes."""
     if not cache.is_contiguous() or cache.dtype not in SUPPORTED_DTYPES or cache.dim() != 5:
         raise ValueError("cache must be a contiguous fp32/bf16 [2, blocks, bs, kv_heads, dim]")
@@ -156,8 +186,7 @@ def _cpu_fingerprint() -> str:
 
 
 def _compiler_id(compiler: str) -> str:
-    out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30,
-                         check=True)
+    out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
     return out.stdout.splitlines()[0] if out.stdout else compiler
 
 
@@ -167,9 +196,11 @@ def _build(spec: BuildSpec) -> Path:
     if compiler is None:
         raise FileNotFoundError(f"C compiler {spec.compiler!r} not found")
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h")]
-    key = hashlib.sha256(b"\0".join([*sources, " ".join(spec.flags).encode(),
-                                     _compiler_id(compiler).encode(),
-                                     _cpu_fingerprint().encode()])).hexdigest()[:20]
+    key = hashlib.sha256(
+        b"\0".join(
+            [*sources, " ".join(spec.flags).encode(), _compiler_id(compiler).encode(), _cpu_fingerprint().encode()]
+        )
+    ).hexdigest()[:20]
     target = cache_dir() / f"paged_attention-{key}.so"
     if target.exists():
         return target
@@ -180,8 +211,9 @@ def _build(spec: BuildSpec) -> Path:
     try:
         # One shared object for every kernel in csrc/ (paged attention, fused elementwise ops).
         c_files = [str(f) for f in sorted(SOURCE.parent.glob("*.c"))]
-        subprocess.run([compiler, *spec.flags, *c_files, "-o", tmp, "-lm"], check=True,
-                       capture_output=True, text=True, timeout=120)
+        subprocess.run(
+            [compiler, *spec.flags, *c_files, "-o", tmp, "-lm"], check=True, capture_output=True, text=True, timeout=120
+        )
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -210,7 +242,8 @@ def load_kernel(spec: BuildSpec = BuildSpec()) -> PagedDecodeAttention | None:
                 _loaded[spec] = build_kernel(spec)
             except (OSError, subprocess.SubprocessError, AttributeError) as exc:
                 detail = getattr(exc, "stderr", "") or ""
-                logger.warning("paged attention kernel unavailable, using the torch path: "
-                               "%s %s", exc, detail.strip()[-2000:])
+                logger.warning(
+                    "paged attention kernel unavailable, using the torch path: %s %s", exc, detail.strip()[-2000:]
+                )
                 _loaded[spec] = None
         return _loaded[spec]

@@ -25,8 +25,7 @@ logger = logging.getLogger(__name__)
 StateDict = dict[str, torch.Tensor]
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "mistral")
-_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
-             "mistral": "MistralForCausalLM"}
+_HF_CLASS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,8 +67,16 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.architecture not in SUPPORTED_ARCHITECTURES:
             raise ValueError(f"unsupported architecture {self.architecture!r}")
-        sizes = (self.vocab_size, self.hidden_size, self.intermediate_size, self.num_layers,
-                 self.num_heads, self.num_kv_heads, self.head_dim, self.max_position_embeddings)
+        sizes = (
+            self.vocab_size,
+            self.hidden_size,
+            self.intermediate_size,
+            self.num_layers,
+            self.num_heads,
+            self.num_kv_heads,
+            self.head_dim,
+            self.max_position_embeddings,
+        )
         if min(sizes) <= 0:
             raise ValueError(f"model sizes must be positive: {sizes}")
         if self.num_heads % self.num_kv_heads:
@@ -235,13 +242,11 @@ def config_from_hf(raw: dict[str, Any]) -> ModelConfig:
     """Parse a Llama / Qwen2 / Mistral `config.json`."""
     arch = raw.get("model_type", "")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(f"unsupported model_type {arch!r}; "
-                         f"expected one of {SUPPORTED_ARCHITECTURES}")
+        raise ValueError(f"unsupported model_type {arch!r}; expected one of {SUPPORTED_ARCHITECTURES}")
     if raw.get("mlp_bias"):
         raise ValueError("mlp_bias is not supported")
     if arch == "mistral" and raw.get("sliding_window"):
-        logger.warning("sliding_window=%s ignored: attention is full-context",
-                       raw["sliding_window"])
+        logger.warning("sliding_window=%s ignored: attention is full-context", raw["sliding_window"])
     heads = int(raw["num_attention_heads"])
     theta, scaling = _rope_settings(raw)
     return ModelConfig(
@@ -269,8 +274,9 @@ def load_hf_folder(folder: str | Path) -> tuple[ModelConfig, StateDict]:
     from safetensors.torch import load_file  # optional dependency (extra "native")
 
     folder = Path(folder)
-    config = _with_generation_eos(config_from_hf(json.loads((folder / "config.json").read_text())),
-                                  folder / "generation_config.json")
+    config = _with_generation_eos(
+        config_from_hf(json.loads((folder / "config.json").read_text())), folder / "generation_config.json"
+    )
     shards = sorted(folder.glob("*.safetensors"))
     if not shards:
         raise ValueError(f"no *.safetensors files in {folder}")
@@ -340,7 +346,8 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
         "tie_word_embeddings": config.tie_word_embeddings,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "bos_token_id": config.bos_token_id,
-        "eos_token_id": list(config.eos_token_ids) if len(config.eos_token_ids) > 1
+        "eos_token_id": list(config.eos_token_ids)
+        if len(config.eos_token_ids) > 1
         else (config.eos_token_ids[0] if config.eos_token_ids else None),
     }
     if config.architecture != "qwen2":
@@ -349,8 +356,7 @@ def hf_config_dict(config: ModelConfig, dtype: torch.dtype) -> dict[str, Any]:
     return raw
 
 
-def export_hf_folder(gguf_path: str | Path, out_dir: str | Path,
-                     dtype: torch.dtype = torch.float32) -> Path:
+def export_hf_folder(gguf_path: str | Path, out_dir: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Write model.safetensors + config.json for a GGUF model so HF tools load identical weights."""
     from safetensors.torch import save_file
 

@@ -89,8 +89,16 @@ class ActiveLoad:
     # prompt's already-active blocks per worker in one pass over the prompt, not one per worker.
     _holders: dict[int, set[str]] = field(default_factory=dict)
 
-    def add(self, request_id: str, worker_id: str, prefill_tokens: int, blocks: int = 0,
-            hashes: Sequence[int] = (), *, notify: bool = True) -> None:
+    def add(
+        self,
+        request_id: str,
+        worker_id: str,
+        prefill_tokens: int,
+        blocks: int = 0,
+        hashes: Sequence[int] = (),
+        *,
+        notify: bool = True,
+    ) -> None:
         """Track a routed request; `blocks` is its total block count (>= len(hashes))."""
         if request_id in self._entries:
             self.free(request_id, notify=False)
@@ -147,8 +155,14 @@ class ActiveLoad:
     def apply(self, change: LoadChange) -> None:
         """Mirror a replica's change (not re-broadcast)."""
         if change.kind == "add":
-            self.add(change.request_id, change.worker_id, change.prefill_tokens,
-                     len(change.hashes) + change.extra_blocks, change.hashes, notify=False)
+            self.add(
+                change.request_id,
+                change.worker_id,
+                change.prefill_tokens,
+                len(change.hashes) + change.extra_blocks,
+                change.hashes,
+                notify=False,
+            )
         elif change.kind == "prefill_done":
             self.prefill_done(change.request_id, notify=False)
         elif change.kind == "free":

@@ -26,8 +26,9 @@ def kv_router_config(mode: str, r: RouterConfig) -> KvRouterConfig:
     )
 
 
-def build_selector(mode: str, r: RouterConfig, active: ActiveLoad,
-                   metrics: RouterMetrics | None = None) -> WorkerSelector:
+def build_selector(
+    mode: str, r: RouterConfig, active: ActiveLoad, metrics: RouterMetrics | None = None
+) -> WorkerSelector:
     if mode in KV_ROUTER_MODES:
         return KvSelector(active, kv_router_config(mode, r), metrics)
     return make_selector(mode, active)

@@ -40,7 +40,7 @@ class _OwnerMap:
     memoized for the same reason, so reporting 64 matching workers is not 64 bit-twiddles.
     """
 
-    __slots__ = ("blocks", "_interned", "_bit_of", "_names", "_free", "_names_of")
+    __slots__ = ("_bit_of", "_free", "_interned", "_names", "_names_of", "blocks")
 
     def __init__(self) -> None:
         self.blocks: dict[int, int] = {}
@@ -104,7 +104,7 @@ class _OwnerMap:
                 if not nxt:
                     break
                 live = nxt
-            depth += 1
+            depth += 1  # noqa: SIM113 -- the count must survive `break` and the for-else
         else:
             if depth:
                 drops.append((live, depth))
@@ -159,9 +159,7 @@ class KvIndex:
         self._last_id[worker_id] = event_id
         return True
 
-    def apply_dump(
-        self, worker_id: str, events: Sequence[KvEvent], dump_event_id: int | None = None
-    ) -> None:
+    def apply_dump(self, worker_id: str, events: Sequence[KvEvent], dump_event_id: int | None = None) -> None:
         """Replace everything known about worker_id with the dump (KvStored events of all its
         cached blocks; may be empty) and set its last event id to max(event_id) of the dump, or
         to `dump_event_id` when given. An empty dump without `dump_event_id` leaves the stream

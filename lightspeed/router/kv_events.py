@@ -30,8 +30,9 @@ _MAX_HELD = 100_000  # events held per worker during a resync; past this, resync
 
 
 class KvEventFeed:
-    def __init__(self, subscriber: Subscriber, index: KvIndex, client: RequestPlaneClient,
-                 metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self, subscriber: Subscriber, index: KvIndex, client: RequestPlaneClient, metrics: RouterMetrics | None = None
+    ) -> None:
         self._sub = subscriber
         self.index = index
         self._client = client
@@ -90,8 +91,9 @@ class KvEventFeed:
                 self._metrics.kv_events.inc()
                 self._metrics.indexed_blocks.set(self.index.num_blocks)
             return
-        log.info("worker %s: KV event gap (got %d after %s); resyncing", wid, event.event_id,
-                 self.index.last_event_id(wid))
+        log.info(
+            "worker %s: KV event gap (got %d after %s); resyncing", wid, event.event_id, self.index.last_event_id(wid)
+        )
         self._start_resync(wid, first_held=event)
 
     async def _loop(self) -> None:
@@ -131,8 +133,13 @@ class KvEventFeed:
         self.resynced += 1
         if self._metrics is not None:
             self._metrics.resyncs.inc()
-        log.info("worker %s: resynced at event %d (%d blocks, %d held events)", worker_id, dump_id,
-                 self.index.worker_blocks(worker_id), len(held))
+        log.info(
+            "worker %s: resynced at event %d (%d blocks, %d held events)",
+            worker_id,
+            dump_id,
+            self.index.worker_blocks(worker_id),
+            len(held),
+        )
         for event in held:
             if event.event_id > dump_id:
                 self.handle(event)

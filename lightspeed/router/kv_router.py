@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from lightspeed.kv_hashing import compute_prompt_seq_hashes
 from lightspeed.protocol import PerfModel, WorkerCard
 from lightspeed.router.active import ActiveLoad, LoadChange, WorkerLoad
 from lightspeed.router.admission import AdmissionConfig, AdmissionQueue
@@ -27,7 +28,6 @@ from lightspeed.router.cost import (
     choose,
     latency_cost,
 )
-from lightspeed.router.hashing import compute_prompt_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.metrics import RouterMetrics
 from lightspeed.router.selector import RouteDecision, RouteRequest, WorkerSelector
@@ -75,8 +75,9 @@ class _Prompt:
 
 
 class KvSelector(WorkerSelector):
-    def __init__(self, active: ActiveLoad, cfg: KvRouterConfig | None = None,
-                 metrics: RouterMetrics | None = None) -> None:
+    def __init__(
+        self, active: ActiveLoad, cfg: KvRouterConfig | None = None, metrics: RouterMetrics | None = None
+    ) -> None:
         self.cfg = cfg or KvRouterConfig()
         self.active = active
         self.metrics = metrics
@@ -125,8 +126,9 @@ class KvSelector(WorkerSelector):
         hashes = compute_prompt_seq_hashes(req.token_ids, block_size, req.lora_name)
         return _Prompt(tuple(hashes), len(req.token_ids), block_size)
 
-    def _decide(self, req: RouteRequest, prompt: _Prompt, workers: Sequence[WorkerCard],
-                overlaps: Mapping[str, int]) -> RouteDecision | None:
+    def _decide(
+        self, req: RouteRequest, prompt: _Prompt, workers: Sequence[WorkerCard], overlaps: Mapping[str, int]
+    ) -> RouteDecision | None:
         """The cheapest non-busy worker, or None when all are busy."""
         self._housekeeping()
         held = self.active.active_overlap(prompt.hashes)
@@ -148,19 +150,32 @@ class KvSelector(WorkerSelector):
         card = by_id[choose(costs, temperature, self._rng)]
         return self._decision(card, prompt, overlaps.get(card.instance_id, 0))
 
-    def _candidate(self, card: WorkerCard, load: WorkerLoad, prompt: _Prompt,
-                   overlaps: Mapping[str, int], held: Mapping[str, int], now: float) -> Candidate:
+    def _candidate(
+        self,
+        card: WorkerCard,
+        load: WorkerLoad,
+        prompt: _Prompt,
+        overlaps: Mapping[str, int],
+        held: Mapping[str, int],
+        now: float,
+    ) -> Candidate:
         overlap = overlaps.get(card.instance_id, 0)
         new_blocks = len(prompt.hashes) - held.get(card.instance_id, 0)
         partial = prompt.blocks - len(prompt.hashes)
         return Candidate(
-            worker_id=card.instance_id, overlap_blocks=overlap,
+            worker_id=card.instance_id,
+            overlap_blocks=overlap,
             new_prefill_tokens=max(0, prompt.isl - overlap * prompt.block_size),
-            active_prefill_tokens=load.prefill_tokens, decode_blocks=load.blocks + new_blocks + partial,
-            total_blocks=card.total_kv_blocks, max_batched_tokens=card.max_num_batched_tokens,
-            block_size=prompt.block_size, perf=card.perf,
+            active_prefill_tokens=load.prefill_tokens,
+            decode_blocks=load.blocks + new_blocks + partial,
+            total_blocks=card.total_kv_blocks,
+            max_batched_tokens=card.max_num_batched_tokens,
+            block_size=prompt.block_size,
+            perf=card.perf,
             prefill_elapsed_s=now - load.prefill_since if load.prefill_tokens > 0 else 0.0,
-            prefill_requests=load.prefill_requests, decoding_requests=load.decoding_requests)
+            prefill_requests=load.prefill_requests,
+            decoding_requests=load.decoding_requests,
+        )
 
     def _decision(self, card: WorkerCard, prompt: _Prompt, overlap: int) -> RouteDecision:
         prefill = max(0, prompt.isl - overlap * prompt.block_size)
@@ -177,16 +192,18 @@ class KvSelector(WorkerSelector):
 
     def _busy(self, card: WorkerCard, load: WorkerLoad) -> bool:
         cfg = self.cfg
-        if cfg.busy_decode_threshold is not None and card.total_kv_blocks > 0:
-            if load.blocks > cfg.busy_decode_threshold * card.total_kv_blocks:
-                return True
-        if cfg.busy_prefill_frac is not None:
-            if load.prefill_tokens > cfg.busy_prefill_frac * card.max_num_batched_tokens:
-                return True
-        return False
+        decode_busy = (
+            cfg.busy_decode_threshold is not None
+            and card.total_kv_blocks > 0
+            and load.blocks > cfg.busy_decode_threshold * card.total_kv_blocks
+        )
+        prefill_busy = (
+            cfg.busy_prefill_frac is not None
+            and load.prefill_tokens > cfg.busy_prefill_frac * card.max_num_batched_tokens
+        )
+        return decode_busy or prefill_busy
 
-    async def _admit(self, req: RouteRequest, prompt: _Prompt,
-                     workers: Sequence[WorkerCard]) -> RouteDecision:
+    async def _admit(self, req: RouteRequest, prompt: _Prompt, workers: Sequence[WorkerCard]) -> RouteDecision:
         """Wait in the admission queue until some worker is not busy, then decide."""
         best = max(self.index.find_matches(prompt.hashes).values(), default=0)
         ticket = self.queue.ticket(req.request_id, max(0, prompt.isl - best * prompt.block_size))

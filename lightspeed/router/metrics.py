@@ -16,25 +16,32 @@ PHASES = ("hash", "index", "schedule", "total")
 class RouterMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.overhead = Histogram("lightspeed_router_overhead_seconds",
-                                  "Routing time per request by phase (hash, index, schedule, total)",
-                                  ["phase"], buckets=_OVERHEAD_BUCKETS, registry=r)
+        self.overhead = Histogram(
+            "lightspeed_router_overhead_seconds",
+            "Routing time per request by phase (hash, index, schedule, total)",
+            ["phase"],
+            buckets=_OVERHEAD_BUCKETS,
+            registry=r,
+        )
         self._phase = {p: self.overhead.labels(p) for p in PHASES}
-        self.overlap = Histogram("lightspeed_router_overlap_blocks",
-                                 "Prefix blocks already cached on the chosen worker",
-                                 buckets=_OVERLAP_BUCKETS, registry=r)
-        self.decisions = Counter("lightspeed_router_decisions", "Routing decisions by worker",
-                                 ["worker"], registry=r)
-        self.queued = Gauge("lightspeed_router_queue_depth", "Requests waiting in the admission queue",
-                            registry=r)
-        self.rejected = Counter("lightspeed_router_rejected", "Requests refused because all workers were busy",
-                                registry=r)
-        self.kv_events = Counter("lightspeed_router_kv_events", "KV events applied to the prefix index",
-                                 registry=r)
-        self.resyncs = Counter("lightspeed_router_kv_resyncs",
-                               "Worker block sets reloaded after an event gap", registry=r)
-        self.indexed_blocks = Gauge("lightspeed_router_indexed_blocks",
-                                    "(block, worker) pairs in the prefix index", registry=r)
+        self.overlap = Histogram(
+            "lightspeed_router_overlap_blocks",
+            "Prefix blocks already cached on the chosen worker",
+            buckets=_OVERLAP_BUCKETS,
+            registry=r,
+        )
+        self.decisions = Counter("lightspeed_router_decisions", "Routing decisions by worker", ["worker"], registry=r)
+        self.queued = Gauge("lightspeed_router_queue_depth", "Requests waiting in the admission queue", registry=r)
+        self.rejected = Counter(
+            "lightspeed_router_rejected", "Requests refused because all workers were busy", registry=r
+        )
+        self.kv_events = Counter("lightspeed_router_kv_events", "KV events applied to the prefix index", registry=r)
+        self.resyncs = Counter(
+            "lightspeed_router_kv_resyncs", "Worker block sets reloaded after an event gap", registry=r
+        )
+        self.indexed_blocks = Gauge(
+            "lightspeed_router_indexed_blocks", "(block, worker) pairs in the prefix index", registry=r
+        )
 
     def observe(self, hash_s: float, index_s: float, schedule_s: float) -> None:
         self._phase["hash"].observe(hash_s)

@@ -29,8 +29,13 @@ _decoder = msgspec.msgpack.Decoder(LLMEngineOutput)
 
 
 class PushRouter:
-    def __init__(self, client: RequestPlaneClient, selector: WorkerSelector, active: ActiveLoad,
-                 sessions: SessionAffinity | None = None) -> None:
+    def __init__(
+        self,
+        client: RequestPlaneClient,
+        selector: WorkerSelector,
+        active: ActiveLoad,
+        sessions: SessionAffinity | None = None,
+    ) -> None:
         self._client = client
         self.selector = selector
         self.active = active
@@ -44,8 +49,9 @@ class PushRouter:
             decision = self._session_decision(req, workers) or await self.selector.route(req, workers)
         if req.session_id is not None:
             self.sessions.bind(req.session_id, decision.card.instance_id)
-        self.active.add(req.request_id, decision.card.instance_id, decision.prefill_tokens,
-                        decision.blocks, decision.hashes)
+        self.active.add(
+            req.request_id, decision.card.instance_id, decision.prefill_tokens, decision.blocks, decision.hashes
+        )
         return decision
 
     def release(self, request_id: str) -> None:

@@ -45,9 +45,15 @@ _decode = msgspec.msgpack.Decoder(SyncMessage).decode
 
 
 class ReplicaSync:
-    def __init__(self, active: ActiveLoad, publisher: Publisher, subscriber: Subscriber,
-                 discovery: Discovery, namespace: str,
-                 on_remote: Callable[[LoadChange], None] | None = None) -> None:
+    def __init__(
+        self,
+        active: ActiveLoad,
+        publisher: Publisher,
+        subscriber: Subscriber,
+        discovery: Discovery,
+        namespace: str,
+        on_remote: Callable[[LoadChange], None] | None = None,
+    ) -> None:
         self.router_id = f"router-{uuid.uuid4().hex[:12]}"
         self._active = active
         self._pub = publisher
@@ -62,8 +68,14 @@ class ReplicaSync:
 
     @property
     def card(self) -> WorkerCard:
-        return WorkerCard(instance_id=self.router_id, model="", address="", namespace=self._namespace,
-                          component=ROUTER_COMPONENT, events_address=self._pub.address)
+        return WorkerCard(
+            instance_id=self.router_id,
+            model="",
+            address="",
+            namespace=self._namespace,
+            component=ROUTER_COMPONENT,
+            events_address=self._pub.address,
+        )
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="router-sync")
@@ -94,15 +106,23 @@ class ReplicaSync:
         return sorted(self._peers)
 
     def _broadcast(self, change: LoadChange) -> None:
-        msg = SyncMessage(self.router_id, change.kind, change.request_id, change.worker_id,
-                          change.prefill_tokens, list(change.hashes), change.extra_blocks)
+        msg = SyncMessage(
+            self.router_id,
+            change.kind,
+            change.request_id,
+            change.worker_id,
+            change.prefill_tokens,
+            list(change.hashes),
+            change.extra_blocks,
+        )
         self._pub.publish(TOPIC_ROUTER_SYNC, _encode(msg))
 
     def apply(self, msg: SyncMessage) -> None:
         if msg.router_id == self.router_id:
             return
-        change = LoadChange(msg.kind, msg.request_id, msg.worker_id, msg.prefill_tokens,
-                            tuple(msg.hashes), msg.extra_blocks)
+        change = LoadChange(
+            msg.kind, msg.request_id, msg.worker_id, msg.prefill_tokens, tuple(msg.hashes), msg.extra_blocks
+        )
         self._active.apply(change)
         self.mirrored += 1
         if self._on_remote is not None:

@@ -128,9 +128,7 @@ class DirectSelector(WorkerSelector):
         pass
 
     def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
-        raise InvalidRequest(
-            "router mode 'direct' needs the header x-worker-instance-id", param="x-worker-instance-id"
-        )
+        raise InvalidRequest("router mode 'direct' needs the header x-worker-instance-id", param="x-worker-instance-id")
 
 
 SELECTORS: dict[str, Callable[[ActiveLoad], WorkerSelector]] = {

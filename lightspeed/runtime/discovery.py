@@ -357,9 +357,7 @@ def discovery_kinds() -> tuple[str, ...]:
     return tuple(_BACKENDS)
 
 
-def make_discovery(
-    kind: str, *, path: str | None = None, name: str = "default", ttl: float = 10.0
-) -> Discovery:
+def make_discovery(kind: str, *, path: str | None = None, name: str = "default", ttl: float = 10.0) -> Discovery:
     factory = _BACKENDS.get(kind)
     if factory is None:
         raise ValueError(f"discovery must be one of {', '.join(_BACKENDS)}; got {kind!r}")

@@ -240,9 +240,7 @@ class _ServerConnection(_FrameProtocol):
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # the handler's failure belongs to this stream only
-            log.warning(
-                "handler for %r failed: %r", req.endpoint, exc, exc_info=log.isEnabledFor(logging.DEBUG)
-            )
+            log.warning("handler for %r failed: %r", req.endpoint, exc, exc_info=log.isEnabledFor(logging.DEBUG))
             self.send(Error(req.id, type(exc).__name__, str(exc)))
         finally:
             self._streams.pop(req.id, None)

@@ -11,6 +11,7 @@ after a grace period.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -114,7 +115,5 @@ class Supervisor:
 
 
 def _signal(proc: asyncio.subprocess.Process, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        pass

@@ -30,24 +30,42 @@ CASES = [
     ("message without role", CHAT, None, {"model": MODEL, "messages": [{"content": "x"}]}, 400, None),
     ("max_tokens zero", CHAT, None, {"model": MODEL, "messages": HELLO, "max_tokens": 0}, 400, "max_tokens"),
     ("max_tokens negative", COMPL, None, {"model": MODEL, "prompt": "x", "max_tokens": -3}, 400, "max_tokens"),
-    ("max_tokens beyond context", COMPL, None, {"model": MODEL, "prompt": "x", "max_tokens": 100000}, 400,
-     "max_tokens"),
-    ("prompt longer than context", COMPL, None, {"model": MODEL, "prompt": [200] * 9000, "max_tokens": 1}, 400,
-     "prompt"),
+    (
+        "max_tokens beyond context",
+        COMPL,
+        None,
+        {"model": MODEL, "prompt": "x", "max_tokens": 100000},
+        400,
+        "max_tokens",
+    ),
+    (
+        "prompt longer than context",
+        COMPL,
+        None,
+        {"model": MODEL, "prompt": [200] * 9000, "max_tokens": 1},
+        400,
+        "prompt",
+    ),
     ("empty prompt", COMPL, None, {"model": MODEL, "prompt": ""}, 400, "prompt"),
     ("token id out of vocab", COMPL, None, {"model": MODEL, "prompt": [1, 10**7]}, 400, "prompt"),
     ("batch of prompts", COMPL, None, {"model": MODEL, "prompt": ["a", "b"]}, 400, "prompt"),
-    ("temperature out of range", CHAT, None, {"model": MODEL, "messages": HELLO, "temperature": 5}, 400,
-     "temperature"),
+    ("temperature out of range", CHAT, None, {"model": MODEL, "messages": HELLO, "temperature": 5}, 400, "temperature"),
     ("n > 1", CHAT, None, {"model": MODEL, "messages": HELLO, "n": 2}, 400, "n"),
-    ("bad content part", CHAT, None,
-     {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None),
+    (
+        "bad content part",
+        CHAT,
+        None,
+        {"model": MODEL, "messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+        400,
+        None,
+    ),
 ]
 
 
 @pytest.mark.parametrize(("name", "path", "raw", "body", "status", "param"), CASES, ids=[c[0] for c in CASES])
-async def test_bad_input(mocker_server: Server, name: str, path: str, raw: bytes | None, body: object,
-                         status: int, param: str | None) -> None:
+async def test_bad_input(
+    mocker_server: Server, name: str, path: str, raw: bytes | None, body: object, status: int, param: str | None
+) -> None:
     got, payload = await post(mocker_server, path, data=raw, json=body)
     assert got == status, payload
     error = payload["error"]
@@ -81,8 +99,17 @@ async def test_no_workers_is_503() -> None:
 
     port = free_port()
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "lightspeed", "frontend", "--port", str(port), "--discovery", "file",
-        "--discovery-path", f"/tmp/lightspeed-empty-{port}")
+        sys.executable,
+        "-m",
+        "lightspeed",
+        "frontend",
+        "--port",
+        str(port),
+        "--discovery",
+        "file",
+        "--discovery-path",
+        f"/tmp/lightspeed-empty-{port}",
+    )
     try:
         server = Server(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
         async with aiohttp.ClientSession() as session:

@@ -29,8 +29,13 @@ async def wait_for(server: Server, predicate, timeout: float = 10.0) -> dict[str
 
 async def test_disconnect_frees_blocks(mocker_server: Server) -> None:
     await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)
-    body = {"model": MODEL, "prompt": [300 + i for i in range(500)], "max_tokens": 7000,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODEL,
+        "prompt": [300 + i for i in range(500)],
+        "max_tokens": 7000,
+        "ignore_eos": True,
+        "stream": True,
+    }
     session = aiohttp.ClientSession()
     resp = await session.post(mocker_server.base_url + "/completions", json=body)
     assert resp.status == 200
@@ -51,11 +56,13 @@ async def test_disconnect_frees_blocks(mocker_server: Server) -> None:
 async def test_many_disconnects_leave_nothing_behind(mocker_server: Server) -> None:
     async def one(i: int) -> None:
         body = {"model": MODEL, "prompt": [400 + i] * 200, "max_tokens": 5000, "ignore_eos": True, "stream": True}
-        async with aiohttp.ClientSession() as session:
-            async with session.post(mocker_server.base_url + "/completions", json=body) as resp:
-                async for line in resp.content:
-                    if line.startswith(b"data: "):
-                        break
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(mocker_server.base_url + "/completions", json=body) as resp,
+        ):
+            async for line in resp.content:
+                if line.startswith(b"data: "):
+                    break
 
     await asyncio.gather(*(one(i) for i in range(16)))
     await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)

@@ -22,8 +22,7 @@ from tests.integration.conftest import MODEL, Server, start_serve, stop_serve
 from tests.polling import until
 
 WORKER_HEADER = "x-worker-instance-id"
-ARGS = ["--engine", "mocker", "--router-mode", "round-robin", "--discovery-ttl", "2",
-        "--num-gpu-blocks", "1024"]
+ARGS = ["--engine", "mocker", "--router-mode", "round-robin", "--discovery-ttl", "2", "--num-gpu-blocks", "1024"]
 
 
 def worker_pids(server: Server) -> dict[str, int]:
@@ -34,20 +33,28 @@ async def sse_events(resp: aiohttp.ClientResponse) -> AsyncIterator[dict]:
     async for raw in resp.content:
         line = raw.decode().strip()
         if line.startswith("data: ") and line != "data: [DONE]":
-            yield json.loads(line[len("data: "):])
+            yield json.loads(line[len("data: ") :])
 
 
 def stream_body(max_tokens: int) -> dict:
-    return {"model": MODEL, "prompt": list(range(100, 164)), "max_tokens": max_tokens,
-            "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    return {
+        "model": MODEL,
+        "prompt": list(range(100, 164)),
+        "max_tokens": max_tokens,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 async def kill_mid_stream(server: Server, max_tokens: int, kill_after: int) -> tuple[int, list[dict]]:
     """Stream a completion, SIGKILL its worker after `kill_after` chunks; return its pid and the events."""
     pids = worker_pids(server)
     events: list[dict] = []
-    async with aiohttp.ClientSession() as http, \
-            http.post(server.base_url + "/completions", json=stream_body(max_tokens)) as resp:
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(server.base_url + "/completions", json=stream_body(max_tokens)) as resp,
+    ):
         assert resp.status == 200
         victim = pids[resp.headers[WORKER_HEADER]]
         async for event in sse_events(resp):
@@ -85,22 +92,26 @@ async def test_requests_right_after_a_kill_succeed_and_a_replacement_joins(serve
     # Round-robin would send every other request to the dead worker while its discovery entry
     # lives on: each must still succeed (dial refused -> worker reported down -> sent elsewhere).
     for _ in range(8):
-        out = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=4,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(model=MODEL, prompt=[1, 2, 3, 4], max_tokens=4, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 4
     # Pinned to the dead worker: it is known down, so 503 (retry later), not 400 (no such worker).
     with pytest.raises(openai.APIStatusError) as err:
-        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=1,
-                                  extra_headers={WORKER_HEADER: victim_id})
+        client.completions.create(model=MODEL, prompt=[1, 2], max_tokens=1, extra_headers={WORKER_HEADER: victim_id})
     assert err.value.status_code == 503 and "not reachable" in err.value.message
     # The supervisor restarts the worker under a new instance id; the dead one's entry expires.
-    await until(lambda: len(worker_pids(server)) == 2 and victim_id not in worker_pids(server),
-                what="the replacement worker, without the dead one")
+    await until(
+        lambda: len(worker_pids(server)) == 2 and victim_id not in worker_pids(server),
+        what="the replacement worker, without the dead one",
+    )
     after = worker_pids(server)
     [new_id] = set(after) - set(before)
     out = client.completions.with_raw_response.create(
-        model=MODEL, prompt=[5, 6, 7], max_tokens=3, extra_body={"ignore_eos": True},
-        extra_headers={WORKER_HEADER: new_id})
+        model=MODEL,
+        prompt=[5, 6, 7],
+        max_tokens=3,
+        extra_body={"ignore_eos": True},
+        extra_headers={WORKER_HEADER: new_id},
+    )
     assert out.headers[WORKER_HEADER] == new_id
     assert out.parse().usage.completion_tokens == 3
 
@@ -111,8 +122,7 @@ async def test_without_migration_the_stream_reports_the_loss_in_band(server: Ser
     assert events[-1]["error"]["code"] is not None
     client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
     for _ in range(4):  # the next requests avoid the dead worker
-        out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
-                                        extra_body={"ignore_eos": True})
+        out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2, extra_body={"ignore_eos": True})
         assert out.usage.completion_tokens == 2
 
 
@@ -137,10 +147,10 @@ def frontend_pids(server: Server) -> list[int]:
 async def test_a_killed_frontend_is_restarted_on_the_same_port(server: Server) -> None:
     [old] = frontend_pids(server)
     os.kill(old, signal.SIGKILL)
-    await until(lambda: len(frontend_pids(server)) == 1 and frontend_pids(server) != [old],
-                what="a new frontend process")
+    await until(
+        lambda: len(frontend_pids(server)) == 1 and frontend_pids(server) != [old], what="a new frontend process"
+    )
     await until(lambda: len(worker_pids(server)) == 2, what="both workers")  # seen by the new one
     client = openai.OpenAI(base_url=server.base_url, api_key="none", max_retries=0)
-    out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2,
-                                    extra_body={"ignore_eos": True})
+    out = client.completions.create(model=MODEL, prompt=[1, 2, 3], max_tokens=2, extra_body={"ignore_eos": True})
     assert out.usage.completion_tokens == 2

@@ -31,9 +31,27 @@ A, B, C, D, E, F = ([1000 + k * 100 + i for i in range(BS)] for k in range(6))
 
 
 def start_worker(discovery: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "lightspeed", "worker", "--engine", "mocker", "--block-size", str(BS),
-           "--num-gpu-blocks", "512", "--speedup-ratio", "50", "--discovery", "file",
-           "--discovery-path", str(discovery), "--discovery-ttl", "3", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "lightspeed",
+        "worker",
+        "--engine",
+        "mocker",
+        "--block-size",
+        str(BS),
+        "--num-gpu-blocks",
+        "512",
+        "--speedup-ratio",
+        "50",
+        "--discovery",
+        "file",
+        "--discovery-path",
+        str(discovery),
+        "--discovery-ttl",
+        "3",
+        *extra,
+    ]
     return subprocess.Popen(cmd, start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
 
 
@@ -89,13 +107,15 @@ def index_of(frontend: Frontend) -> KvIndex:
     return selector.index
 
 
-async def complete(frontend: Frontend, prompt: list[int], max_tokens: int = 2,
-                   headers: dict[str, str] | None = None) -> tuple[int, dict]:
+async def complete(
+    frontend: Frontend, prompt: list[int], max_tokens: int = 2, headers: dict[str, str] | None = None
+) -> tuple[int, dict]:
     body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True}
-    async with aiohttp.ClientSession() as session:
-        async with session.post(f"http://127.0.0.1:{frontend.port}/v1/completions", json=body,
-                                headers=headers or {}) as resp:
-            return resp.status, await resp.json()
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{frontend.port}/v1/completions", json=body, headers=headers or {}) as resp,
+    ):
+        return resp.status, await resp.json()
 
 
 def cached(body: dict) -> int:
@@ -109,7 +129,7 @@ async def seed(frontend: Frontend, worker: str, *prompts: list[int]) -> None:
         before = index.worker_blocks(worker)
         status, _ = await complete(frontend, prompt, headers={"x-worker-instance-id": worker})
         assert status == 200
-        await until(lambda: index.worker_blocks(worker) > before, what="KV events in the index")
+        await until(lambda before=before: index.worker_blocks(worker) > before, what="KV events in the index")
 
 
 async def test_request_goes_to_the_worker_with_the_longest_cached_prefix(kv_frontend: Frontend) -> None:
@@ -148,7 +168,8 @@ async def test_lost_events_are_recovered_from_a_dump(kv_frontend: Frontend) -> N
 
 
 async def test_a_worker_that_leaves_takes_its_blocks_with_it(
-        kv_frontend: Frontend, workers: list[subprocess.Popen[bytes]]) -> None:
+    kv_frontend: Frontend, workers: list[subprocess.Popen[bytes]]
+) -> None:
     ids = worker_ids(kv_frontend)
     for wid in ids:
         await seed(kv_frontend, wid, A + B)
@@ -165,7 +186,8 @@ async def test_a_worker_that_leaves_takes_its_blocks_with_it(
 
 
 async def test_approximate_mode_follows_its_own_decisions_until_the_ttl(
-        discovery_dir: Path, workers: list[subprocess.Popen[bytes]]) -> None:
+    discovery_dir: Path, workers: list[subprocess.Popen[bytes]]
+) -> None:
     frontend = await started(frontend_config(discovery_dir, kv_events=False, approx_ttl=1.0))
     try:
         assert frontend.kv_feed is None
@@ -186,19 +208,28 @@ async def test_two_replicas_share_active_load(discovery_dir: Path, workers: list
     f1, f2 = await started(cfg), await started(cfg)
     try:
         assert f1.replicas is not None and f2.replicas is not None
-        await until(lambda: f1.replicas.peers == [f2.replicas.router_id]  # type: ignore[union-attr]
-                    and f2.replicas.peers == [f1.replicas.router_id], what="replicas to find each other")  # type: ignore[union-attr]
+        await until(
+            lambda: (
+                f1.replicas.peers == [f2.replicas.router_id]  # type: ignore[union-attr]
+                and f2.replicas.peers == [f1.replicas.router_id]
+            ),
+            what="replicas to find each other",
+        )  # type: ignore[union-attr]
         await asyncio.sleep(0.5)  # ZMQ subscriptions settle after connect
         tasks = []
         for i, frontend in enumerate((f1, f2, f1, f2)):
             prompt = [3000 + 100 * i + j for j in range(4 * BS)]
             tasks.append(asyncio.create_task(complete(frontend, prompt, max_tokens=5000)))
-            await until(lambda n=i + 1: f1.active.total_requests == n and f2.active.total_requests == n,
-                        timeout=10, what="the decision to reach both replicas")
+            await until(
+                lambda n=i + 1: f1.active.total_requests == n and f2.active.total_requests == n,
+                timeout=10,
+                what="the decision to reach both replicas",
+            )
         per_worker = sorted(f1.active.get(w).requests for w in worker_ids(f1))
         assert per_worker == [2, 2]  # each replica saw the other's load and balanced with it
-        assert [f2.active.get(w).requests for w in worker_ids(f1)] == [f1.active.get(w).requests
-                                                                       for w in worker_ids(f1)]
+        assert [f2.active.get(w).requests for w in worker_ids(f1)] == [
+            f1.active.get(w).requests for w in worker_ids(f1)
+        ]
         for status, _ in await asyncio.gather(*tasks):
             assert status == 200
         await until(lambda: f1.active.total_requests == 0 and f2.active.total_requests == 0, what="frees")
@@ -208,13 +239,13 @@ async def test_two_replicas_share_active_load(discovery_dir: Path, workers: list
 
 
 async def test_busy_workers_queue_and_a_full_queue_is_503(
-        discovery_dir: Path, workers: list[subprocess.Popen[bytes]]) -> None:
+    discovery_dir: Path, workers: list[subprocess.Popen[bytes]]
+) -> None:
     # A 64-token prompt holds 4 of 512 blocks (0.8%): above 0.5% a worker is busy.
     cfg = frontend_config(discovery_dir, busy_decode_threshold=0.005, max_queue=1)
     frontend = await started(cfg)
     try:
-        running = [asyncio.create_task(complete(frontend, [4000 + i] * (4 * BS), max_tokens=5000))
-                   for i in range(2)]
+        running = [asyncio.create_task(complete(frontend, [4000 + i] * (4 * BS), max_tokens=5000)) for i in range(2)]
         await until(lambda: frontend.active.total_requests == 2, what="both workers busy")
         queued = asyncio.create_task(complete(frontend, [5000] * (4 * BS)))
         selector = frontend.router.selector
@@ -242,7 +273,7 @@ async def test_session_affinity_and_bad_router_overrides(kv_frontend: Frontend) 
 
 
 def _hashes(tokens: list[int]) -> list[int]:
-    from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
+    from lightspeed.kv_hashing import compute_block_hashes, compute_seq_hashes
 
     return compute_seq_hashes(compute_block_hashes(tokens, BS))
 

@@ -21,7 +21,8 @@ def native() -> Iterator[openai.OpenAI]:
 
 def test_capital_of_france(native: openai.OpenAI) -> None:
     resp = native.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40)
+        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40
+    )
     assert "Paris" in resp.choices[0].message.content
     assert resp.choices[0].finish_reason == "stop"
 
@@ -36,7 +37,7 @@ def test_greedy_is_deterministic_and_prefix_cached(native: openai.OpenAI) -> Non
 
 
 def test_streaming_matches_non_streaming(native: openai.OpenAI) -> None:
-    kwargs = dict(model=MODEL, prompt="The three primary colors are", max_tokens=16, temperature=0)
+    kwargs = {"model": MODEL, "prompt": "The three primary colors are", "max_tokens": 16, "temperature": 0}
     whole = native.completions.create(**kwargs).choices[0].text
     streamed = "".join(c.choices[0].text for c in native.completions.create(**kwargs, stream=True))
     assert streamed == whole
@@ -44,15 +45,19 @@ def test_streaming_matches_non_streaming(native: openai.OpenAI) -> None:
 
 def test_stop_string_with_real_model(native: openai.OpenAI) -> None:
     resp = native.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40,
-        stop=["Paris"])
+        model=MODEL,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=40,
+        stop=["Paris"],
+    )
     assert "Paris" not in resp.choices[0].message.content
     assert resp.choices[0].finish_reason == "stop"
 
 
 def test_logprobs(native: openai.OpenAI) -> None:
     resp = native.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, logprobs=True, top_logprobs=3)
+        model=MODEL, messages=[{"role": "user", "content": "Say hi"}], max_tokens=4, logprobs=True, top_logprobs=3
+    )
     content = resp.choices[0].logprobs.content
     assert len(content) == resp.usage.completion_tokens
     assert all(len(c.top_logprobs) == 3 and c.logprob <= 0 for c in content)

@@ -27,7 +27,8 @@ def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
 
 def test_chat_completion_non_streaming(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=7)
+        model=MODEL, messages=[{"role": "user", "content": "Hello there"}], max_tokens=7
+    )
     assert resp.object == "chat.completion"
     assert resp.choices[0].message.role == "assistant"
     assert resp.choices[0].finish_reason == "length"
@@ -38,8 +39,12 @@ def test_chat_completion_non_streaming(client: openai.OpenAI) -> None:
 
 def test_chat_completion_streaming_with_usage(client: openai.OpenAI) -> None:
     stream = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "Count to ten"}], max_tokens=12,
-        stream=True, stream_options={"include_usage": True})
+        model=MODEL,
+        messages=[{"role": "user", "content": "Count to ten"}],
+        max_tokens=12,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
@@ -71,32 +76,43 @@ def test_completion_streaming_text_prompt(client: openai.OpenAI) -> None:
 
 
 def test_min_tokens_and_ignore_eos_pass_through(client: openai.OpenAI) -> None:
-    resp = client.completions.create(model=MODEL, prompt=token_prompt(10, 1), max_tokens=20,
-                                     extra_body={"min_tokens": 20, "ignore_eos": True})
+    resp = client.completions.create(
+        model=MODEL, prompt=token_prompt(10, 1), max_tokens=20, extra_body={"min_tokens": 20, "ignore_eos": True}
+    )
     assert resp.usage.completion_tokens == 20
 
 
 def test_sampling_fields_accepted(client: openai.OpenAI) -> None:
     resp = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=3, temperature=0.7,
-        top_p=0.9, seed=3, stop=["\n\n"], extra_body={"top_k": 20})
+        model=MODEL,
+        messages=[{"role": "user", "content": "hi"}],
+        max_tokens=3,
+        temperature=0.7,
+        top_p=0.9,
+        seed=3,
+        stop=["\n\n"],
+        extra_body={"top_k": 20},
+    )
     assert resp.usage.completion_tokens <= 3
 
 
 def test_direct_routing_to_unknown_worker_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as err:
-        client.completions.create(model=MODEL, prompt="x", max_tokens=2,
-                                  extra_headers={"x-worker-instance-id": "nope"})
+        client.completions.create(model=MODEL, prompt="x", max_tokens=2, extra_headers={"x-worker-instance-id": "nope"})
     assert "nope" in err.value.message
 
 
 def test_metrics_exposes_frontend_and_worker_series(client: openai.OpenAI, mocker_server: Server) -> None:
     client.completions.create(model=MODEL, prompt="metrics please", max_tokens=3)
     text = mocker_server.metrics()
-    for name in ("lightspeed_frontend_requests_total", "lightspeed_frontend_time_to_first_token_seconds_bucket",
-                 "lightspeed_frontend_inter_token_latency_seconds_bucket",
-                 "lightspeed_frontend_input_sequence_tokens_bucket", "lightspeed_frontend_inflight_requests",
-                 "lightspeed_worker_kv_total_blocks"):
+    for name in (
+        "lightspeed_frontend_requests_total",
+        "lightspeed_frontend_time_to_first_token_seconds_bucket",
+        "lightspeed_frontend_inter_token_latency_seconds_bucket",
+        "lightspeed_frontend_input_sequence_tokens_bucket",
+        "lightspeed_frontend_inflight_requests",
+        "lightspeed_worker_kv_total_blocks",
+    ):
         assert name in text, name
 
 
@@ -107,18 +123,19 @@ def test_stop_string_truncates_the_stream(client: openai.OpenAI) -> None:
     full = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234)
     text = full.choices[0].text
     assert full.choices[0].finish_reason == "length" and len(text) > 30
-    stop = text[len(text) // 2: len(text) // 2 + 4]
+    stop = text[len(text) // 2 : len(text) // 2 + 4]
     expected = text[: text.index(stop)]
     cut = client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234, stop=[stop])
     assert cut.choices[0].text == expected
     assert cut.choices[0].finish_reason == "stop"
-    chunks = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234,
-                                            stop=stop, stream=True))
+    chunks = list(
+        client.completions.create(model=MODEL, prompt=prompt, max_tokens=40, seed=1234, stop=stop, stream=True)
+    )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
 
 
-def test_least_loaded_and_random_modes_serve(tmp_path) -> None:  # noqa: ANN001
+def test_least_loaded_and_random_modes_serve(tmp_path) -> None:
     from tests.integration.conftest import MOCKER_ARGS, start_serve, stop_serve
 
     for mode in ("least-loaded", "random"):

@@ -6,15 +6,23 @@ from lightspeed.cli import build_parser, worker_config
 from lightspeed.config import FrontendConfig, PlaneConfig, ServeConfig, WorkerConfig
 
 
-@pytest.mark.parametrize("kw", [{"port": 70000}, {"router_mode": "magic"}, {"processes": 0},
-                                {"migration_limit": -1}])
+@pytest.mark.parametrize("kw", [{"port": 70000}, {"router_mode": "magic"}, {"processes": 0}, {"migration_limit": -1}])
 def test_frontend_config_rejects(kw: dict) -> None:
     with pytest.raises(ValueError):
         FrontendConfig(**kw)
 
 
-@pytest.mark.parametrize("kw", [{"engine": "gpu"}, {"role": "boss"}, {"block_size": 0},
-                                {"speedup_ratio": 0}, {"num_gpu_blocks": -1}, {"max_num_seqs": 0}])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"engine": "gpu"},
+        {"role": "boss"},
+        {"block_size": 0},
+        {"speedup_ratio": 0},
+        {"num_gpu_blocks": -1},
+        {"max_num_seqs": 0},
+    ],
+)
 def test_worker_config_rejects(kw: dict) -> None:
     with pytest.raises(ValueError):
         WorkerConfig(**kw)

@@ -70,13 +70,11 @@ async def server() -> AsyncIterator[tuple[str, list[dict]]]:
 
 
 def _cfg(url: str, **kw: object) -> BenchConfig:
-    base: dict = dict(url=url, concurrency=2, num_requests=4, isl=16, osl=4, progress=False)
+    base: dict = {"url": url, "concurrency": 2, "num_requests": 4, "isl": 16, "osl": 4, "progress": False}
     return BenchConfig(**{**base, **kw})
 
 
-async def test_ttft_itl_and_usage_accounting(
-    server: tuple[str, list[dict]], tmp_path: Path
-) -> None:
+async def test_ttft_itl_and_usage_accounting(server: tuple[str, list[dict]], tmp_path: Path) -> None:
     url, bodies = server
     report = await run_bench(_cfg(url, out_dir=str(tmp_path), save_requests=True, warmup=1))
     assert report.model == "fake-model"

@@ -17,9 +17,7 @@ def checked(pool: BlockPool) -> BlockPool:
 
 
 def stored(*pairs: tuple[int, int], parent: int | None = None) -> KvStored:
-    return KvStored(
-        blocks=[StoredBlock(block_hash=h, tokens_hash=t) for h, t in pairs], parent_hash=parent
-    )
+    return KvStored(blocks=[StoredBlock(block_hash=h, tokens_hash=t) for h, t in pairs], parent_hash=parent)
 
 
 def test_fresh_allocation_takes_lowest_ids_first() -> None:

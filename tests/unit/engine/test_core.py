@@ -17,9 +17,7 @@ from lightspeed.protocol import (
     StopConditions,
 )
 
-SMALL = EngineConfig(
-    block_size=4, num_gpu_blocks=64, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128
-)
+SMALL = EngineConfig(block_size=4, num_gpu_blocks=64, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128)
 
 
 class CountingExecutor:
@@ -38,15 +36,11 @@ class CountingExecutor:
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
-        return ModelRunnerOutput(
-            sampled={s.request_id: 1000 + s.num_output_tokens for s in output.seqs if s.sample}
-        )
+        return ModelRunnerOutput(sampled={s.request_id: 1000 + s.num_output_tokens for s in output.seqs if s.sample})
 
 
 def req(rid: str, tokens: list[int], max_tokens: int = 3) -> PreprocessedRequest:
-    return PreprocessedRequest(
-        request_id=rid, model="m", token_ids=tokens, stop=StopConditions(max_tokens=max_tokens)
-    )
+    return PreprocessedRequest(request_id=rid, model="m", token_ids=tokens, stop=StopConditions(max_tokens=max_tokens))
 
 
 async def collect(stream) -> list[EngineCoreOutput]:  # type: ignore[no-untyped-def]
@@ -205,9 +199,7 @@ async def test_mocker_end_to_end_many_concurrent_requests() -> None:
         max_num_batched_tokens=256,
         max_model_len=512,
     )
-    executor = MockerExecutor(
-        config, speedup_ratio=1e6, vocab_size=5000, seed=7, avoid_token_ids={2}
-    )
+    executor = MockerExecutor(config, speedup_ratio=1e6, vocab_size=5000, seed=7, avoid_token_ids={2})
     events: list[KvEventData] = []
     core = EngineCore(config, executor, on_kv_events=events.extend)
     task = asyncio.create_task(core.run())

@@ -12,9 +12,7 @@ BS = 4
 
 
 def make(rid: str, tokens: list[int], caching: bool = True) -> Request:
-    pre = PreprocessedRequest(
-        request_id=rid, model="m", token_ids=tokens, stop=StopConditions(max_tokens=8)
-    )
+    pre = PreprocessedRequest(request_id=rid, model="m", token_ids=tokens, stop=StopConditions(max_tokens=8))
     return Request(pre, BS, max_model_len=64, hash_blocks=caching)
 
 
@@ -106,9 +104,7 @@ def test_decode_growth_allocates_at_block_boundaries() -> None:
     assert kv.get_block_ids("a") == [0, 1]
     computed(kv, req, 5)
     assert kv.take_events() == [
-        KvStored(
-            blocks=[StoredBlock(block_hash=req.block_hashes[0], tokens_hash=req.local_hashes[0])]
-        )
+        KvStored(blocks=[StoredBlock(block_hash=req.block_hashes[0], tokens_hash=req.local_hashes[0])])
     ]
 
 

@@ -33,14 +33,14 @@ def position_token(seq: ScheduledSeq) -> int:
 
 class Harness:
     def __init__(self, token_fn: TokenFn = position_token, **overrides: object) -> None:
-        params: dict[str, object] = dict(
-            block_size=4,
-            num_gpu_blocks=32,
-            max_num_seqs=8,
-            max_num_batched_tokens=64,
-            max_model_len=64,
-            watermark=0.0,
-        )
+        params: dict[str, object] = {
+            "block_size": 4,
+            "num_gpu_blocks": 32,
+            "max_num_seqs": 8,
+            "max_num_batched_tokens": 64,
+            "max_model_len": 64,
+            "watermark": 0.0,
+        }
         params.update(overrides)
         self.config = EngineConfig(**params)  # type: ignore[arg-type]
         c = self.config

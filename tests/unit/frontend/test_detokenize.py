@@ -62,8 +62,7 @@ def test_real_tokenizer_emoji_and_cjk_stream(smol: Tokenizer) -> None:
     ids = smol.encode(text).ids
     assert ids == [19556, 216, 7906, 240, 178, 239, 230, 15107, 232, 227, 2294]
     detok = IncrementalDetokenizer(smol)
-    assert [d.text for d in _stream(detok, ids)] == [
-        "Hello", " ", "", "世", "", "", "界", "", "", " 🎉", " done"]
+    assert [d.text for d in _stream(detok, ids)] == ["Hello", " ", "", "世", "", "", "界", "", "", " 🎉", " done"]
     assert detok.flush() == ""
     assert detok.output_text == text
 
@@ -77,7 +76,7 @@ def test_incomplete_tail_is_released_by_flush() -> None:
 
 
 def test_special_tokens_skipped_or_kept() -> None:
-    tok, ids = _toy("a", "b")
+    tok, _ids = _toy("a", "b")
     skip = IncrementalDetokenizer(tok)
     assert [d.text for d in _stream(skip, [1, SPECIAL, 2])] == ["a", "", "b"]
     keep = IncrementalDetokenizer(tok, skip_special_tokens=False)
@@ -124,7 +123,7 @@ def test_random_ids_match_full_decode(smol: Tokenizer, seed: int) -> None:
         pos, text = 0, ""
         while pos < len(ids):
             step = rng.randint(1, 3)
-            text += detok.add(ids[pos:pos + step]).text
+            text += detok.add(ids[pos : pos + step]).text
             pos += step
         text += detok.flush()
         assert text == smol.decode(ids)

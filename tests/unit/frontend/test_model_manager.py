@@ -18,8 +18,16 @@ from tests.polling import until
 @pytest.fixture
 def make_card(smollm_folder: Path) -> Callable[..., WorkerCard]:
     def make(instance_id: str, role: WorkerRole = WorkerRole.AGG, blocks: int = 100) -> WorkerCard:
-        return WorkerCard(instance_id=instance_id, model="m", address="127.0.0.1:1", role=role,
-                          total_kv_blocks=blocks, context_length=4096, model_path=str(smollm_folder))
+        return WorkerCard(
+            instance_id=instance_id,
+            model="m",
+            address="127.0.0.1:1",
+            role=role,
+            total_kv_blocks=blocks,
+            context_length=4096,
+            model_path=str(smollm_folder),
+        )
+
     return make
 
 
@@ -39,12 +47,12 @@ def ids(cards: list[WorkerCard]) -> list[str]:
 
 
 async def test_serving_workers_are_sorted_and_exclude_prefill(
-        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]
+) -> None:
     workers, manager = fleet
     for card in (make_card("b"), make_card("p", WorkerRole.PREFILL), make_card("a", WorkerRole.DECODE)):
         await workers.register(card)
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3,
-                timeout=5.0)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3, timeout=5.0)
     entry = manager.get("m")
     assert ids(entry.serving_workers()) == ["a", "b"]
     assert entry.context_length == 4096 and [m.name for m in manager.models()] == ["m"]
@@ -52,12 +60,12 @@ async def test_serving_workers_are_sorted_and_exclude_prefill(
 
 @pytest.mark.parametrize("fleet", [0.2], indirect=True)
 async def test_a_worker_reported_down_is_skipped_until_its_quarantine_ends(
-        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]
+) -> None:
     workers, manager = fleet
     await workers.register(make_card("a"))
     await workers.register(make_card("b"))
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2,
-                timeout=5.0)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2, timeout=5.0)
     entry = manager.get("m")
     manager.report_down("a")  # for 0.2 s
     assert ids(entry.serving_workers()) == ["b"] and entry.is_down("a")
@@ -67,14 +75,14 @@ async def test_a_worker_reported_down_is_skipped_until_its_quarantine_ends(
 
 
 async def test_registering_again_clears_down_and_leaving_forgets_it(
-        fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]) -> None:
+    fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]
+) -> None:
     workers, manager = fleet
     removed: list[str] = []
     manager.on_worker_removed.append(removed.append)
     await workers.register(make_card("a"))
     await workers.register(make_card("b"))
-    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2,
-                timeout=5.0)
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 2, timeout=5.0)
     entry = manager.get("m")
     manager.report_down("a")
     manager.report_down("b")

@@ -27,11 +27,20 @@ def test_max_completion_tokens_wins() -> None:
     assert chat(max_tokens=5, max_completion_tokens=9).output_limit == 9
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"max_tokens": 0}, "max_tokens"), ({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"),
-    ({"top_k": 0}, "top_k"), ({"n": 3}, "n"), ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
-    ({"stop": [""]}, "stop"), ({"top_logprobs": 3}, "top_logprobs"), ({"messages": []}, "messages"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"top_k": 0}, "top_k"),
+        ({"n": 3}, "n"),
+        ({"min_tokens": 5, "max_tokens": 2}, "min_tokens"),
+        ({"stop": [""]}, "stop"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"messages": []}, "messages"),
+    ],
+)
 def test_chat_validation(kw: dict, param: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         chat(**kw).validate()

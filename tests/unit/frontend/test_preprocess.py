@@ -14,10 +14,30 @@ from lightspeed.frontend.preprocess import (
     normalize_messages,
 )
 
-SYSTEM = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-          "<|im_end|>\n")
-SYSTEM_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018, 411,
-              407, 19712, 8182, 2, 198]
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SYSTEM_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,12 +84,17 @@ def test_chat_template_text_and_ids(pre: Preprocessor) -> None:
 
 
 def test_own_system_message_replaces_default(pre: Preprocessor) -> None:
-    messages = [{"role": "system", "content": "Be terse."}, {"role": "user", "content": "Hi"},
-                {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye"}]
+    messages = [
+        {"role": "system", "content": "Be terse."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello."},
+        {"role": "user", "content": "Bye"},
+    ]
     assert pre.apply_chat_template(messages) == (
         "<|im_start|>system\nBe terse.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
         "<|im_start|>assistant\nHello.<|im_end|>\n<|im_start|>user\nBye<|im_end|>\n"
-        "<|im_start|>assistant\n")
+        "<|im_start|>assistant\n"
+    )
 
 
 def test_text_parts_are_joined(pre: Preprocessor) -> None:
@@ -97,8 +122,9 @@ def test_add_bos_token_prepends_once(pre: Preprocessor) -> None:
 
 
 def test_chat_does_not_add_bos_again(pre: Preprocessor) -> None:
-    bos = _with_template(pre, "{{ bos_token }}{{ messages[0]['content'] }}",
-                         bos_token="<|im_start|>", add_bos_token=True)
+    bos = _with_template(
+        pre, "{{ bos_token }}{{ messages[0]['content'] }}", bos_token="<|im_start|>", add_bos_token=True
+    )
     assert bos.encode_chat(_user("Hi")) == [1, 26843]
 
 
@@ -119,7 +145,7 @@ def test_chat_template_file_and_named_templates(folder: Path, tmp_path: Path) ->
 
 
 def test_missing_tokenizer_json(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="has no tokenizer.json"):
+    with pytest.raises(ValueError, match=r"has no tokenizer\.json"):
         Preprocessor.from_folder(tmp_path)
 
 
@@ -133,14 +159,14 @@ def test_no_chat_template_is_a_400(pre: Preprocessor) -> None:
 
 
 def test_whitespace_control_like_transformers(pre: Preprocessor) -> None:
-    template = ("{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content }}]\n"
-                "  {% endif %}\n{% endfor %}")
+    template = "{% for m in messages %}\n  {% if m.role == 'user' %}\n[{{ m.content }}]\n  {% endif %}\n{% endfor %}"
     assert _with_template(pre, template).apply_chat_template(_user("a") * 2) == "[a]\n[a]\n"
 
 
 def test_raise_exception_becomes_invalid_request(pre: Preprocessor) -> None:
-    strict = _with_template(pre, "{% if messages[0].role != 'system' %}"
-                                 "{{ raise_exception('first message must be system') }}{% endif %}ok")
+    strict = _with_template(
+        pre, "{% if messages[0].role != 'system' %}{{ raise_exception('first message must be system') }}{% endif %}ok"
+    )
     with pytest.raises(InvalidRequest, match="first message must be system") as info:
         strict.apply_chat_template(_user("x"))
     assert info.value.status == 400
@@ -155,9 +181,11 @@ def test_tojson_keeps_unicode_and_accepts_kwargs(pre: Preprocessor) -> None:
 
 
 def test_strftime_generation_tag_and_loopcontrols(pre: Preprocessor) -> None:
-    template = ("{{ strftime_now('%Y') | length }}|{% for m in messages %}{% if loop.index > 1 %}"
-                "{% break %}{% endif %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
-                "{{ add_generation_prompt }}")
+    template = (
+        "{{ strftime_now('%Y') | length }}|{% for m in messages %}{% if loop.index > 1 %}"
+        "{% break %}{% endif %}{% generation %}{{ m.content }}{% endgeneration %}{% endfor %}"
+        "{{ add_generation_prompt }}"
+    )
     out = _with_template(pre, template).apply_chat_template(_user("a") + _user("b"))
     assert out == "4|aTrue"
 
@@ -176,19 +204,24 @@ def test_template_type_errors_are_400(pre: Preprocessor) -> None:
 # ---------------------------------------------------------------- message validation
 
 
-@pytest.mark.parametrize(("messages", "param", "match"), [
-    ([], "messages", "non-empty list"),
-    (["hi"], "messages[0]", "must be an object"),
-    ([{"content": "x"}], "messages[0].role", "role must be one of"),
-    ([{"role": "wizard", "content": "x"}], "messages[0].role", "got 'wizard'"),
-    ([{"role": "user"}], "messages[0].content", "content is required"),
-    ([{"role": "user", "content": 3}], "messages[0].content", "string or a list"),
-    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], "messages[0].content[0]",
-     "unsupported content part type 'image_url'"),
-    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text",
-     "must be a string"),
-    ([{"role": "user", "content": "a"}, {"role": "assistant"}], "messages[1].content", "required"),
-])
+@pytest.mark.parametrize(
+    ("messages", "param", "match"),
+    [
+        ([], "messages", "non-empty list"),
+        (["hi"], "messages[0]", "must be an object"),
+        ([{"content": "x"}], "messages[0].role", "role must be one of"),
+        ([{"role": "wizard", "content": "x"}], "messages[0].role", "got 'wizard'"),
+        ([{"role": "user"}], "messages[0].content", "content is required"),
+        ([{"role": "user", "content": 3}], "messages[0].content", "string or a list"),
+        (
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}],
+            "messages[0].content[0]",
+            "unsupported content part type 'image_url'",
+        ),
+        ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text", "must be a string"),
+        ([{"role": "user", "content": "a"}, {"role": "assistant"}], "messages[1].content", "required"),
+    ],
+)
 def test_bad_messages(pre: Preprocessor, messages: list, param: str, match: str) -> None:
     with pytest.raises(InvalidRequest, match=match) as info:
         pre.encode_chat(messages)
@@ -198,12 +231,17 @@ def test_bad_messages(pre: Preprocessor, messages: list, param: str, match: str)
 
 def test_assistant_tool_call_without_content() -> None:
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "c1", "content": "42"}]
+    messages = [
+        {"role": "user", "content": "x"},
+        {"role": "assistant", "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "42"},
+    ]
     out = normalize_messages(messages)
-    assert out[1] == {"role": "assistant", "content": "",
-                      "tool_calls": [{"id": "c1", "type": "function",
-                                      "function": {"name": "f", "arguments": {"a": 1}}}]}
+    assert out[1] == {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": {"a": 1}}}],
+    }
     assert out[2] == messages[2]
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"a": 1}'  # input untouched
 

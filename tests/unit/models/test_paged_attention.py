@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from lightspeed.models import paged_attention
-from lightspeed.models.llama import (
+from lightspeed.models.attention_metadata import (
     AttentionGroup,
     CacheLayout,
-    PagedLlama,
     build_attention_metadata,
 )
+from lightspeed.models.llama import PagedLlama
 from lightspeed.models.paged_attention import (
     BuildSpec,
     PagedDecodeAttention,
@@ -48,22 +48,33 @@ def kernel(request: pytest.FixtureRequest, kernel_dir: Path) -> PagedDecodeAtten
         return build_kernel(BuildSpec(extra_flags=extra))
 
 
-def _model(dtype: torch.dtype, heads: int = HEADS, kv_heads: int = KV_HEADS,
-           dim: int = DIM) -> PagedLlama:
+def _model(dtype: torch.dtype, heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM) -> PagedLlama:
     """One attention layer's worth of model: only the config and scale matter here."""
     hidden = heads * dim
-    cfg = ModelConfig("llama", vocab_size=8, hidden_size=hidden, intermediate_size=8,
-                      num_layers=1, num_heads=heads, num_kv_heads=kv_heads, head_dim=dim)
+    cfg = ModelConfig(
+        "llama",
+        vocab_size=8,
+        hidden_size=hidden,
+        intermediate_size=8,
+        num_layers=1,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=dim,
+    )
     p = "model.layers.0."
-    shapes = {"model.embed_tokens.weight": (8, hidden), "model.norm.weight": (hidden,),
-              p + "input_layernorm.weight": (hidden,),
-              p + "post_attention_layernorm.weight": (hidden,),
-              p + "self_attn.q_proj.weight": (hidden, hidden),
-              p + "self_attn.k_proj.weight": (kv_heads * dim, hidden),
-              p + "self_attn.v_proj.weight": (kv_heads * dim, hidden),
-              p + "self_attn.o_proj.weight": (hidden, hidden),
-              p + "mlp.gate_proj.weight": (8, hidden), p + "mlp.up_proj.weight": (8, hidden),
-              p + "mlp.down_proj.weight": (hidden, 8)}
+    shapes = {
+        "model.embed_tokens.weight": (8, hidden),
+        "model.norm.weight": (hidden,),
+        p + "input_layernorm.weight": (hidden,),
+        p + "post_attention_layernorm.weight": (hidden,),
+        p + "self_attn.q_proj.weight": (hidden, hidden),
+        p + "self_attn.k_proj.weight": (kv_heads * dim, hidden),
+        p + "self_attn.v_proj.weight": (kv_heads * dim, hidden),
+        p + "self_attn.o_proj.weight": (hidden, hidden),
+        p + "mlp.gate_proj.weight": (8, hidden),
+        p + "mlp.up_proj.weight": (8, hidden),
+        p + "mlp.down_proj.weight": (hidden, 8),
+    }
     state: StateDict = {name: torch.zeros(shape) for name, shape in shapes.items()}
     state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return PagedLlama(cfg, state, dtype, CPU)
@@ -72,32 +83,41 @@ def _model(dtype: torch.dtype, heads: int = HEADS, kv_heads: int = KV_HEADS,
 class Case:
     """Random cache + queries; each sequence's blocks scattered over the cache, out of order."""
 
-    def __init__(self, dtype: torch.dtype, block_size: int, contexts: list[int] = CONTEXTS,
-                 heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM) -> None:
+    def __init__(
+        self,
+        dtype: torch.dtype,
+        block_size: int,
+        contexts: list[int] = CONTEXTS,
+        heads: int = HEADS,
+        kv_heads: int = KV_HEADS,
+        dim: int = DIM,
+    ) -> None:
         gen = torch.Generator().manual_seed(block_size)
         need = [-(-c // block_size) for c in contexts]
         self.num_blocks = sum(need) + 7
-        self.cache = torch.randn(2, self.num_blocks, block_size, kv_heads, dim, generator=gen,
-                                 dtype=torch.float32).to(dtype)
+        self.cache = torch.randn(2, self.num_blocks, block_size, kv_heads, dim, generator=gen, dtype=torch.float32).to(
+            dtype
+        )
         order = torch.randperm(self.num_blocks, generator=gen).tolist()
-        self.tables = [order[sum(need[:i]):sum(need[:i + 1])] for i in range(len(contexts))]
+        self.tables = [order[sum(need[:i]) : sum(need[: i + 1])] for i in range(len(contexts))]
         # Query rows strided like the fused q|k projection the model slices them from.
-        self.query = torch.randn(len(contexts), heads + kv_heads, dim, generator=gen,
-                                 dtype=torch.float32).to(dtype)[:, :heads]
+        self.query = torch.randn(len(contexts), heads + kv_heads, dim, generator=gen, dtype=torch.float32).to(dtype)[
+            :, :heads
+        ]
         self.contexts, self.block_size = contexts, block_size
         self.dtype, self.heads, self.kv_heads, self.dim = dtype, heads, kv_heads, dim
 
     def metadata(self, paged: bool) -> AttentionGroup:
         layout = CacheLayout(self.num_blocks, self.block_size, self.dtype, paged_decode=paged)
-        meta = build_attention_metadata([1] * len(self.contexts), [c - 1 for c in self.contexts],
-                                        self.tables, layout, CPU)
+        meta = build_attention_metadata(
+            [1] * len(self.contexts), [c - 1 for c in self.contexts], self.tables, layout, CPU
+        )
         (group,) = meta.groups
         return group
 
     def run_kernel(self, kernel: PagedDecodeAttention) -> torch.Tensor:
         group = self.metadata(paged=True)
-        return kernel(self.query, self.cache, group.block_tables, group.context_lens,
-                      1 / math.sqrt(self.dim))
+        return kernel(self.query, self.cache, group.block_tables, group.context_lens, 1 / math.sqrt(self.dim))
 
     def torch_path(self) -> torch.Tensor:
         model = _model(self.dtype, self.heads, self.kv_heads, self.dim)
@@ -122,14 +142,14 @@ class Case:
 # once to bf16 (8 significant bits): within one bf16 rounding, i.e. a relative 2^-8 (+ a tiny
 # atol for outputs near zero). The torch path rounds the same way, so kernel vs torch path is
 # within two roundings.
-TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-             torch.bfloat16: {"atol": 1e-3, "rtol": 2 ** -8}}
+TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 1e-3, "rtol": 2**-8}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("block_size", [16, 64])
-def test_kernel_matches_reference_and_torch_path(kernel: PagedDecodeAttention,
-                                                 dtype: torch.dtype, block_size: int) -> None:
+def test_kernel_matches_reference_and_torch_path(
+    kernel: PagedDecodeAttention, dtype: torch.dtype, block_size: int
+) -> None:
     case = Case(dtype, block_size)
     got = case.run_kernel(kernel)
     assert got.shape == (len(CONTEXTS), HEADS * DIM) and got.dtype == dtype
@@ -141,18 +161,18 @@ def test_kernel_matches_reference_and_torch_path(kernel: PagedDecodeAttention,
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_many_sequences(kernel: PagedDecodeAttention, dtype: torch.dtype) -> None:
     case = Case(dtype, 16, MANY)
-    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(),
-                               **TOLERANCE[dtype])
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize(("heads", "kv_heads", "dim", "block_size"),
-                         [(4, 4, 32, 16), (8, 1, 128, 5), (4, 2, 8, 3), (6, 2, 48, 64)])
-def test_kernel_other_shapes(kernel: PagedDecodeAttention, heads: int, kv_heads: int, dim: int,
-                             block_size: int) -> None:
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "dim", "block_size"), [(4, 4, 32, 16), (8, 1, 128, 5), (4, 2, 8, 3), (6, 2, 48, 64)]
+)
+def test_kernel_other_shapes(
+    kernel: PagedDecodeAttention, heads: int, kv_heads: int, dim: int, block_size: int
+) -> None:
     """No GQA, one KV head, head dims that are not multiples of 32 (scalar path), odd blocks."""
     case = Case(torch.float32, block_size, [3, 40, 1], heads, kv_heads, dim)
-    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(),
-                               **TOLERANCE[torch.float32])
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[torch.float32])
 
 
 def test_kernel_ignores_table_padding_and_other_blocks(kernel: PagedDecodeAttention) -> None:
@@ -177,8 +197,7 @@ def test_kernel_rejects_bad_layouts(kernel: PagedDecodeAttention) -> None:
     with pytest.raises(ValueError, match="query"):
         kernel(case.query.bfloat16(), case.cache, group.block_tables, group.context_lens, 0.1)
     with pytest.raises(ValueError, match="contiguous"):
-        kernel(case.query, case.cache.transpose(3, 4), group.block_tables, group.context_lens,
-               0.1)
+        kernel(case.query, case.cache.transpose(3, 4), group.block_tables, group.context_lens, 0.1)
 
 
 def test_paged_metadata_is_tables_only() -> None:
@@ -193,8 +212,7 @@ def test_paged_metadata_is_tables_only() -> None:
     assert prefill.kv_index.tolist() == [9, 3, 1, 19, 13, 11]
 
 
-def test_build_is_cached_by_source_and_flags(kernel_dir: Path,
-                                             monkeypatch: pytest.MonkeyPatch) -> None:
+def test_build_is_cached_by_source_and_flags(kernel_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
     if shutil.which("gcc") is None:
         pytest.skip("no C compiler")
@@ -204,8 +222,7 @@ def test_build_is_cached_by_source_and_flags(kernel_dir: Path,
     assert not list(kernel_dir.glob("*.tmp"))  # built under a temp name, then renamed
 
 
-def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch,
-                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     spec = BuildSpec(compiler="lightspeed-no-such-cc")
     monkeypatch.setattr(paged_attention, "_loaded", {})
     with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
@@ -231,5 +248,4 @@ def test_model_uses_kernel_only_where_supported(kernel: PagedDecodeAttention) ->
     assert _model(torch.float32).cache_layout(4, 16).paged_decode
     assert _model(torch.bfloat16).cache_layout(4, 16).paged_decode
     assert not _model(torch.float64).cache_layout(4, 16).paged_decode
-    assert not PagedDecodeAttention.supports(HEADS, KV_HEADS, DIM, torch.float32,
-                                             torch.device("cuda"))
+    assert not PagedDecodeAttention.supports(HEADS, KV_HEADS, DIM, torch.float32, torch.device("cuda"))

@@ -62,8 +62,7 @@ def test_gguf_file_path(cache: Path, packaged: Path) -> None:
     assert resolved.gguf_path == packaged.resolve()
 
 
-def test_folder_with_single_gguf(cache: Path, packaged: Path, tmp_path: Path,
-                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_folder_with_single_gguf(cache: Path, packaged: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (tmp_path / "weights.gguf").symlink_to(packaged)
     ready = resolve_model(None).folder
     calls: list[Path] = []
@@ -85,8 +84,7 @@ def test_folder_with_single_gguf(cache: Path, packaged: Path, tmp_path: Path,
 def test_hf_folder_used_as_is(cache: Path, packaged: Path, tmp_path: Path) -> None:
     src = resolve_model(None).folder
     shutil.copy(src / "tokenizer.json", tmp_path / "tokenizer.json")
-    _write_json(tmp_path / "config.json", {"vocab_size": 49152, "max_position_embeddings": 512,
-                                           "eos_token_id": 7})
+    _write_json(tmp_path / "config.json", {"vocab_size": 49152, "max_position_embeddings": 512, "eos_token_id": 7})
     resolved = resolve_model(str(tmp_path))
     assert resolved == ResolvedModel(str(tmp_path), tmp_path, None, 512, 49152, [7])
 
@@ -108,8 +106,9 @@ def test_missing_vocab_size_is_rejected(tmp_path: Path) -> None:
 
 
 def test_eos_ids_precedence(tmp_path: Path) -> None:
-    _write_json(tmp_path / "tokenizer.json", {
-        "added_tokens": [{"id": 5, "content": "</s>"}], "model": {"vocab": {"<eot>": 9}}})
+    _write_json(
+        tmp_path / "tokenizer.json", {"added_tokens": [{"id": 5, "content": "</s>"}], "model": {"vocab": {"<eot>": 9}}}
+    )
     _write_json(tmp_path / "tokenizer_config.json", {"eos_token": {"content": "</s>", "special": True}})
     assert folder_eos_token_ids(tmp_path) == [5]
     _write_json(tmp_path / "tokenizer_config.json", {"eos_token": "<eot>"})

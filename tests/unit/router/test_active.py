@@ -92,12 +92,10 @@ def test_prefill_progress_clock_and_counts() -> None:
     assert (load.prefill_requests, load.decoding_requests, load.prefill_since) == (2, 1, 10.0)
     now[0] = 12.5
     a.prefill_done("r1")  # a first token: the worker just finished a prefill
-    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (
-        50, 1, 2, 12.5)
+    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (50, 1, 2, 12.5)
     now[0] = 13.0
     a.free("r2")  # ended before its first token: its prefill leaves the queue too
-    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (
-        0, 0, 2, 13.0)
+    assert (load.prefill_tokens, load.prefill_requests, load.decoding_requests, load.prefill_since) == (0, 0, 2, 13.0)
     now[0] = 20.0
     a.add("r3", "w", 10, blocks=1)  # an idle prefill queue restarts the clock
     assert (load.prefill_requests, load.prefill_since) == (1, 20.0)

@@ -18,9 +18,19 @@ from lightspeed.router.cost import (
 PERF = PerfModel((0.0, 0.01, 10.0), (0.0, 0.0, 2.0), 1.0, 1.0)  # prefill 10 ms + 10 µs/token, decode 2 ms
 
 
-def cand(worker: str = "w", overlap: int = 0, new: int = 0, active: int = 0, decode: int = 0,
-         total: int = 1000, chunk: int = 1000, perf: PerfModel | None = PERF, elapsed: float = 0.0,
-         prefilling: int = 0, decoding: int = 0) -> Candidate:
+def cand(
+    worker: str = "w",
+    overlap: int = 0,
+    new: int = 0,
+    active: int = 0,
+    decode: int = 0,
+    total: int = 1000,
+    chunk: int = 1000,
+    perf: PerfModel | None = PERF,
+    elapsed: float = 0.0,
+    prefilling: int = 0,
+    decoding: int = 0,
+) -> Candidate:
     return Candidate(worker, overlap, new, active, decode, total, chunk, 16, perf, elapsed, prefilling, decoding)
 
 
@@ -70,7 +80,8 @@ def test_latency_cost_counts_queued_prefill_done_since_the_last_progress() -> No
     # int(50 * 4 / 22 * 1000) = 9090 -> capped at 2999 -> 501 tokens: 15.01 / 4 ms.
     fast = PerfModel(PERF.prefill_coeffs, PERF.decode_coeffs, 1.0, 4.0)
     assert latency_cost(cand(new=500, active=3000, elapsed=0.05, prefilling=2, perf=fast), PERF) == (
-        pytest.approx(15.01 / 4 / 1000))
+        pytest.approx(15.01 / 4 / 1000)
+    )
 
 
 def test_latency_cost_penalises_kv_overflow_and_uses_speedup() -> None:

@@ -5,9 +5,9 @@ import math
 import msgspec
 import pytest
 
+from lightspeed.kv_hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.protocol import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 from lightspeed.router import indexer
-from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 
 BS = 4
@@ -87,7 +87,7 @@ def test_stored_is_idempotent(index: KvIndex) -> None:
 
 
 def test_removed_blocks(index: KvIndex) -> None:
-    a, ac, acd = seq("ACD")
+    a, ac, _acd = seq("ACD")
     assert index.apply(removed("a", 3, ac))
     # a keeps ACD but lost its parent AC: the prefix walk stops at depth 1 for a.
     assert index.find_matches(seq("ACDF")) == {"a": 1, "b": 2}

@@ -6,11 +6,11 @@ from collections import Counter
 import pytest
 
 from lightspeed.errors import Overloaded
+from lightspeed.kv_hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.protocol import KvEvent, KvStored, PerfModel, StoredBlock, WorkerCard
 from lightspeed.router.active import ActiveLoad
 from lightspeed.router.admission import AdmissionConfig
 from lightspeed.router.cost import KvCostConfig
-from lightspeed.router.hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.kv_router import KvRouterConfig, KvSelector
 from lightspeed.router.selector import RouteRequest, RouterOverrides
@@ -20,8 +20,15 @@ A, B, C, D, E, F = ([k * 10 + i for i in range(BS)] for k in range(1, 7))
 
 
 def card(wid: str, blocks: int = 1000, batched: int = 64, perf: PerfModel | None = None) -> WorkerCard:
-    return WorkerCard(instance_id=wid, model="m", address="x:1", block_size=BS, total_kv_blocks=blocks,
-                      max_num_batched_tokens=batched, perf=perf)
+    return WorkerCard(
+        instance_id=wid,
+        model="m",
+        address="x:1",
+        block_size=BS,
+        total_kv_blocks=blocks,
+        max_num_batched_tokens=batched,
+        perf=perf,
+    )
 
 
 def stored_event(worker: str, event_id: int, *blocks: list[int]) -> KvEvent:
@@ -32,8 +39,7 @@ def stored_event(worker: str, event_id: int, *blocks: list[int]) -> KvEvent:
 
 
 def req(rid: str, *blocks: list[int], extra: int = 0, overrides: RouterOverrides | None = None) -> RouteRequest:
-    return RouteRequest(rid, [t for blk in blocks for t in blk] + list(range(900, 900 + extra)),
-                        overrides=overrides)
+    return RouteRequest(rid, [t for blk in blocks for t in blk] + list(range(900, 900 + extra)), overrides=overrides)
 
 
 def selector(cfg: KvRouterConfig | None = None) -> KvSelector:
@@ -82,8 +88,9 @@ async def test_overrides_change_the_weight_and_temperature() -> None:
     decision = await sel.route(req("r", A, C, D, F, overrides=RouterOverrides(overlap_score_weight=0.0)), workers)
     assert decision.card.instance_id == "b"
     hot = RouterOverrides(temperature=1000.0)  # near-uniform sampling
-    picks = Counter([(await sel.route(req(f"t{i}", A, C, D, F, overrides=hot), workers)).card.instance_id
-                     for i in range(200)])
+    picks = Counter(
+        [(await sel.route(req(f"t{i}", A, C, D, F, overrides=hot), workers)).card.instance_id for i in range(200)]
+    )
     assert set(picks) == {"a", "b"}
 
 

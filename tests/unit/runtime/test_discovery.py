@@ -45,9 +45,7 @@ def delete(instance_id: str) -> DiscoveryEvent:
     return DiscoveryEvent("delete", instance_id, None)
 
 
-async def take(
-    events: AsyncGenerator[DiscoveryEvent, None], n: int, timeout: float = 2.0
-) -> list[DiscoveryEvent]:
+async def take(events: AsyncGenerator[DiscoveryEvent, None], n: int, timeout: float = 2.0) -> list[DiscoveryEvent]:
     return [await asyncio.wait_for(anext(events), timeout) for _ in range(n)]
 
 

@@ -178,9 +178,7 @@ async def test_empty_stream_ends(server: RequestPlaneServer, client: RequestPlan
     assert await collect(await client.stream(server.address, "count", b"0")) == []
 
 
-async def test_concurrent_streams_share_one_connection(
-    server: RequestPlaneServer, client: RequestPlaneClient
-) -> None:
+async def test_concurrent_streams_share_one_connection(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
     async def one(tag: int) -> list[bytes]:
         return await collect(await client.stream(server.address, "tagged", f"{tag}:20".encode()))
 
@@ -214,9 +212,7 @@ async def test_cancel_reaches_handler_finally(server: RequestPlaneServer, client
     assert server.num_inflight == 0
 
 
-async def test_aclose_of_finished_stream_sends_nothing(
-    server: RequestPlaneServer, client: RequestPlaneClient
-) -> None:
+async def test_aclose_of_finished_stream_sends_nothing(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
     async with await client.stream(server.address, "count", b"2") as stream:
         assert await collect(stream) == [b"0", b"1"]
     # The connection is still healthy for the next stream.
@@ -233,9 +229,7 @@ async def test_client_close_cancels_server_handlers(server: RequestPlaneServer) 
         assert await stream.__anext__() == b"started"
     await client.close()
     await asyncio.wait_for(blocking.all_done.wait(), 2.0)
-    assert sorted(blocking.log) == sorted(
-        [f"cancelled:{i}" for i in range(3)] + [f"finally:{i}" for i in range(3)]
-    )
+    assert sorted(blocking.log) == sorted([f"cancelled:{i}" for i in range(3)] + [f"finally:{i}" for i in range(3)])
     assert all(ctx.cancelled for ctx in blocking.contexts)
     for stream in streams:
         with pytest.raises(WorkerLost):
@@ -262,9 +256,7 @@ async def test_wait_cancelled_wakes_on_cancel(server: RequestPlaneServer, client
 # ---------------------------------------------------------------- errors
 
 
-async def test_handler_error_becomes_worker_error(
-    server: RequestPlaneServer, client: RequestPlaneClient
-) -> None:
+async def test_handler_error_becomes_worker_error(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
     stream = await client.stream(server.address, "fail", b"")
     assert await stream.__anext__() == b"first"
     with pytest.raises(WorkerError) as info:

@@ -63,8 +63,7 @@ def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
 def _is_plain_greedy(row: SamplingRow) -> bool:
     """Nothing but an argmax to do for this row: no bans, penalties, state or logprobs."""
     opts = row.options
-    return (is_greedy(opts) and not row.banned_token_ids and not _has_penalty(opts)
-            and opts.logprobs is None)
+    return is_greedy(opts) and not row.banned_token_ids and not _has_penalty(opts) and opts.logprobs is None
 
 
 class Sampler:
@@ -100,12 +99,10 @@ class Sampler:
             tokens[index] = greedy_ids(work.index_select(0, index))
         if random:
             index = torch.tensor(random, device=logits.device)
-            tokens[index] = self._sample_random(work.index_select(0, index),
-                                                [rows[i] for i in random])
+            tokens[index] = self._sample_random(work.index_select(0, index), [rows[i] for i in random])
         token_list = tokens.tolist()
         self._record(rows, token_list)
-        return [SampleResult(tok, self._token_logprob(logprobs, i, tok, rows[i]))
-                for i, tok in enumerate(token_list)]
+        return [SampleResult(tok, self._token_logprob(logprobs, i, tok, rows[i])) for i, tok in enumerate(token_list)]
 
     # ------------------------------------------------------------ logits adjustments
 
@@ -142,10 +139,8 @@ class Sampler:
     def _truncate(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> torch.Tensor:
         """Top-k then top-p (nucleus), on one descending sort shared by both."""
         vocab = logits.shape[1]
-        top_k = [r.options.top_k if r.options.top_k and 0 < r.options.top_k < vocab else vocab
-                 for r in rows]
-        top_p = [r.options.top_p if r.options.top_p is not None and r.options.top_p < 1.0 else 1.0
-                 for r in rows]
+        top_k = [r.options.top_k if r.options.top_k and 0 < r.options.top_k < vocab else vocab for r in rows]
+        top_p = [r.options.top_p if r.options.top_p is not None and r.options.top_p < 1.0 else 1.0 for r in rows]
         if all(k == vocab for k in top_k) and all(p >= 1.0 for p in top_p):
             return logits
         ordered, order = logits.sort(dim=-1, descending=True)
@@ -187,8 +182,7 @@ class Sampler:
 
     # ------------------------------------------------------------ logprobs
 
-    def _logprobs(self, logits: torch.Tensor,
-                  rows: Sequence[SamplingRow]) -> dict[int, torch.Tensor] | None:
+    def _logprobs(self, logits: torch.Tensor, rows: Sequence[SamplingRow]) -> dict[int, torch.Tensor] | None:
         wanted = [i for i, r in enumerate(rows) if r.options.logprobs is not None]
         if not wanted:
             return None
@@ -197,8 +191,9 @@ class Sampler:
         return {row: values[j] for j, row in enumerate(wanted)}
 
     @staticmethod
-    def _token_logprob(logprobs: dict[int, torch.Tensor] | None, i: int, token: int,
-                       row: SamplingRow) -> TokenLogprob | None:
+    def _token_logprob(
+        logprobs: dict[int, torch.Tensor] | None, i: int, token: int, row: SamplingRow
+    ) -> TokenLogprob | None:
         if logprobs is None or i not in logprobs:
             return None
         values = logprobs[i]

@@ -22,8 +22,6 @@ import msgspec
 
 from lightspeed.config import WorkerConfig
 from lightspeed.engine.core import EngineCore, StepInfo
-from lightspeed.engine.factory import BuiltEngine, build_engine
-from lightspeed.engine.perf_fit import PerfFitter, StepSample
 from lightspeed.engine.types import EngineCoreOutput
 from lightspeed.protocol import (
     TOPIC_FORWARD_PASS,
@@ -43,6 +41,8 @@ from lightspeed.protocol import (
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.planes import discovery_from_config, publisher_from_config
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
+from lightspeed.worker.factory import BuiltEngine, build_engine
+from lightspeed.worker.perf_fit import PerfFitter, StepSample
 
 log = logging.getLogger(__name__)
 PERF_REFIT_S = 30.0
@@ -52,8 +52,12 @@ _decode_request = msgspec.msgpack.Decoder(PreprocessedRequest).decode
 
 
 def to_wire(out: EngineCoreOutput) -> LLMEngineOutput:
-    return LLMEngineOutput(token_ids=out.new_token_ids, finish_reason=out.finish_reason,
-                           num_cached_tokens=out.num_cached_tokens, logprobs=out.logprobs)
+    return LLMEngineOutput(
+        token_ids=out.new_token_ids,
+        finish_reason=out.finish_reason,
+        num_cached_tokens=out.num_cached_tokens,
+        logprobs=out.logprobs,
+    )
 
 
 class Worker:
@@ -81,26 +85,42 @@ class Worker:
         self.server.register("generate", self.generate)
         self.server.register("kv_dump", self.kv_dump)
         address = await self.server.start()
-        self._tasks = [asyncio.create_task(self.core.run(), name="engine-core"),
-                       asyncio.create_task(self._metrics_loop(), name="load-metrics")]
+        self._tasks = [
+            asyncio.create_task(self.core.run(), name="engine-core"),
+            asyncio.create_task(self._metrics_loop(), name="load-metrics"),
+        ]
         if self.built.perf is None:
             self._tasks.append(asyncio.create_task(self._perf_loop(), name="perf-fit"))
         self.card = self._make_card(address)
         await self.discovery.register(self.card)
-        log.info("worker %s serving %s at %s (%d KV blocks)", self.instance_id, self.card.model,
-                 address, self.card.total_kv_blocks)
+        log.info(
+            "worker %s serving %s at %s (%d KV blocks)",
+            self.instance_id,
+            self.card.model,
+            address,
+            self.card.total_kv_blocks,
+        )
         return self.card
 
     def _make_card(self, address: str) -> WorkerCard:
         built, cfg = self.built, self.cfg
         assert built is not None
         return WorkerCard(
-            instance_id=self.instance_id, model=built.served_name, address=address,
-            role=WorkerRole(cfg.role), engine=cfg.engine, namespace=cfg.planes.namespace,
-            block_size=cfg.block_size, total_kv_blocks=built.num_blocks,
-            max_num_seqs=cfg.max_num_seqs, max_num_batched_tokens=cfg.max_num_batched_tokens,
-            context_length=built.max_model_len, model_path=str(built.model_folder),
-            events_address=self.publisher.address, pid=os.getpid(), perf=built.perf,
+            instance_id=self.instance_id,
+            model=built.served_name,
+            address=address,
+            role=WorkerRole(cfg.role),
+            engine=cfg.engine,
+            namespace=cfg.planes.namespace,
+            block_size=cfg.block_size,
+            total_kv_blocks=built.num_blocks,
+            max_num_seqs=cfg.max_num_seqs,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            context_length=built.max_model_len,
+            model_path=str(built.model_folder),
+            events_address=self.publisher.address,
+            pid=os.getpid(),
+            perf=built.perf,
         )
 
     async def generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
@@ -133,11 +153,18 @@ class Worker:
             self.publisher.publish(TOPIC_KV_EVENTS, _encode(KvEvent(self.instance_id, self._event_id, data)))
 
     def _publish_forward_pass(self, info: StepInfo) -> None:
-        msg = ForwardPassMetrics(self.instance_id, info.num_prefill_tokens, info.num_decode_tokens,
-                                 info.num_seqs, info.step_seconds, info.kv_usage)
+        msg = ForwardPassMetrics(
+            self.instance_id,
+            info.num_prefill_tokens,
+            info.num_decode_tokens,
+            info.num_seqs,
+            info.step_seconds,
+            info.kv_usage,
+        )
         self.publisher.publish(TOPIC_FORWARD_PASS, _encode(msg))
-        self.perf_fitter.add(StepSample(info.num_prefill_tokens, info.num_decode_tokens, info.kv_usage,
-                                        info.step_seconds))
+        self.perf_fitter.add(
+            StepSample(info.num_prefill_tokens, info.num_decode_tokens, info.kv_usage, info.step_seconds)
+        )
 
     async def _perf_loop(self) -> None:
         """Re-publish the card with a step-time model fitted from measured steps."""
@@ -147,14 +174,26 @@ class Worker:
             if perf is not None and self.card is not None and perf != self.card.perf:
                 self.card = msgspec.structs.replace(self.card, perf=perf)
                 await self.discovery.register(self.card)
-                log.info("worker %s step model: prefill %s ms, decode %s ms", self.instance_id,
-                         perf.prefill_coeffs, perf.decode_coeffs)
+                log.info(
+                    "worker %s step model: prefill %s ms, decode %s ms",
+                    self.instance_id,
+                    perf.prefill_coeffs,
+                    perf.decode_coeffs,
+                )
 
     async def _metrics_loop(self) -> None:
         while True:
             s = self.core.stats()
-            msg = LoadMetrics(self.instance_id, s.num_running, s.num_waiting, s.active_blocks,
-                              s.total_blocks, s.cached_blocks, s.prefix_hit_rate, time.time())
+            msg = LoadMetrics(
+                self.instance_id,
+                s.num_running,
+                s.num_waiting,
+                s.active_blocks,
+                s.total_blocks,
+                s.cached_blocks,
+                s.prefix_hit_rate,
+                time.time(),
+            )
             self.publisher.publish(TOPIC_LOAD_METRICS, _encode(msg))
             await asyncio.sleep(self.cfg.metrics_interval)
 

@@ -4,9 +4,9 @@ import random
 
 import pytest
 
-from lightspeed.engine.perf_fit import PerfFitter, StepSample
 from lightspeed.mocker.timing import MockerTiming
 from lightspeed.router.cost import _decode_ms, _prefill_ms
+from lightspeed.worker.perf_fit import PerfFitter, StepSample
 
 
 def test_recovers_the_mocker_model_from_its_steps() -> None:

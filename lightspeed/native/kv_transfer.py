@@ -40,8 +40,9 @@ class KvCacheOwner(Protocol):
 def _cache_header(owner: KvCacheOwner, num_blocks: int) -> KvBlocksHeader:
     cache = owner.kv_caches[0]
     _, _, block_size, kv_heads, head_dim = cache.shape
-    return KvBlocksHeader(len(owner.kv_caches), num_blocks, block_size, kv_heads, head_dim,
-                          str(cache.dtype).removeprefix("torch."))
+    return KvBlocksHeader(
+        len(owner.kv_caches), num_blocks, block_size, kv_heads, head_dim, str(cache.dtype).removeprefix("torch.")
+    )
 
 
 def _block_index(owner: KvCacheOwner, block_ids: Sequence[int]) -> torch.Tensor:
@@ -65,12 +66,12 @@ def export_blocks(owner: KvCacheOwner, block_ids: Sequence[int]) -> bytes:
 def import_blocks(owner: KvCacheOwner, block_ids: Sequence[int], data: bytes) -> None:
     """Write exported blocks into `block_ids` (same count and order as exported)."""
     header_len = int.from_bytes(data[:_LEN_BYTES], "little")
-    header = msgspec.msgpack.decode(data[_LEN_BYTES:_LEN_BYTES + header_len], type=KvBlocksHeader)
+    header = msgspec.msgpack.decode(data[_LEN_BYTES : _LEN_BYTES + header_len], type=KvBlocksHeader)
     expected = _cache_header(owner, len(block_ids))
     if header != expected:
         raise ValueError(f"incompatible KV blocks: got {header}, cache expects {expected}")
     index = _block_index(owner, block_ids)
-    payload = memoryview(data)[_LEN_BYTES + header_len:]
+    payload = memoryview(data)[_LEN_BYTES + header_len :]
     cache = owner.kv_caches[0]
     shape = (header.num_layers, 2, header.num_blocks, *cache.shape[2:])
     if len(payload) != cache.element_size() * torch.Size(shape).numel():

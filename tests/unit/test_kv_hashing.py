@@ -3,7 +3,7 @@ import struct
 import pytest
 import xxhash
 
-from lightspeed.router.hashing import (
+from lightspeed.kv_hashing import (
     HASH_SEED,
     compute_block_hashes,
     compute_prompt_seq_hashes,
@@ -123,8 +123,10 @@ def _dynamo_python() -> str | None:
     import os
     from pathlib import Path
 
-    candidates = [os.environ.get("DYNAMO_PYTHON", ""),
-                  str(Path(__file__).parents[3] / "bench/.work/dynamo-venv/bin/python")]
+    candidates = [
+        os.environ.get("DYNAMO_PYTHON", ""),
+        str(Path(__file__).parents[3] / "bench/.work/dynamo-venv/bin/python"),
+    ]
     return next((c for c in candidates if c and Path(c).exists()), None)
 
 
@@ -135,16 +137,23 @@ def test_local_hashes_match_dynamo_runtime() -> None:
 
     import pytest
 
-    from lightspeed.router.hashing import compute_block_hashes
+    from lightspeed.kv_hashing import compute_block_hashes
 
     python = _dynamo_python()
     if python is None:
         pytest.skip("ai-dynamo-runtime is not installed (bash bench/setup_dynamo.sh)")
-    cases = [(list(range(64)), 32, None), ([7, 2**32 - 1, 0, 5] * 50, 16, None),
-             (list(range(1000, 1300)), 64, "my-adapter"), ([3] * 17, 4, "x")]
-    script = ("import json,sys\nfrom dynamo.llm import compute_block_hash_for_seq as f\n"
-              "print(json.dumps([f(t, b, lora_name=l) for t, b, l in json.load(sys.stdin)]))")
-    out = subprocess.run([python, "-c", script], input=json.dumps(cases), capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    cases = [
+        (list(range(64)), 32, None),
+        ([7, 2**32 - 1, 0, 5] * 50, 16, None),
+        (list(range(1000, 1300)), 64, "my-adapter"),
+        ([3] * 17, 4, "x"),
+    ]
+    script = (
+        "import json,sys\nfrom dynamo.llm import compute_block_hash_for_seq as f\n"
+        "print(json.dumps([f(t, b, lora_name=l) for t, b, l in json.load(sys.stdin)]))"
+    )
+    out = subprocess.run(
+        [python, "-c", script], input=json.dumps(cases), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     theirs = json.loads(out)
-    assert theirs == [compute_block_hashes(t, b, lora_name=l) for t, b, l in cases]
+    assert theirs == [compute_block_hashes(t, b, lora_name=lora) for t, b, lora in cases]

@@ -33,7 +33,7 @@ _xxh3 = xxhash.xxh3_64_intdigest
 # per decode step, a few thousand tokens per prompt). It is native-endian, so swap on big-endian.
 _NEEDS_BYTESWAP = sys.byteorder != "little"
 if array.array("I").itemsize != 4:  # pragma: no cover - every mainstream ABI has 4-byte uint
-    raise ImportError("lightspeed.router.hashing needs a 4-byte C unsigned int")
+    raise ImportError("lightspeed.kv_hashing needs a 4-byte C unsigned int")
 
 
 @functools.lru_cache(maxsize=256)
@@ -61,9 +61,7 @@ def _local_hashes_of(token_ids: Sequence[int], block_size: int, seed: int) -> li
     return [_xxh3(view[i * stride : (i + 1) * stride], seed) for i in range(num_blocks)]
 
 
-def compute_block_hashes(
-    token_ids: Sequence[int], block_size: int, lora_name: str | None = None
-) -> list[int]:
+def compute_block_hashes(token_ids: Sequence[int], block_size: int, lora_name: str | None = None) -> list[int]:
     """Local hashes of the full blocks of `token_ids`; a trailing partial block is skipped."""
     if block_size <= 0:
         raise ValueError(f"block_size must be positive, got {block_size}")
@@ -75,9 +73,7 @@ def next_seq_hash(parent_seq_hash: int, local_hash: int) -> int:
     return _xxh3(_PAIR.pack(parent_seq_hash, local_hash), HASH_SEED)
 
 
-def compute_seq_hashes(
-    local_hashes: Sequence[int], parent_seq_hash: int | None = None
-) -> list[int]:
+def compute_seq_hashes(local_hashes: Sequence[int], parent_seq_hash: int | None = None) -> list[int]:
     """Chain local hashes into sequence hashes, optionally continuing after `parent_seq_hash`."""
     out: list[int] = []
     parent = parent_seq_hash
@@ -128,9 +124,7 @@ def _pack_u32_prefix(token_ids: Sequence[int], count: int) -> bytes:
     return packed.tobytes()
 
 
-def compute_prompt_seq_hashes(
-    token_ids: Sequence[int], block_size: int, lora_name: str | None = None
-) -> list[int]:
+def compute_prompt_seq_hashes(token_ids: Sequence[int], block_size: int, lora_name: str | None = None) -> list[int]:
     """Sequence hashes of every full block of a prompt in one pass (the router's hot path).
 
     Identical to `compute_seq_hashes(compute_block_hashes(token_ids, block_size, lora_name))`,

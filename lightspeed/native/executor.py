@@ -20,8 +20,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
-from lightspeed.engine.model_runner import ModelRunner
 from lightspeed.engine.types import ModelRunnerOutput, SchedulerOutput
+from lightspeed.native.runner import ModelRunner
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,7 @@ T = TypeVar("T")
 class NativeExecutor:
     def __init__(self, runner: ModelRunner, pool: ThreadPoolExecutor | None = None) -> None:
         self.runner = runner
-        self._pool = pool or ThreadPoolExecutor(max_workers=1,
-                                                thread_name_prefix="lightspeed-model")
+        self._pool = pool or ThreadPoolExecutor(max_workers=1, thread_name_prefix="lightspeed-model")
 
     @classmethod
     def build(cls, make_runner: Callable[[], ModelRunner]) -> NativeExecutor:

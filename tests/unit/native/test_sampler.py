@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lightspeed.engine.sampler import Sampler, SamplingRow, greedy_ids
+from lightspeed.native.sampler import Sampler, SamplingRow, greedy_ids
 from lightspeed.protocol import SamplingOptions, TokenLogprob, TopLogprob
 
 CPU = torch.device("cpu")
@@ -47,10 +47,11 @@ def test_seeded_sampling_is_reproducible_and_batch_independent() -> None:
     assert len(set(first)) > 10  # actually random over a uniform distribution
     # The same request batched with unseeded and differently seeded rows draws the same stream.
     sampler = Sampler(1000, CPU)
-    others = [SamplingRow("b", SamplingOptions(temperature=1.0)),
-              SamplingRow("c", SamplingOptions(temperature=0.7, seed=7))]
-    batched = [sampler.sample(FLAT.repeat(3, 1), [others[0], row, others[1]])[1].token_id
-               for _ in range(20)]
+    others = [
+        SamplingRow("b", SamplingOptions(temperature=1.0)),
+        SamplingRow("c", SamplingOptions(temperature=0.7, seed=7)),
+    ]
+    batched = [sampler.sample(FLAT.repeat(3, 1), [others[0], row, others[1]])[1].token_id for _ in range(20)]
     assert batched == first
     other = SamplingRow("a", SamplingOptions(temperature=1.0, seed=43))
     other_seed = _draw(Sampler(1000, CPU), FLAT, other, 20)
@@ -80,6 +81,7 @@ def test_top_k_and_top_p_truncate() -> None:
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
     logits = probs.log()
     sampler = Sampler(4, CPU)
+
     def draw(**options: float) -> set[int]:
         row = SamplingRow("r", SamplingOptions(temperature=1.0, seed=0, **options))
         return set(_draw(sampler, logits, row, 300))
@@ -101,13 +103,14 @@ def test_frequency_penalty_alternates_greedy_choice() -> None:
 
 def test_logprobs_of_raw_distribution() -> None:
     logits = torch.tensor([[1.0, 3.0, 2.0, 0.0], [0.0, 0.0, 0.0, 0.0]])
-    rows = [SamplingRow("a", SamplingOptions(logprobs=2), banned_token_ids=(1,)),
-            SamplingRow("b", SamplingOptions(logprobs=0))]
+    rows = [
+        SamplingRow("a", SamplingOptions(logprobs=2), banned_token_ids=(1,)),
+        SamplingRow("b", SamplingOptions(logprobs=0)),
+    ]
     a, b = Sampler(4, CPU).sample(logits, rows)
     expected = logits[0].log_softmax(-1).tolist()
     assert a.token_id == 2  # 1 is banned for sampling, yet logprobs describe the raw model
-    assert a.logprob == TokenLogprob(2, expected[2], [TopLogprob(1, expected[1]),
-                                                      TopLogprob(2, expected[2])])
+    assert a.logprob == TokenLogprob(2, expected[2], [TopLogprob(1, expected[1]), TopLogprob(2, expected[2])])
     assert b.logprob == TokenLogprob(0, torch.tensor(0.25).log().item(), [])
 
 
@@ -145,9 +148,12 @@ def test_greedy_fast_path_matches_general_path() -> None:
     logits = _tied_logits()
     plain = [SamplingRow(f"r{i}", GREEDY) for i in range(33)]
     fast = Sampler(49152, CPU).sample(logits, plain)
-    general_rows = [SamplingRow(f"r{i}", SamplingOptions(logprobs=1) if i % 2 else GREEDY,
-                                banned_token_ids=() if i % 2 else (49151,))
-                    for i in range(33)]
+    general_rows = [
+        SamplingRow(
+            f"r{i}", SamplingOptions(logprobs=1) if i % 2 else GREEDY, banned_token_ids=() if i % 2 else (49151,)
+        )
+        for i in range(33)
+    ]
     general = Sampler(49152, CPU).sample(logits.clone(), general_rows)
     assert [r.token_id for r in fast] == [r.token_id for r in general]
     assert [r.token_id for r in fast] == logits.argmax(dim=-1).tolist()

@@ -14,14 +14,15 @@ from pathlib import Path
 
 import torch
 
-from lightspeed.engine.sampler import Sampler, SamplingRow
 from lightspeed.engine.types import ModelRunnerOutput, ScheduledSeq, SchedulerOutput
-from lightspeed.models.llama import (
+from lightspeed.models.attention_metadata import (
     AttentionMetadata,
-    PagedLlama,
+    batch_order_key,
     build_attention_metadata,
 )
+from lightspeed.models.llama import PagedLlama
 from lightspeed.models.weights import ModelConfig, load_weights
+from lightspeed.native.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,7 @@ def kv_block_bytes(config: ModelConfig, block_size: int, dtype: torch.dtype) -> 
     return 2 * config.num_layers * block_size * config.num_kv_heads * config.head_dim * element
 
 
-def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype,
-                      kv_cache_gb: float) -> int:
+def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, kv_cache_gb: float) -> int:
     num_blocks = int(kv_cache_gb * (1 << 30)) // kv_block_bytes(config, block_size, dtype)
     if num_blocks < 1:
         raise ValueError(f"kv_cache_gb={kv_cache_gb} holds no block of {block_size} tokens")
@@ -57,9 +57,16 @@ class StepBatch:
 
 
 class ModelRunner:
-    def __init__(self, model_path: str | Path, block_size: int = 16, num_blocks: int | None = None,
-                 kv_cache_gb: float | None = None, device: str | torch.device | None = None,
-                 dtype: torch.dtype | None = None, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        model_path: str | Path,
+        block_size: int = 16,
+        num_blocks: int | None = None,
+        kv_cache_gb: float | None = None,
+        device: str | torch.device | None = None,
+        dtype: torch.dtype | None = None,
+        num_threads: int | None = None,
+    ) -> None:
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if (num_blocks is None) == (kv_cache_gb is None):
@@ -75,13 +82,18 @@ class ModelRunner:
         self.model = PagedLlama(self.config, state, self.dtype, self.device)
         del state
         self.block_size = block_size
-        self.num_blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype,
-                                                          kv_cache_gb or 0.0)
+        self.num_blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype, kv_cache_gb or 0.0)
         self.kv_caches = self.model.allocate_kv_cache(self.num_blocks, block_size)
         self.layout = self.model.cache_layout(self.num_blocks, block_size)
         self.sampler = Sampler(self.config.vocab_size, self.device)
-        logger.info("model %s on %s/%s: %d KV blocks of %d tokens", model_path, self.device,
-                    self.dtype, self.num_blocks, block_size)
+        logger.info(
+            "model %s on %s/%s: %d KV blocks of %d tokens",
+            model_path,
+            self.device,
+            self.dtype,
+            self.num_blocks,
+            block_size,
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -116,18 +128,19 @@ class ModelRunner:
     def _prepare(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         # Single-token sequences first: they form the attention group that needs no padding;
         # fresh prompts (position 0) last: they attend over their own tokens, no cache gather.
-        seqs = sorted(scheduled, key=lambda s: (len(s.token_ids) != 1, s.start_pos == 0))
+        seqs = sorted(scheduled, key=lambda s: batch_order_key(len(s.token_ids), s.start_pos))
         self._validate(seqs)
         qlens = [len(s.token_ids) for s in seqs]
-        meta = build_attention_metadata(qlens, [s.start_pos for s in seqs],
-                                        [s.block_ids for s in seqs], self.layout, self.device)
+        meta = build_attention_metadata(
+            qlens, [s.start_pos for s in seqs], [s.block_ids for s in seqs], self.layout, self.device
+        )
         ends = list(itertools.accumulate(qlens))
         sampled = [s for s in seqs if s.sample]
         last = [end - 1 for end, s in zip(ends, seqs) if s.sample]
-        input_ids = torch.tensor(list(itertools.chain.from_iterable(s.token_ids for s in seqs)),
-                                 dtype=torch.int64, device=self.device)
-        return StepBatch(input_ids, meta,
-                         torch.tensor(last, dtype=torch.int64, device=self.device), sampled)
+        input_ids = torch.tensor(
+            list(itertools.chain.from_iterable(s.token_ids for s in seqs)), dtype=torch.int64, device=self.device
+        )
+        return StepBatch(input_ids, meta, torch.tensor(last, dtype=torch.int64, device=self.device), sampled)
 
     def _validate(self, seqs: list[ScheduledSeq]) -> None:
         max_end = 0
@@ -136,8 +149,7 @@ class ModelRunner:
                 raise ValueError(f"request {seq.request_id}: scheduled with no tokens")
             ids = seq.block_ids
             if ids and not 0 <= min(ids) <= max(ids) < self.num_blocks:
-                raise ValueError(f"request {seq.request_id}: block id out of "
-                                 f"[0, {self.num_blocks})")
+                raise ValueError(f"request {seq.request_id}: block id out of [0, {self.num_blocks})")
             max_end = max(max_end, seq.start_pos + len(seq.token_ids))
         # Positions past the configured context still get rotary values; the caller decides limits.
         self.model.rotary.ensure(max_end)

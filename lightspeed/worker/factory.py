@@ -49,9 +49,13 @@ class ExecutorBuild:
 def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> EngineConfig:
     max_len = cfg.max_model_len or model.context_length
     return EngineConfig(
-        block_size=cfg.block_size, num_gpu_blocks=num_blocks, max_num_seqs=cfg.max_num_seqs,
-        max_num_batched_tokens=cfg.max_num_batched_tokens, enable_prefix_caching=cfg.enable_prefix_caching,
-        max_model_len=max_len, seed=cfg.seed,
+        block_size=cfg.block_size,
+        num_gpu_blocks=num_blocks,
+        max_num_seqs=cfg.max_num_seqs,
+        max_num_batched_tokens=cfg.max_num_batched_tokens,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        max_model_len=max_len,
+        seed=cfg.seed,
     )
 
 
@@ -61,25 +65,31 @@ def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
 
     num_blocks = cfg.num_gpu_blocks or MOCKER_DEFAULT_BLOCKS
     ecfg = _engine_config(cfg, model, num_blocks)
-    executor = MockerExecutor(ecfg, speedup_ratio=cfg.speedup_ratio, vocab_size=model.vocab_size,
-                              seed=cfg.seed, avoid_token_ids=set(model.eos_token_ids))
+    executor = MockerExecutor(
+        ecfg,
+        speedup_ratio=cfg.speedup_ratio,
+        vocab_size=model.vocab_size,
+        seed=cfg.seed,
+        avoid_token_ids=set(model.eos_token_ids),
+    )
     return ExecutorBuild(executor, num_blocks, perf=perf_model(cfg.speedup_ratio))
 
 
 def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     import torch
 
-    from lightspeed.engine.model_runner import ModelRunner
-    from lightspeed.engine.native_executor import NativeExecutor
+    from lightspeed.native.executor import NativeExecutor
+    from lightspeed.native.runner import ModelRunner
 
     source = model.gguf_path if model.gguf_path is not None else model.folder
     dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+
     def make_runner() -> ModelRunner:
         if cfg.num_gpu_blocks:
-            return ModelRunner(source, block_size=cfg.block_size, num_blocks=cfg.num_gpu_blocks,
-                               dtype=dtype)
-        return ModelRunner(source, block_size=cfg.block_size, dtype=dtype,
-                           kv_cache_gb=cfg.kv_cache_gb or NATIVE_DEFAULT_KV_GB)
+            return ModelRunner(source, block_size=cfg.block_size, num_blocks=cfg.num_gpu_blocks, dtype=dtype)
+        return ModelRunner(
+            source, block_size=cfg.block_size, dtype=dtype, kv_cache_gb=cfg.kv_cache_gb or NATIVE_DEFAULT_KV_GB
+        )
 
     # Loaded on the thread that runs the steps: one OpenMP team (see native_executor).
     executor = NativeExecutor.build(make_runner)
@@ -98,7 +108,7 @@ def build_engine(cfg: WorkerConfig) -> BuiltEngine:
     core = EngineCore(_engine_config(cfg, model, built.num_blocks), built.executor)
     served = cfg.served_model_name or model.served_name
     closers = [built.close] if built.close is not None else []
-    log.info("built %s engine for %s: %d blocks of %d tokens", cfg.engine, served, built.num_blocks,
-             cfg.block_size)
-    return BuiltEngine(core, built.num_blocks, served, model.folder,
-                       cfg.max_model_len or model.context_length, closers, built.perf)
+    log.info("built %s engine for %s: %d blocks of %d tokens", cfg.engine, served, built.num_blocks, cfg.block_size)
+    return BuiltEngine(
+        core, built.num_blocks, served, model.folder, cfg.max_model_len or model.context_length, closers, built.perf
+    )
