@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from lightspeed.bench.config import MODES, TRACE_FORMATS, BenchConfig
-from lightspeed.bench.report import format_summary
+from lightspeed.bench.report import BenchReport, format_summary
 from lightspeed.bench.runner import run_bench
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     )
 
 
-def _run(cfg: BenchConfig):  # type: ignore[no-untyped-def]
+def _run(cfg: BenchConfig) -> BenchReport:
     try:
         import uvloop
     except ImportError:  # uvloop is a dependency; tolerate its absence on odd platforms

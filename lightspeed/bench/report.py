@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import msgspec
 
@@ -82,7 +83,7 @@ def write_report(
     return out / REPORT_FILE
 
 
-def _pyplot():  # type: ignore[no-untyped-def]
+def _pyplot() -> Any:  # matplotlib.pyplot is a module object; matplotlib ships no stubs
     try:
         import matplotlib
 
@@ -103,7 +104,7 @@ def write_plots(report: BenchReport, results: Sequence[RequestResult], out: Path
     _plot_timeseries(plt, report.timeseries, out / TIMESERIES_FILE, report.label)
 
 
-def _plot_cdfs(plt, results: Sequence[RequestResult], path: Path, title: str) -> None:  # type: ignore[no-untyped-def]
+def _plot_cdfs(plt: Any, results: Sequence[RequestResult], path: Path, title: str) -> None:
     ok = [r for r in results if r.ok]
     samples = {
         "TTFT": [r.ttft_s * 1e3 for r in ok if r.ttft_s is not None],
@@ -125,7 +126,7 @@ def _plot_cdfs(plt, results: Sequence[RequestResult], path: Path, title: str) ->
     plt.close(fig)
 
 
-def _plot_timeseries(plt, ts: TimeSeries, path: Path, title: str) -> None:  # type: ignore[no-untyped-def]
+def _plot_timeseries(plt: Any, ts: TimeSeries, path: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     ax.plot(ts.t_s, ts.output_tok_per_s, label="output tok/s")
     ax.plot(ts.t_s, ts.completed_per_s, label="completed req/s")

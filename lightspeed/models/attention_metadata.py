@@ -74,7 +74,7 @@ class AttentionMetadata:
 
 
 def _padded_tables(tables: Sequence[Sequence[int]], num_blocks: int, dtype: type = np.int64) -> np.ndarray:
-    out = np.zeros((len(tables), max(num_blocks, 1)), dtype=dtype)
+    out: np.ndarray = np.zeros((len(tables), max(num_blocks, 1)), dtype=dtype)
     for row, table in enumerate(tables):
         used = min(len(table), num_blocks)
         out[row, :used] = table[:used]

@@ -258,7 +258,8 @@ def is_complete(out_dir: Path, gguf_path: Path) -> bool:
     if not record.is_file() or not all((out_dir / name).is_file() for name in FOLDER_FILES):
         return False
     try:
-        return json.loads(record.read_text()) == _source_record(gguf_path.resolve())
+        recorded: object = json.loads(record.read_text())
+        return recorded == _source_record(gguf_path.resolve())
     except (OSError, ValueError):
         return False
 

@@ -48,24 +48,29 @@ class OneDnnOps(AtenOps):
     fused = True  # callers split gate/up (each gets its own epilogue) and fold norm weights
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        out: torch.Tensor = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None)
+        return out
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
+        return out
 
     def linear_add(self, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, w, None, "add")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, other, w, None, "add")
+        return out
 
     def linear_silu(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, w, None, "swish", [], "")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise(x, w, None, "swish", [], "")
+        return out
 
     def linear_mul(self, x: torch.Tensor, w: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise.binary(x, other, w, None, "mul")
+        out: torch.Tensor = torch.ops.mkldnn._linear_pointwise.binary(x, other, w, None, "mul")
+        return out
 
 
 def _onednn_works(dtype: torch.dtype) -> bool:
     """The ops exist in this torch build and agree with aten on a tiny product."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):  # type: ignore[no-untyped-call]  # torch leaves it unannotated
         return False
     ops, ref = OneDnnOps(), AtenOps()
     x = torch.arange(12, dtype=dtype).view(3, 4) / 8

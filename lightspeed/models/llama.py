@@ -322,8 +322,8 @@ class PagedLlama:
 
     def _causal_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, batch: int) -> torch.Tensor:
         """`batch` prompts of one length, tokens [T, heads, dim] -> [B, heads, T / B, dim]."""
-        heads = [x.view(batch, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v)]
-        out = F.scaled_dot_product_attention(*heads, is_causal=True, scale=self.scale, enable_gqa=True)
+        qb, kb, vb = (x.view(batch, -1, *x.shape[1:]).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=self.scale, enable_gqa=True)
         return out.transpose(1, 2).reshape(q.shape[0], self.config.q_size)
 
     def _group_attention(self, q: torch.Tensor, cache: torch.Tensor, group: AttentionGroup) -> torch.Tensor:

@@ -143,7 +143,7 @@ class Worker:
         event `event_id`; the subscriber resumes the live stream from event_id + 1. The leading
         Cleared makes the snapshot self-describing even when the cache is empty."""
         event_id = self._event_id
-        snapshot = [KvCleared(), *self.core.dump_kv_events()]
+        snapshot: list[KvEventData] = [KvCleared(), *self.core.dump_kv_events()]
         for data in snapshot:
             yield _encode(KvEvent(self.instance_id, event_id, data))
 

@@ -1,5 +1,6 @@
 import asyncio
 import random
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -39,16 +40,19 @@ class CountingExecutor:
         return ModelRunnerOutput(sampled={s.request_id: 1000 + s.num_output_tokens for s in output.seqs if s.sample})
 
 
+Engine = tuple[EngineCore, "CountingExecutor"]
+
+
 def req(rid: str, tokens: list[int], max_tokens: int = 3) -> PreprocessedRequest:
     return PreprocessedRequest(request_id=rid, model="m", token_ids=tokens, stop=StopConditions(max_tokens=max_tokens))
 
 
-async def collect(stream) -> list[EngineCoreOutput]:  # type: ignore[no-untyped-def]
+async def collect(stream: AsyncIterator[EngineCoreOutput]) -> list[EngineCoreOutput]:
     return [out async for out in stream]
 
 
 @pytest.fixture
-async def engine():  # type: ignore[no-untyped-def]
+async def engine() -> AsyncIterator[tuple[EngineCore, CountingExecutor]]:
     executor = CountingExecutor()
     core = EngineCore(SMALL, executor)
     task = asyncio.create_task(core.run())
@@ -57,7 +61,7 @@ async def engine():  # type: ignore[no-untyped-def]
     await task
 
 
-async def test_stream_yields_tokens_then_finish(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_stream_yields_tokens_then_finish(engine: Engine) -> None:
     core, _ = engine
     outs = await collect(core.add_request(req("a", [5, 6, 7, 8, 9], max_tokens=3)))
     assert outs == [
@@ -69,7 +73,7 @@ async def test_stream_yields_tokens_then_finish(engine) -> None:  # type: ignore
     core.kv.check_integrity()
 
 
-async def test_idle_loop_does_not_step(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_idle_loop_does_not_step(engine: Engine) -> None:
     core, executor = engine
     await asyncio.sleep(0.02)
     assert executor.steps == 0
@@ -79,14 +83,14 @@ async def test_idle_loop_does_not_step(engine) -> None:  # type: ignore[no-untyp
     assert executor.steps == steps == 2
 
 
-async def test_prompt_longer_than_max_model_len_rejected_at_add(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_prompt_longer_than_max_model_len_rejected_at_add(engine: Engine) -> None:
     core, _ = engine
     with pytest.raises(ValueError):
         core.add_request(req("a", list(range(129))))
     assert core.num_unfinished == 0
 
 
-async def test_consumer_close_aborts_and_frees_blocks(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_consumer_close_aborts_and_frees_blocks(engine: Engine) -> None:
     core, _ = engine
     stream = core.add_request(req("a", list(range(5, 25)), max_tokens=100))
     first = await stream.__anext__()
@@ -99,7 +103,7 @@ async def test_consumer_close_aborts_and_frees_blocks(engine) -> None:  # type: 
         await stream.__anext__()
 
 
-async def test_cancelled_consumer_aborts(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_cancelled_consumer_aborts(engine: Engine) -> None:
     core, executor = engine
     executor.gate = asyncio.Event()  # hold the first step so the consumer is parked waiting
     stream = core.add_request(req("a", [5, 6, 7], max_tokens=100))
@@ -115,7 +119,7 @@ async def test_cancelled_consumer_aborts(engine) -> None:  # type: ignore[no-unt
     core.kv.check_integrity()
 
 
-async def test_abort_ends_stream_with_cancelled(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_abort_ends_stream_with_cancelled(engine: Engine) -> None:
     core, _ = engine
     stream = core.add_request(req("a", [5, 6, 7], max_tokens=100))
     await stream.__anext__()
@@ -126,7 +130,7 @@ async def test_abort_ends_stream_with_cancelled(engine) -> None:  # type: ignore
     assert core.kv.pool.num_active_blocks == 0
 
 
-async def test_executor_failure_fails_batch_and_engine_recovers(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_executor_failure_fails_batch_and_engine_recovers(engine: Engine) -> None:
     core, executor = engine
     executor.fail_next = True
     outs = await collect(core.add_request(req("a", [5, 6, 7])))
@@ -262,10 +266,10 @@ def test_engine_config_validation() -> None:
     assert EngineConfig(num_gpu_blocks=1000, watermark=0.01).watermark_blocks == 10
 
 
-async def test_dropped_stream_aborts_request(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_dropped_stream_aborts_request(engine: Engine) -> None:
     core, _ = engine
 
-    async def relay():  # type: ignore[no-untyped-def]
+    async def relay() -> AsyncIterator[EngineCoreOutput]:
         # Like a request-plane handler: `async for` does not close the stream when the
         # handler itself is closed at its `yield`.
         async for out in core.add_request(req("a", [5, 6, 7], max_tokens=1000)):
@@ -283,7 +287,7 @@ async def test_dropped_stream_aborts_request(engine) -> None:  # type: ignore[no
     assert outs[-1].finish_reason == FinishReason.LENGTH
 
 
-async def test_unconsumed_dropped_stream_aborts_request(engine) -> None:  # type: ignore[no-untyped-def]
+async def test_unconsumed_dropped_stream_aborts_request(engine: Engine) -> None:
     core, _ = engine
     core.add_request(req("a", [5, 6, 7], max_tokens=1000))
     await asyncio.sleep(0.01)
