@@ -5,7 +5,7 @@ STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
 SERVE_ARGS  ?=
 
-.PHONY: install serve test test-all bench-frontend clean
+.PHONY: install serve test test-all lint typecheck format bench-frontend clean
 
 install: $(STAMP)
 
@@ -19,11 +19,23 @@ $(STAMP): pyproject.toml
 serve: install
 	$(VENV)/bin/lightspeed serve $(SERVE_ARGS)
 
-test: install
+# What CI runs: lint, format check, strict typing of the package, then the fast test tier.
+test: install lint typecheck
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-all: install
+test-all: install lint typecheck
 	$(PY) -m pytest -q -m "" $(PYTEST_ARGS)
 
+lint: install
+	$(VENV)/bin/ruff check lightspeed tests bench
+	$(VENV)/bin/ruff format --check lightspeed tests bench
+
+typecheck: install
+	$(VENV)/bin/mypy
+
+format: install
+	$(VENV)/bin/ruff format lightspeed tests bench
+	$(VENV)/bin/ruff check --fix lightspeed tests bench
+
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
