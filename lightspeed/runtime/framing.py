@@ -12,9 +12,12 @@ from __future__ import annotations
 import msgspec
 
 HEADER_BYTES = 4
-# A guard against a corrupt or hostile length prefix, not a payload policy: KV-transfer frames
-# may be large, but never this large.
-MAX_FRAME_BYTES = 256 * 1024 * 1024
+# The largest frame a request-plane peer may send. Sized to real frames, not to a guess: the
+# largest is a Request carrying a prompt, ~5 msgpack bytes per token id, so 16 MiB holds a
+# 3M-token prompt with room for sampling options. KV block contents never travel here (they
+# have their own data channel), so nothing legitimate comes near it, and a hostile length
+# prefix is refused before a byte of its body is buffered.
+MAX_FRAME_BYTES = 16 * 1024 * 1024
 
 
 class Request(msgspec.Struct, frozen=True, tag_field="t", tag="request"):

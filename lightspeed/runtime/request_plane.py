@@ -18,10 +18,12 @@ import asyncio
 import collections
 import logging
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import cast
 
 from lightspeed.errors import WorkerError, WorkerLost
 from lightspeed.runtime.framing import (
+    MAX_FRAME_BYTES,
     Cancel,
     Data,
     End,
@@ -46,12 +48,32 @@ CODE_PROTOCOL = "ProtocolError"
 _FLUSH_BYTES = 256 * 1024
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What one peer may make a server hold. A peer past a limit loses its connection (its
+    streams are cancelled like any other disconnect); other peers are untouched."""
+
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    # A frame must arrive whole within this many seconds of its first byte, so a peer cannot
+    # pin a buffer (and a connection) by trickling a frame or by announcing more than it sends.
+    partial_frame_timeout: float = 10.0
+    # Bytes of incomplete frames buffered across all connections of the server.
+    max_buffered_bytes: int = 64 * 1024 * 1024
+    max_connections: int = 4096
+
+    def __post_init__(self) -> None:
+        if self.max_frame_bytes < 64 or self.max_buffered_bytes < self.max_frame_bytes:
+            raise ValueError("max_frame_bytes must be >= 64 and <= max_buffered_bytes")
+        if self.partial_frame_timeout <= 0 or self.max_connections < 1:
+            raise ValueError("partial_frame_timeout must be > 0 and max_connections >= 1")
+
+
 class _FrameProtocol(asyncio.Protocol):
     """Shared connection plumbing: frame decoding, write coalescing, write flow control."""
 
-    def __init__(self) -> None:
+    def __init__(self, max_frame_bytes: int = MAX_FRAME_BYTES) -> None:
         self._loop = asyncio.get_running_loop()
-        self._decoder = FrameDecoder()
+        self._decoder = FrameDecoder(max_frame_bytes)
         self._transport: asyncio.Transport | None = None
         self._out: list[bytes | bytearray] = []
         self._out_bytes = 0
@@ -76,6 +98,10 @@ class _FrameProtocol(asyncio.Protocol):
             return
         for frame in frames:
             self._on_frame(frame)
+        self._on_buffered(self._decoder.pending_bytes)
+
+    def _on_buffered(self, pending: int) -> None:
+        """Hook: `pending` bytes of an incomplete frame are held after this read."""
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -183,13 +209,38 @@ Handler = Callable[[bytes, RequestContext], AsyncIterator[bytes]]
 
 class _ServerConnection(_FrameProtocol):
     def __init__(self, server: RequestPlaneServer) -> None:
-        super().__init__()
+        super().__init__(server.limits.max_frame_bytes)
         self._server = server
         self._streams: dict[int, tuple[asyncio.Task[None], RequestContext]] = {}
+        self._pending = 0  # bytes of an incomplete frame, counted in the server's total
+        self._partial_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
+        if len(self._server._conns) >= self._server.limits.max_connections:
+            log.warning("refusing request-plane connection: %d open", len(self._server._conns))
+            self.abort()
+            return
         self._server._conns.add(self)
+
+    def _on_buffered(self, pending: int) -> None:
+        self._server._buffered += pending - self._pending
+        self._pending = pending
+        if self._server._buffered > self._server.limits.max_buffered_bytes:
+            log.warning("dropping connection: request plane holds %d partial-frame bytes", self._server._buffered)
+            self.abort()
+        elif pending and self._partial_timer is None:
+            timeout = self._server.limits.partial_frame_timeout
+            self._partial_timer = self._loop.call_later(timeout, self._partial_expired)
+        elif not pending and self._partial_timer is not None:
+            self._partial_timer.cancel()
+            self._partial_timer = None
+
+    def _partial_expired(self) -> None:
+        log.warning(
+            "dropping connection: a frame stayed incomplete for %.0fs", self._server.limits.partial_frame_timeout
+        )
+        self.abort()
 
     def _on_frame(self, frame: Frame) -> None:
         if type(frame) is Request:
@@ -201,6 +252,10 @@ class _ServerConnection(_FrameProtocol):
 
     def _on_lost(self, exc: Exception | None) -> None:
         self._server._conns.discard(self)
+        self._server._buffered -= self._pending
+        self._pending = 0
+        if self._partial_timer is not None:
+            self._partial_timer.cancel()
         self.cancel_all()
 
     def cancel_all(self) -> None:
@@ -262,11 +317,13 @@ async def _close_generator(gen: AsyncIterator[bytes] | None) -> None:
 class RequestPlaneServer:
     """Serves named endpoints; each request is streamed back by its handler."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535; got {port}")
         self._host = host
         self._port = port
+        self.limits = limits if limits is not None else ServerLimits()
+        self._buffered = 0  # partial-frame bytes held across connections
         self._handlers: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
         self._conns: set[_ServerConnection] = set()
@@ -303,6 +360,10 @@ class RequestPlaneServer:
     @property
     def num_connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._buffered
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)

@@ -24,7 +24,9 @@ from lightspeed.runtime.request_plane import (
     RequestContext,
     RequestPlaneClient,
     RequestPlaneServer,
+    ServerLimits,
 )
+from tests.polling import until
 
 # ---------------------------------------------------------------- framing
 
@@ -385,3 +387,114 @@ def test_register_validation() -> None:
         srv.register("", count)
     with pytest.raises(ValueError):
         RequestPlaneServer(port=70000)
+
+
+# ---------------------------------------------------------------- hostile peers
+
+
+async def _limited_server(**limits: float) -> RequestPlaneServer:
+    srv = RequestPlaneServer(limits=ServerLimits(**limits))  # type: ignore[arg-type]
+    srv.register("count", count)
+    await srv.start()
+    return srv
+
+
+async def _raw(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = address.split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+async def _closed_by_peer(reader: asyncio.StreamReader) -> bool:
+    return await asyncio.wait_for(reader.read(), timeout=5.0) == b""
+
+
+async def test_huge_length_prefix_is_refused_before_buffering(client: RequestPlaneClient) -> None:
+    srv = await _limited_server()
+    try:
+        reader, writer = await _raw(srv.address)
+        writer.write((200 * 1024 * 1024).to_bytes(4, "big") + b"\x00" * 65536)
+        assert await _closed_by_peer(reader)
+        assert srv.buffered_bytes == 0
+        # Everyone else is still served.
+        assert await collect(await client.stream(srv.address, "count", b"3")) == [b"0", b"1", b"2"]
+        writer.close()
+    finally:
+        await srv.stop(drain_timeout=0)
+
+
+async def test_incomplete_frame_times_out(client: RequestPlaneClient) -> None:
+    srv = await _limited_server(partial_frame_timeout=0.3)
+    try:
+        reader, writer = await _raw(srv.address)
+        writer.write((1000).to_bytes(4, "big") + b"\x00" * 10)  # announces 1000, sends 10
+        await until(lambda: srv.buffered_bytes == 14, timeout=5, what="partial frame buffered")
+        started = asyncio.get_running_loop().time()
+        assert await _closed_by_peer(reader)
+        assert asyncio.get_running_loop().time() - started < 5.0
+        await until(lambda: srv.buffered_bytes == 0 and srv.num_connections == 0, timeout=5, what="release")
+        assert await collect(await client.stream(srv.address, "count", b"1")) == [b"0"]
+        writer.close()
+    finally:
+        await srv.stop(drain_timeout=0)
+
+
+async def test_complete_frames_cancel_the_partial_timer() -> None:
+    srv = await _limited_server(partial_frame_timeout=0.3)
+    try:
+        reader, writer = await _raw(srv.address)
+        frame = bytes(encode_frame(Request(1, "count", b"2")))
+        writer.write(frame[:3])  # a partial frame, completed well within the timeout
+        await until(lambda: srv.buffered_bytes == 3, timeout=5, what="partial frame buffered")
+        writer.write(frame[3:])
+        body = b""
+        while End(1) not in FrameDecoder().feed(body):
+            body += await asyncio.wait_for(reader.read(4096), timeout=5)
+        assert srv.buffered_bytes == 0
+        await asyncio.sleep(0.5)  # past the timeout: the connection must still be open
+        assert srv.num_connections == 1
+        writer.close()
+    finally:
+        await srv.stop(drain_timeout=0)
+
+
+async def test_total_buffered_bytes_are_capped() -> None:
+    srv = await _limited_server(max_frame_bytes=4096, max_buffered_bytes=6000)
+    try:
+        _, first_w = await _raw(srv.address)
+        first_w.write((4000).to_bytes(4, "big") + b"\x00" * 3900)
+        await until(lambda: srv.buffered_bytes == 3904, timeout=5, what="first partial frame")
+        second_r, second_w = await _raw(srv.address)
+        second_w.write((4000).to_bytes(4, "big") + b"\x00" * 3900)  # 7808 > 6000: dropped
+        assert await _closed_by_peer(second_r)
+        await until(lambda: srv.buffered_bytes == 3904, timeout=5, what="second released")
+        assert srv.num_connections == 1  # the first peer is untouched
+        first_w.close()
+        second_w.close()
+    finally:
+        await srv.stop(drain_timeout=0)
+
+
+async def test_connection_cap_refuses_extra_peers(client: RequestPlaneClient) -> None:
+    srv = await _limited_server(max_connections=2)
+    try:
+        peers = [await _raw(srv.address) for _ in range(2)]
+        await until(lambda: srv.num_connections == 2, timeout=5, what="two peers")
+        extra_r, extra_w = await _raw(srv.address)
+        assert await _closed_by_peer(extra_r)
+        assert srv.num_connections == 2
+        for _, w in peers:
+            w.close()
+        await until(lambda: srv.num_connections == 0, timeout=5, what="peers gone")
+        assert await collect(await client.stream(srv.address, "count", b"1")) == [b"0"]
+        extra_w.close()
+    finally:
+        await srv.stop(drain_timeout=0)
+
+
+def test_server_limits_validation() -> None:
+    with pytest.raises(ValueError):
+        ServerLimits(max_frame_bytes=10)
+    with pytest.raises(ValueError):
+        ServerLimits(max_frame_bytes=1 << 20, max_buffered_bytes=1 << 10)
+    with pytest.raises(ValueError):
+        ServerLimits(partial_frame_timeout=0)
