@@ -25,6 +25,8 @@ MIN_SLEEP_S = 50e-6
 # zero-time steps, which would distort the modelled latency for everyone after it.
 MAX_CARRY_S = 0.05
 _SEED_KEY = struct.Struct("<QQI")
+# Rejection-sampling attempts before the bounded scan of `_first_allowed`.
+MAX_DRAWS = 64
 _MASK64 = (1 << 64) - 1
 
 
@@ -123,19 +125,33 @@ class MockerExecutor:
     def _sample_seeded(self, seed: int, position: int, banned: tuple[int, ...]) -> int:
         """A token fixed by (seed, position): a seeded request gives the same stream on any
         worker, alone or batched, and after preemption or migration."""
-        salt = 0
-        while True:
+        token = 0
+        for salt in range(MAX_DRAWS):
             digest = xxhash.xxh3_64_intdigest(_SEED_KEY.pack(seed & _MASK64, position, salt))
             token = digest % self.vocab_size
             if token not in self.avoid_token_ids and token not in banned:
                 return token
-            salt += 1
+        return self._first_allowed(token, banned)
 
     def _sample(self, banned: tuple[int, ...]) -> int:
         avoid = self.avoid_token_ids
         draw = self._rng.random  # int(random() * n) is ~4x cheaper than randrange(n)
         vocab = self.vocab_size
-        while True:
+        token = 0
+        for _ in range(MAX_DRAWS):
             token = int(draw() * vocab)
             if token not in avoid and token not in banned:
                 return token
+        return self._first_allowed(token, banned)
+
+    def _first_allowed(self, start: int, banned: tuple[int, ...]) -> int:
+        """After MAX_DRAWS rejections (a ban list covering most of the vocabulary), scan once
+        from `start`: bounded by the vocabulary, never a loop that a request can make endless.
+        Avoided ids are a preference (Dynamo-like run lengths), bans are the request's rule, so
+        an avoided id is taken before a banned one; if everything is banned, the ban yields."""
+        ban = frozenset(banned)
+        order = [(start + i) % self.vocab_size for i in range(self.vocab_size)]
+        for token in order:
+            if token not in ban and token not in self.avoid_token_ids:
+                return token
+        return next((t for t in order if t not in ban), start)

@@ -148,3 +148,27 @@ async def test_bookkeeping_beyond_the_model_is_not_repaid() -> None:
     started = time.perf_counter()
     await ex.execute(SchedulerOutput(seqs=[seq("a", 1000, False)], num_prefill_tokens=1000))
     assert time.perf_counter() - started >= PREFILL_1000_S * 0.9
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+async def test_ban_covering_almost_the_vocabulary_ends(seeded: bool) -> None:
+    # min_tokens with stop ids covering all but one id: rejection sampling alone would need
+    # ~vocab draws per token; the bounded scan finds the one allowed id.
+    ex = MockerExecutor(CONFIG, speedup_ratio=1e6, vocab_size=1000, seed=3, avoid_token_ids={0})
+    banned = tuple(i for i in range(1000) if i != 777)
+    opts = SamplingOptions(seed=11) if seeded else SamplingOptions()
+    s = ScheduledSeq("a", [5], 0, [0], True, opts, banned_token_ids=banned)
+    out = await ex.execute(SchedulerOutput(seqs=[s]))
+    assert out.sampled["a"] == 777
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+async def test_ban_covering_the_whole_vocabulary_does_not_hang(seeded: bool) -> None:
+    ex = MockerExecutor(CONFIG, speedup_ratio=1e6, vocab_size=50, seed=3, avoid_token_ids={0, 1})
+    opts = SamplingOptions(seed=11) if seeded else SamplingOptions()
+    # Everything but the avoided ids banned: an avoided id is the answer, not an endless loop.
+    s = ScheduledSeq("a", [5], 0, [0], True, opts, banned_token_ids=tuple(range(2, 50)))
+    assert (await ex.execute(SchedulerOutput(seqs=[s]))).sampled["a"] in (0, 1)
+    # Everything banned: the ban yields (the request then stops) rather than the worker hanging.
+    s = ScheduledSeq("a", [5], 0, [0], True, opts, banned_token_ids=tuple(range(50)))
+    assert 0 <= (await ex.execute(SchedulerOutput(seqs=[s]))).sampled["a"] < 50
