@@ -34,6 +34,12 @@ class SamplingOptions(msgspec.Struct, frozen=True, omit_defaults=True):
     frequency_penalty: float | None = None
 
 
+# The most stop token ids one request may carry. Real lists name a handful of end-of-turn ids;
+# a list covering much of the vocabulary only serves to make min_tokens sampling search for the
+# few ids left, so the frontend and the engine both refuse longer lists.
+MAX_STOP_TOKEN_IDS = 256
+
+
 class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):
     """When the engine must stop generating. Stop *strings* are applied by the frontend."""
 

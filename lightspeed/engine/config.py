@@ -20,6 +20,8 @@ class EngineConfig:
     # requests can grow a few steps before preemption kicks in (Dynamo's mocker uses 0.01).
     watermark: float = 0.01
     seed: int | None = None
+    # The model's vocabulary: token ids of a request are checked against it (None = unchecked).
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("block_size", "num_gpu_blocks", "max_num_seqs", "max_num_batched_tokens"):

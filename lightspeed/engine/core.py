@@ -143,6 +143,7 @@ class EngineCore:
             self.config.block_size,
             self.config.max_model_len,
             hash_blocks=self.config.enable_prefix_caching,
+            vocab_size=self.config.vocab_size,
         )
         self.scheduler.add_request(engine_request)
         stream = RequestStream(request.request_id, self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import enum
 
 from lightspeed.kv_hashing import extend_seq_hashes
-from lightspeed.protocol import FinishReason, PreprocessedRequest, SamplingOptions
+from lightspeed.protocol import MAX_STOP_TOKEN_IDS, FinishReason, PreprocessedRequest, SamplingOptions
 
 
 class RequestStatus(enum.IntEnum):
@@ -72,9 +72,12 @@ class Request:
         block_size: int,
         max_model_len: int,
         hash_blocks: bool = True,
+        vocab_size: int | None = None,
     ) -> None:
         prompt = list(request.token_ids)
         _validate(request, prompt, max_model_len)
+        if vocab_size is not None:
+            _validate_ids(request, prompt, vocab_size)
         self.request_id = request.request_id
         self.token_ids: list[int] = prompt
         self.output_token_ids: list[int] = []
@@ -171,3 +174,14 @@ def _validate(request: PreprocessedRequest, prompt: list[int], max_model_len: in
         raise ValueError(f"request {request.request_id}: max_tokens must be >= 1, got {max_tokens}")
     if request.stop.min_tokens < 0:
         raise ValueError(f"request {request.request_id}: min_tokens must be >= 0")
+    if len(request.stop.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ValueError(f"request {request.request_id}: more than {MAX_STOP_TOKEN_IDS} stop_token_ids")
+
+
+def _validate_ids(request: PreprocessedRequest, prompt: list[int], vocab_size: int) -> None:
+    """Token ids index the embedding table: the engine checks them itself rather than trust
+    every caller of the request plane to have done so (an id past the table is a crash or, on
+    a GPU, a device assert that takes every request in the batch down)."""
+    for what, ids in (("prompt", prompt), ("stop_token_ids", request.stop.stop_token_ids)):
+        if ids and not 0 <= min(ids) <= max(ids) < vocab_size:
+            raise ValueError(f"request {request.request_id}: {what} holds a token id outside [0, {vocab_size})")

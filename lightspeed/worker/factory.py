@@ -56,6 +56,7 @@ def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> 
         enable_prefix_caching=cfg.enable_prefix_caching,
         max_model_len=max_len,
         seed=cfg.seed,
+        vocab_size=model.vocab_size,
     )
 
 
