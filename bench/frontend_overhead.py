@@ -15,29 +15,23 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shlex
-import sys
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 from harness import (
-    DYNAMO_ENV,
-    DYNAMO_PLANES,
-    ROOT,
+    RESULTS,
+    WORK,
+    Script,
     Service,
-    add_param_flags,
-    command_line,
-    configure_logging,
-    flags,
+    dynamo_service,
     free_port,
-    params_from,
+    lightspeed_serve,
+    main,
     pyplot,
     wait_for_model,
-    write_json,
 )
 
 from lightspeed.bench import BenchConfig, run_bench
@@ -83,46 +77,29 @@ def _engine_flags(p: Params) -> dict[str, object]:
 
 def lightspeed_service(p: Params, log_dir: Path, discovery_dir: Path) -> Service:
     port = free_port()
-    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker"]
-    cmd += flags(
-        {
-            "--workers": p.workers,
-            **_engine_flags(p),
-            "--port": port,
-            "--host": "127.0.0.1",
-            "--num-gpu-blocks": p.num_gpu_blocks,
-            "--router-mode": p.router_mode,
-            "--discovery-path": discovery_dir,
-        }
-    )
-    return Service("lightspeed", f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
+    serve_flags: dict[str, object] = {
+        "--workers": p.workers,
+        **_engine_flags(p),
+        "--port": port,
+        "--host": "127.0.0.1",
+        "--num-gpu-blocks": p.num_gpu_blocks,
+        "--router-mode": p.router_mode,
+        "--discovery-path": discovery_dir,
+    }
+    return lightspeed_serve("lightspeed", "mocker", port, serve_flags, log_dir)
 
 
-def dynamo_service(p: Params, log_dir: Path, kv_dir: Path, venv: Path, model_dir: Path, model_name: str) -> Service:
-    port = free_port()
-    py = str(venv / "bin" / "python")
-    frontend = [py, "-m", "dynamo.frontend"]
-    frontend += flags(
-        {
-            "--http-host": "127.0.0.1",
-            "--http-port": port,
-            "--router-mode": p.router_mode,
-            **DYNAMO_PLANES,
-        }
-    )
-    mocker = [py, "-m", "dynamo.mocker"]
-    mocker += flags(
-        {
-            "--model-path": model_dir,
-            "--model-name": model_name,
-            "--num-workers": p.workers,
-            **_engine_flags(p),
-            "--num-gpu-blocks-override": p.num_gpu_blocks,
-            **DYNAMO_PLANES,
-        }
-    )
-    env = {**os.environ, **DYNAMO_ENV, "DYN_FILE_KV": str(kv_dir)}
-    return Service("dynamo", f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
+def dynamo_mocker_service(
+    p: Params, log_dir: Path, kv_dir: Path, venv: Path, model_dir: Path, model_name: str
+) -> Service:
+    mocker_flags: dict[str, object] = {
+        "--model-path": model_dir,
+        "--model-name": model_name,
+        "--num-workers": p.workers,
+        **_engine_flags(p),
+        "--num-gpu-blocks-override": p.num_gpu_blocks,
+    }
+    return dynamo_service("dynamo", log_dir, kv_dir, venv, p.router_mode, mocker_flags)
 
 
 async def wait_ready(service: Service) -> str:
@@ -220,9 +197,6 @@ class Ratio(msgspec.Struct):
 
 
 class OverheadReport(msgspec.Struct):
-    command: str
-    started_at: str
-    machine: str
     params: Params
     server_commands: dict[str, list[str]]
     runs: list[RunResult]
@@ -302,7 +276,7 @@ def build_services(args: argparse.Namespace, p: Params, tmp: Path) -> list[Servi
         venv, model_dir = Path(args.dynamo_venv), Path(args.dynamo_model_dir)
         if not (venv / "bin" / "python").exists() or not (model_dir / "config.json").exists():
             raise RuntimeError("Dynamo venv/model folder missing: run bash bench/setup_dynamo.sh")
-        services.append(dynamo_service(p, tmp, tmp / "dyn-kv", venv, model_dir, args.model_name))
+        services.append(dynamo_mocker_service(p, tmp, tmp / "dyn-kv", venv, model_dir, args.model_name))
     return services
 
 
@@ -319,7 +293,6 @@ async def run_rounds(services: list[Service], p: Params, connections: list[str])
 
 
 async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
-    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-overhead-") as tmp_name:
         tmp = Path(tmp_name)
         services = build_services(args, p, tmp)
@@ -332,13 +305,10 @@ async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
         finally:
             for service in services:
                 service.stop()
-            _keep_logs(tmp, Path(args.out))
+            _keep_logs(tmp)
         commands = {s.name: [shlex.join(c) for c in s.commands] for s in services}
     aggs = [a for t in TARGETS for c in CONNECTIONS if (a := aggregate(runs, t, c))]
     return OverheadReport(
-        command_line(),
-        started,
-        f"{os.cpu_count()} CPUs",
         p,
         commands,
         runs,
@@ -348,51 +318,42 @@ async def run(args: argparse.Namespace, p: Params) -> OverheadReport:
     )
 
 
-def _keep_logs(tmp: Path, out: Path) -> None:
+def _keep_logs(tmp: Path) -> None:
     """Server logs go next to the work folder (gitignored), for post-mortems."""
-    logs = ROOT / "bench" / ".work" / "overhead-logs"
+    logs = WORK / "overhead-logs"
     logs.mkdir(parents=True, exist_ok=True)
     for log in tmp.glob("*.log"):
         (logs / log.name).write_bytes(log.read_bytes())
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_param_flags(ap, Params)
-    work = ROOT / "bench" / ".work"
+def add_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--only", choices=("both", "lightspeed", "dynamo"), default="both")
     ap.add_argument(
         "--connections",
         default="keepalive,fresh",
         help="comma list of client connection modes: keepalive, fresh",
     )
-    ap.add_argument("--dynamo-venv", default=str(work / "dynamo-venv"))
-    ap.add_argument("--dynamo-model-dir", default=str(work / "dynamo-model"))
+    ap.add_argument("--dynamo-venv", default=str(WORK / "dynamo-venv"))
+    ap.add_argument("--dynamo-model-dir", default=str(WORK / "dynamo-model"))
     ap.add_argument(
         "--model-name",
         default="HuggingFaceTB/SmolLM2-135M-Instruct",
         help="name Dynamo's mocker serves (match lightspeed's)",
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-    args = ap.parse_args(argv)
+
+
+def check(args: argparse.Namespace, p: Params) -> Params:
     if any(c not in CONNECTIONS for c in args.connections.split(",")):
-        ap.error(f"--connections takes {', '.join(CONNECTIONS)}")
-    params = params_from(args, Params)
-    return args, params
+        raise ValueError(f"--connections takes {', '.join(CONNECTIONS)}")
+    return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args, params = parse_args(argv)
-    import uvloop
-
-    report = uvloop.run(run(args, params))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+def result_path(args: argparse.Namespace) -> Path:
     suffix = "" if args.only == "both" else f"_{args.only}"
-    path = out / f"frontend_overhead{suffix}.json"
-    write_json(report, path)
-    plot(report, path.with_suffix(".png"))
+    return RESULTS / f"frontend_overhead{suffix}.json"
+
+
+def summarize(report: OverheadReport) -> None:
     for agg in report.aggregates:
         logger.info(
             "%-10s %-9s %8.1f req/s  %9.1f out tok/s  TTFT p50 %.2f ms p90 %.2f ms  failed %d",
@@ -412,9 +373,20 @@ def main(argv: list[str] | None = None) -> int:
             r.output_tok_per_s,
             r.ttft_p50,
         )
-    logger.info("wrote %s", path)
-    return 0
+
+
+SCRIPT = Script(
+    name="frontend_overhead",
+    doc=__doc__,
+    params=Params,
+    run=run,
+    result_path=result_path,
+    add_flags=add_flags,
+    check=check,
+    plot=plot,
+    summarize=summarize,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(SCRIPT))

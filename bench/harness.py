@@ -1,6 +1,9 @@
-"""What every side-by-side benchmark script in bench/ needs: servers as process groups, readiness
-polling, Dynamo's loopback settings, Params dataclasses as CLI flags, and result files that record
-the exact command and machine.
+"""What every side-by-side benchmark script in bench/ shares: one `main()` (logging, flags, run,
+result JSON, plot), servers as process groups, readiness polling, Dynamo's loopback settings,
+Params dataclasses as CLI flags, and result files that record the exact command and the hardware.
+
+A script declares a `Script` (its Params dataclass, its own flags, its `run`, its default result
+path, its plot and its log summary) and ends with `raise SystemExit(main(SCRIPT))`.
 
 The scripts run from a checkout (`.venv/bin/python bench/NAME.py`), so Python puts bench/ on the
 path and `import harness` works without installing anything.
@@ -12,18 +15,22 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import inspect
 import logging
 import os
+import platform
 import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import aiohttp
 import msgspec
@@ -38,8 +45,12 @@ logger = logging.getLogger("bench.harness")
 
 T = TypeVar("T")
 P = TypeVar("P")
+R = TypeVar("R")
 
 STOP_TIMEOUT_S = 30.0
+# Servers that load real weights: vLLM compiles its model at start (~100 s here, more under load).
+MODEL_READY_TIMEOUT_S = 400.0
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Loopback for every internal plane: by default Dynamo advertises the host's public address
 # for its TCP request plane and ZMQ event plane. DYN_SELF_HOST_METADATA=0 silences a warning.
@@ -50,6 +61,25 @@ DYNAMO_ENV = {
     "DYN_SELF_HOST_METADATA": "0",
 }
 DYNAMO_PLANES = {"--discovery-backend": "file", "--request-plane": "tcp", "--event-plane": "zmq"}
+
+# Environment that changes which kernels torch / oneDNN / OpenMP / our C kernels pick: numbers
+# from runs with different settings are not comparable, so every result records the ones set.
+ISA_ENV = (
+    "ATEN_CPU_CAPABILITY",
+    "ONEDNN_MAX_CPU_ISA",
+    "DNNL_MAX_CPU_ISA",
+    "ONEDNN_DEFAULT_FPMATH_MODE",
+    "MKL_ENABLE_INSTRUCTIONS",
+    "OMP_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "GOMP_CPU_AFFINITY",
+    "KMP_AFFINITY",
+    "LIGHTSPEED_PAGED_ATTENTION",
+)
+LIBRARIES = ("msgspec", "xxhash", "aiohttp", "uvloop", "numpy", "torch")
+
+
+# ---------------------------------------------------------------------------- services
 
 
 @dataclass
@@ -109,6 +139,44 @@ def flags(values: dict[str, object]) -> list[str]:
     return [part for flag, value in values.items() for part in (flag, str(value))]
 
 
+def lightspeed_serve(
+    name: str, engine: str, port: int, serve_flags: dict[str, object], log_dir: Path, extra: Sequence[str] = ()
+) -> Service:
+    """`lightspeed serve --engine ENGINE` with `serve_flags` (which carry `--port port`), in order."""
+    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", engine, *flags(serve_flags), *extra]
+    return Service(name, f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
+
+
+def native_service(
+    name: str, dtype: str, log_dir: Path, discovery_dir: Path, extra: list[str] | None = None, max_batched: int = 2048
+) -> Service:
+    """`lightspeed serve --engine native` with one worker on the packaged model."""
+    port = free_port()
+    serve_flags: dict[str, object] = {
+        "--workers": 1,
+        "--dtype": dtype,
+        "--max-num-batched-tokens": max_batched,
+        "--host": "127.0.0.1",
+        "--port": port,
+        "--discovery-path": discovery_dir,
+    }
+    return lightspeed_serve(name, "native", port, serve_flags, log_dir, extra or [])
+
+
+def dynamo_service(
+    name: str, log_dir: Path, kv_dir: Path, venv: Path, router_mode: str, mocker_flags: dict[str, object]
+) -> Service:
+    """Dynamo's frontend on a free loopback port plus one `dynamo.mocker` process (from the venv
+    bench/setup_dynamo.sh makes), every plane on loopback, discovery through files in kv_dir."""
+    port = free_port()
+    py = str(Path(venv) / "bin" / "python")
+    frontend_flags = {"--http-host": "127.0.0.1", "--http-port": port, "--router-mode": router_mode}
+    frontend = [py, "-m", "dynamo.frontend", *flags({**frontend_flags, **DYNAMO_PLANES})]
+    mocker = [py, "-m", "dynamo.mocker", *flags({**mocker_flags, **DYNAMO_PLANES})]
+    env = {**os.environ, **DYNAMO_ENV, "DYN_FILE_KV": str(kv_dir)}
+    return Service(name, f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
+
+
 async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5) -> str:
     """Poll /v1/models until the server lists a model; returns its id."""
     deadline = time.monotonic() + timeout_s
@@ -126,6 +194,11 @@ async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5
     raise RuntimeError(f"{service.name} did not list a model within {timeout_s} s")
 
 
+async def wait_model_ready(service: Service, timeout_s: float = MODEL_READY_TIMEOUT_S) -> str:
+    """`wait_for_model` for servers that load real weights (native engine, vLLM): slow to start."""
+    return await wait_for_model(service, timeout_s, poll_s=1.0)
+
+
 async def with_service(
     service: Service, ready: Callable[[Service], Awaitable[object]], body: Callable[[str], Awaitable[T]]
 ) -> T:
@@ -136,6 +209,9 @@ async def with_service(
         return await body(service.url)
     finally:
         service.stop()
+
+
+# ---------------------------------------------------------------------------- flags
 
 
 def add_param_flags(ap: argparse.ArgumentParser, params_type: type[Any]) -> None:
@@ -156,22 +232,92 @@ def params_from(args: argparse.Namespace, params_type: Callable[..., P]) -> P:
     return params_type(**{name: getattr(args, name) for name in names})
 
 
-def parse_params(
-    doc: str | None,
-    params_type: Callable[..., P],
-    extra: Callable[[argparse.ArgumentParser], None] | None = None,
-    argv: list[str] | None = None,
-) -> tuple[argparse.Namespace, P]:
-    """A parser with the Params flags plus the script's own (`extra`), parsed."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_param_flags(ap, params_type)  # type: ignore[arg-type]
-    if extra is not None:
-        extra(ap)
+# ---------------------------------------------------------------------------- the script
+
+
+@dataclass(frozen=True)
+class Script(Generic[P, R]):
+    """What a bench script declares; `main` does the rest."""
+
+    name: str  # the script's file stem; also its logger's name
+    doc: str | None
+    params: type[P]  # a frozen dataclass: one flag per field
+    run: Callable[[argparse.Namespace, P], Awaitable[R] | R]  # the measurement; returns the payload
+    result_path: Callable[[argparse.Namespace], Path]  # default JSON path (its name is kept with --out DIR)
+    add_flags: Callable[[argparse.ArgumentParser], None] | None = None  # the script's own flags
+    # Validates flags beyond Params (ValueError = usage error) and may adjust the params.
+    check: Callable[[argparse.Namespace, P], P] | None = None
+    plot: Callable[[R, Path], None] | None = None  # (payload, PNG path next to the JSON)
+    summarize: Callable[[R], None] | None = None  # logs the headline numbers
+
+
+def build_parser(script: Script[Any, Any]) -> argparse.ArgumentParser:
+    """The Params flags, the script's own, then the ones every script has."""
+    ap = argparse.ArgumentParser(
+        prog=f"{script.name}.py", description=script.doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_param_flags(ap, script.params)
+    if script.add_flags is not None:
+        script.add_flags(ap)
+    common = ap.add_argument_group("every bench script")
+    common.add_argument(
+        "--out",
+        default=None,
+        help="result JSON file (NAME.json), or a folder to write the default file name into "
+        f"(default: under {RESULTS.relative_to(ROOT)}/); the plot goes next to it as .png",
+    )
+    common.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS)
+    return ap
+
+
+def parse(script: Script[P, Any], argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, P]:
+    ap = build_parser(script)
     args = ap.parse_args(argv)
     try:
-        return args, params_from(args, params_type)
+        params = params_from(args, script.params)
+        if script.check is not None:
+            params = script.check(args, params)
     except ValueError as exc:
         ap.error(str(exc))
+    return args, params
+
+
+def output_path(script: Script[Any, Any], args: argparse.Namespace) -> Path:
+    """--out as given when it names a .json file; else the default file name in --out (a folder)."""
+    default = script.result_path(args)
+    if args.out is None:
+        return default
+    out = Path(args.out)
+    return out if out.suffix == ".json" else out / default.name
+
+
+def run_script(script: Script[P, R], args: argparse.Namespace, params: P) -> R:
+    """Run the measurement; a coroutine runs on uvloop (what the load client is tuned for)."""
+    result = script.run(args, params)
+    if inspect.iscoroutine(result):
+        import uvloop
+
+        return uvloop.run(result)  # type: ignore[no-any-return]
+    return result  # type: ignore[return-value]
+
+
+def main(script: Script[Any, Any], argv: Sequence[str] | None = None) -> int:
+    """Parse flags, set up logging, run, write the result JSON (+ plot), log the summary."""
+    args, params = parse(script, argv)
+    configure_logging(args.log_level)
+    started = now_iso()
+    payload = run_script(script, args, params)
+    path = output_path(script, args)
+    write_result(payload, path, started_at=started)
+    if script.plot is not None:
+        script.plot(payload, path.with_suffix(".png"))
+    if script.summarize is not None:
+        script.summarize(payload)
+    logger.info("wrote %s", path)
+    return 0
+
+
+# ---------------------------------------------------------------------------- results
 
 
 def command_line() -> str:
@@ -183,6 +329,71 @@ def command_line() -> str:
         return own
     words = [w.decode(errors="replace") for w in parent]
     return shlex.join(words) if words and Path(words[0]).name == "flock" else own
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
+    """`model name` and `flags` of the first processor (all cores of a VM report the same)."""
+    info = {"model": "unknown", "flags": ""}
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return info
+    for line in lines:
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and info["model"] == "unknown":
+            info["model"] = value.strip()
+        elif key == "flags" and not info["flags"]:
+            info["flags"] = value.strip()
+    return info
+
+
+def _library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    return versions
+
+
+def machine_info() -> dict[str, object]:
+    """The hardware and software a result was measured on."""
+    cpu = cpu_info()
+    return {
+        "cpu": cpu["model"],
+        "cpu_flags": cpu["flags"],
+        "cpus": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "isa_env": {name: os.environ[name] for name in ISA_ENV if name in os.environ},
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "libraries": _library_versions(),
+        # Other processes on a shared machine slow every number down: say how busy it was.
+        "loadavg_1m_5m_15m_at_end": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def write_result(payload: object, path: Path, started_at: str | None = None) -> dict[str, Any]:
+    """The result JSON: command line, start / end time, machine, then the script's payload."""
+    body = msgspec.to_builtins(payload)
+    if not isinstance(body, dict):
+        raise TypeError(f"a result payload must encode to a JSON object, not {type(body).__name__}")
+    header: dict[str, Any] = {
+        "command": command_line(),
+        "started_at": started_at or now_iso(),
+        "finished_at": now_iso(),
+        "machine": machine_info(),
+    }
+    clash = header.keys() & body.keys()
+    if clash:
+        raise ValueError(f"payload fields {sorted(clash)} are the harness's to write")
+    doc = header | body
+    write_json(doc, path)
+    return doc
 
 
 def write_json(report: object, path: Path) -> None:
@@ -203,5 +414,5 @@ def pyplot() -> Any | None:
     return plt
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

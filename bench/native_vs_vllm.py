@@ -20,28 +20,25 @@ import argparse
 import logging
 import os
 import shlex
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypeVar
 
 import harness
 import msgspec
 from harness import (
-    ROOT,
+    RESULTS,
     WORK,
+    Script,
     Service,
-    command_line,
-    configure_logging,
     free_port,
-    parse_params,
+    main,
+    native_service,
     pyplot,
-    wait_for_model,
-    write_json,
+    wait_model_ready,
 )
 
 from lightspeed.bench import BenchConfig, run_bench
@@ -51,7 +48,6 @@ logger = logging.getLogger("native_vs_vllm")
 T = TypeVar("T")
 
 COLORS = {"lightspeed": "tab:blue", "vllm": "tab:orange", "vllm-allcores": "tab:red"}
-READY_TIMEOUT_S = 400.0  # vLLM compiles its model at start (~100 s here, more under load)
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,35 +92,6 @@ class Params:
 # ---------------------------------------------------------------- servers
 
 
-def native_service(
-    name: str, dtype: str, log_dir: Path, discovery_dir: Path, extra: list[str] | None = None, max_batched: int = 2048
-) -> Service:
-    """`lightspeed serve --engine native` with one worker on the packaged model."""
-    port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "lightspeed",
-        "serve",
-        "--engine",
-        "native",
-        "--workers",
-        "1",
-        "--dtype",
-        dtype,
-        "--max-num-batched-tokens",
-        str(max_batched),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--discovery-path",
-        str(discovery_dir),
-        *(extra or []),
-    ]
-    return Service(name, f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
-
-
 def vllm_service(p: Params, log_dir: Path, venv: Path, model_dir: Path, bind: str) -> Service:
     port = free_port()
     cmd = [
@@ -152,10 +119,6 @@ def vllm_service(p: Params, log_dir: Path, venv: Path, model_dir: Path, bind: st
         env.update(VLLM_CPU_OMP_THREADS_BIND=bind, VLLM_CPU_NUM_OF_RESERVED_CPU="0")
         name = "vllm-allcores"
     return Service(name, f"http://127.0.0.1:{port}", [cmd], env, log_dir)
-
-
-async def wait_ready(service: Service, timeout_s: float = READY_TIMEOUT_S) -> str:
-    return await wait_for_model(service, timeout_s, poll_s=1.0)
 
 
 # ---------------------------------------------------------------- measurement
@@ -240,7 +203,7 @@ async def with_service(service: Service, body: Callable[[str], Awaitable[T]]) ->
     started = time.monotonic()
 
     async def ready(svc: Service) -> None:
-        model = await wait_ready(svc)
+        model = await wait_model_ready(svc)
         logger.info("%s ready (%s) after %.0f s", svc.name, model, time.monotonic() - started)
 
     return await harness.with_service(service, ready, body)
@@ -292,10 +255,6 @@ class Ratio(msgspec.Struct):
 
 
 class Report(msgspec.Struct):
-    command: str
-    started_at: str
-    finished_at: str
-    machine: str
     params: Params
     native_dtype: str
     dtype_probe: list[ProbeResult]
@@ -377,7 +336,6 @@ def plot(report: Report, path: Path) -> None:
 
 
 async def run(args: argparse.Namespace, p: Params) -> Report:
-    started = datetime.now(UTC).isoformat(timespec="seconds")
     log_dir = WORK / "native-vs-vllm-logs"
     venv, model_dir = Path(args.vllm_venv), Path(args.vllm_model_dir)
     if args.only in ("both", "vllm") and not (model_dir / "model.safetensors").exists():
@@ -403,10 +361,6 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     ratios = make_ratios(points)
     met = {f"{r.baseline}/c{r.concurrency}": r.output_tok_per_s >= 1.0 for r in ratios if r.concurrency in (16, 32)}
     return Report(
-        command_line(),
-        started,
-        datetime.now(UTC).isoformat(timespec="seconds"),
-        f"{os.cpu_count()} CPUs",
         p,
         dtype,
         probe,
@@ -418,28 +372,18 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    def extra(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--only", choices=("both", "lightspeed", "vllm"), default="both")
-        ap.add_argument("--vllm-venv", default=str(WORK / "vllm-venv"))
-        ap.add_argument("--vllm-model-dir", default=str(WORK / "smollm2-hf"))
-        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-        ap.add_argument("--name", default="native_vs_vllm", help="output file stem")
-
-    return parse_params(__doc__, Params, extra, argv)
+def add_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--only", choices=("both", "lightspeed", "vllm"), default="both")
+    ap.add_argument("--vllm-venv", default=str(WORK / "vllm-venv"))
+    ap.add_argument("--vllm-model-dir", default=str(WORK / "smollm2-hf"))
+    ap.add_argument("--name", default="native_vs_vllm", help="output file stem")
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args, params = parse_args(argv)
-    import uvloop
+def result_path(args: argparse.Namespace) -> Path:
+    return RESULTS / f"{args.name}.json"
 
-    report = uvloop.run(run(args, params))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{args.name}.json"
-    write_json(report, path)
-    plot(report, path.with_suffix(".png"))
+
+def summarize(report: Report) -> None:
     for r in report.ratios:
         logger.info(
             "c=%d ours/%s: out tok/s x%.2f, TTFT p50 x%.2f, TPOT p50 x%.2f",
@@ -449,9 +393,20 @@ def main(argv: list[str] | None = None) -> int:
             r.ttft_p50,
             r.tpot_p50,
         )
-    logger.info("target (>= 1.0x at c16, c32): %s; wrote %s", report.target_met, path)
-    return 0
+    logger.info("target (>= 1.0x at c16, c32): %s", report.target_met)
+
+
+SCRIPT = Script(
+    name="native_vs_vllm",
+    doc=__doc__,
+    params=Params,
+    run=run,
+    result_path=result_path,
+    add_flags=add_flags,
+    plot=plot,
+    summarize=summarize,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(SCRIPT))

@@ -17,28 +17,25 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import shlex
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 from harness import (
-    ROOT,
+    RESULTS,
     WORK,
+    Script,
     Service,
-    command_line,
-    configure_logging,
-    parse_params,
+    main,
+    native_service,
+    wait_model_ready,
     with_service,
-    write_json,
 )
-from native_vs_vllm import native_service, wait_ready
 
 from lightspeed.bench.client import (
     OpenAIClient,
@@ -93,9 +90,6 @@ class Summary(msgspec.Struct):
 
 
 class Report(msgspec.Struct):
-    command: str
-    started_at: str
-    machine: str
     params: Params
     server_command: str
     samples: list[Sample]
@@ -174,7 +168,6 @@ NOTE = (
 
 
 async def run(args: argparse.Namespace, p: Params) -> Report:
-    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-prefix-") as tmp:
         extra = ["--block-size", str(p.block_size)]
         svc = native_service(
@@ -188,13 +181,10 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
         models: list[str] = []
 
         async def ready(service: Service) -> None:
-            models.append(await wait_ready(service))
+            models.append(await wait_model_ready(service))
 
         samples = await with_service(svc, ready, lambda url: measure(url, models[0], p))
     return Report(
-        command_line(),
-        started,
-        f"{os.cpu_count()} CPUs",
         p,
         shlex.join(svc.commands[0]),
         samples,
@@ -203,25 +193,15 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    def extra(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-
-    return parse_params(__doc__, Params, extra, argv)
+def result_path(args: argparse.Namespace) -> Path:
+    return RESULTS / "prefix_cache_ttft.json"
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args, params = parse_args(argv)
-    import uvloop
-
-    report = uvloop.run(run(args, params))
-    path = Path(args.out) / "prefix_cache_ttft.json"
-    write_json(report, path)
+def log_summary(report: Report) -> None:
     s = report.summary
     logger.info(
         "cold TTFT mean %.1f ms (p50 %.1f), cached mean %.1f ms (p50 %.1f): "
-        "cached/cold %.3f (p50 %.3f), target <= %.2f met: %s; wrote %s",
+        "cached/cold %.3f (p50 %.3f), target <= %.2f met: %s",
         s.cold_mean_ms,
         s.cold_p50_ms,
         s.cached_mean_ms,
@@ -230,10 +210,18 @@ def main(argv: list[str] | None = None) -> int:
         s.ratio_p50,
         s.target_ratio,
         s.target_met,
-        path,
     )
-    return 0
+
+
+SCRIPT = Script(
+    name="prefix_cache_ttft",
+    doc=__doc__,
+    params=Params,
+    run=run,
+    result_path=result_path,
+    summarize=log_summary,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(SCRIPT))

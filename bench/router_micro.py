@@ -22,21 +22,16 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
 import random
-import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
-from importlib.metadata import version
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import msgspec
 import numpy as np
-from harness import ROOT, command_line, write_json
+from harness import RESULTS, WORK, Script, main
 
 from lightspeed.kv_hashing import (
     compute_block_hashes,
@@ -353,28 +348,6 @@ def approx(p: Params, pool: list[Prefix], rng: random.Random) -> dict[str, objec
 # ---------------------------------------------------------------- report
 
 
-def machine() -> dict[str, object]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "cpu": cpu,
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "msgspec": version("msgspec"),
-        "xxhash": version("xxhash"),
-        "loadavg_1m_5m_15m_at_end": [round(x, 2) for x in os.getloadavg()],
-        "note": "one Python thread on a shared 2-core dev VM (other helpers' tests may run "
-        "concurrently; the bench lock only excludes other benchmarks)",
-    }
-
-
 def run(p: Params) -> dict[str, object]:
     rng, nrng = random.Random(p.seed), np.random.default_rng(p.seed)
     t0 = time.perf_counter()
@@ -399,51 +372,59 @@ def run(p: Params) -> dict[str, object]:
     return results
 
 
-def report(p: Params, results: dict[str, object], argv: list[str], started: datetime) -> dict[str, object]:
+MACHINE_NOTE = (
+    "one Python thread on a shared 2-core dev VM (other helpers' tests may run concurrently; "
+    "the bench lock only excludes other benchmarks)"
+)
+SMOKE = {"blocks": 20_000, "decisions": 300, "churn_prompts": 200, "workers": 8}
+
+
+def report(p: Params, results: dict[str, object]) -> dict[str, object]:
     ingest_rate = results["ingest"]["blocks_per_s"]  # type: ignore[index]
     p99 = results["decision"]["total"]["p99_us"]  # type: ignore[index]
     return {
-        "command": command_line(),
-        "started_at": started.isoformat(timespec="seconds"),
-        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine(),
         "params": asdict(p),
         "gc": "default CPython GC thresholds (gc enabled)",
         "targets": {"ingest_blocks_per_s": TARGET_INGEST_BLOCKS_PER_S, "decision_p99_us": TARGET_DECISION_P99_US},
         "met": {"ingest": ingest_rate >= TARGET_INGEST_BLOCKS_PER_S, "decision_p99": p99 <= TARGET_DECISION_P99_US},
         "results": results,
         "dynamo_reference": DYNAMO_REFERENCE,
+        "note": MACHINE_NOTE,
     }
 
 
-def parse_args(argv: list[str]) -> tuple[argparse.Namespace, Params]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = Params()
-    for name in ("workers", "blocks", "block_size", "isl", "decisions", "churn_prompts", "seed"):
-        ap.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
-    ap.add_argument("--smoke", action="store_true", help="tiny scale, writes under bench/.work/")
-    ap.add_argument("--out", type=Path, default=None, help="result JSON path")
-    args = ap.parse_args(argv)
-    overrides = {
-        n: getattr(args, n) for n in ("workers", "blocks", "block_size", "isl", "decisions", "churn_prompts", "seed")
-    }
-    if args.smoke:
-        overrides |= {"blocks": 20_000, "decisions": 300, "churn_prompts": 200, "workers": 8}
-    return args, Params(**overrides)
+def measure(args: argparse.Namespace, p: Params) -> dict[str, object]:
+    return report(p, run(p))
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    argv = sys.argv[1:] if argv is None else argv
-    args, params = parse_args(argv)
-    default_out = ROOT / ("bench/.work/router_micro_smoke.json" if args.smoke else "bench/results/router_micro.json")
-    out: Path = args.out or default_out
-    started = datetime.now(UTC)
-    doc = report(params, run(params), argv, started)
-    write_json(doc, out)
-    logger.info("wrote %s: %s", out, msgspec.json.encode(doc["results"]).decode()[:2000])
-    return 0
+def add_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--smoke", action="store_true", help=f"tiny scale ({SMOKE}), writes under bench/.work/")
+
+
+def check(args: argparse.Namespace, p: Params) -> Params:
+    """--smoke overrides the scale flags (so a smoke run stays small whatever else is given)."""
+    return replace(p, **SMOKE) if args.smoke else p
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    return WORK / "router_micro_smoke.json" if args.smoke else RESULTS / "router_micro.json"
+
+
+def summarize(doc: dict[str, object]) -> None:
+    logger.info("results: %s", msgspec.json.encode(doc["results"]).decode()[:2000])
+
+
+SCRIPT = Script(
+    name="router_micro",
+    doc=__doc__,
+    params=Params,
+    run=measure,
+    result_path=result_path,
+    add_flags=add_flags,
+    check=check,
+    summarize=summarize,
+)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main(SCRIPT))

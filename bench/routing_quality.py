@@ -20,31 +20,25 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import re
 import shlex
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
 import msgspec
 from harness import (
-    DYNAMO_ENV,
-    DYNAMO_PLANES,
-    ROOT,
+    RESULTS,
+    WORK,
+    Script,
     Service,
-    add_param_flags,
-    command_line,
-    configure_logging,
-    flags,
+    dynamo_service,
     free_port,
-    params_from,
+    lightspeed_serve,
+    main,
     pyplot,
-    write_json,
 )
 
 from lightspeed.bench import BenchConfig, run_bench
@@ -132,49 +126,39 @@ def lightspeed_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Pa
     port = free_port()
     discovery = tmp / f"{policy}-discovery"
     discovery.mkdir()
-    cmd = [sys.executable, "-m", "lightspeed", "serve", "--engine", "mocker"]
-    cmd += flags(
-        {
-            "--workers": p.workers,
-            **_engine_flags(p),
-            "--num-gpu-blocks": p.num_gpu_blocks,
-            "--seed": p.seed,
-            "--router-mode": mode,
-            "--host": "127.0.0.1",
-            "--port": port,
-            "--discovery-path": discovery,
-        }
-    )
-    return Service(policy, f"http://127.0.0.1:{port}", [cmd], dict(os.environ), log_dir)
+    serve_flags: dict[str, object] = {
+        "--workers": p.workers,
+        **_engine_flags(p),
+        "--num-gpu-blocks": p.num_gpu_blocks,
+        "--seed": p.seed,
+        "--router-mode": mode,
+        "--host": "127.0.0.1",
+        "--port": port,
+        "--discovery-path": discovery,
+    }
+    return lightspeed_serve(policy, "mocker", port, serve_flags, log_dir)
 
 
-def dynamo_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace) -> Service:
-    port = free_port()
+def dynamo_mocker_service(
+    policy: str, mode: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace
+) -> Service:
     kv_dir = tmp / f"{policy}-kv"
     kv_dir.mkdir()
-    py = str(Path(args.dynamo_venv) / "bin" / "python")
-    frontend = [py, "-m", "dynamo.frontend"]
-    frontend += flags({"--http-host": "127.0.0.1", "--http-port": port, "--router-mode": mode, **DYNAMO_PLANES})
-    mocker = [py, "-m", "dynamo.mocker"]
-    mocker += flags(
-        {
-            "--model-path": args.dynamo_model_dir,
-            "--model-name": args.model_name,
-            "--num-workers": p.workers,
-            **_engine_flags(p),
-            "--num-gpu-blocks-override": p.num_gpu_blocks,
-            **DYNAMO_PLANES,
-        }
-    )
-    env = {**os.environ, **DYNAMO_ENV, "DYN_FILE_KV": str(kv_dir)}
-    return Service(policy, f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
+    mocker_flags: dict[str, object] = {
+        "--model-path": args.dynamo_model_dir,
+        "--model-name": args.model_name,
+        "--num-workers": p.workers,
+        **_engine_flags(p),
+        "--num-gpu-blocks-override": p.num_gpu_blocks,
+    }
+    return dynamo_service(policy, log_dir, kv_dir, Path(args.dynamo_venv), mode, mocker_flags)
 
 
 def build_service(policy: str, p: Params, log_dir: Path, tmp: Path, args: argparse.Namespace) -> Service:
     system, mode = POLICIES[policy]
     if system == "lightspeed":
         return lightspeed_service(policy, mode, p, log_dir, tmp)
-    return dynamo_service(policy, mode, p, log_dir, tmp, args)
+    return dynamo_mocker_service(policy, mode, p, log_dir, tmp, args)
 
 
 def registered_workers(system: str, health: dict[str, object]) -> int:
@@ -531,9 +515,6 @@ def comparison(results: list[PolicyResult]) -> Comparison:
 
 
 class RoutingReport(msgspec.Struct):
-    command: str
-    started_at: str
-    machine: str
     params: dict[str, object]
     trace: str
     policies_requested: list[str]
@@ -628,29 +609,48 @@ async def run_all(policies: list[str], p: Params, args: argparse.Namespace) -> l
     return results
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_param_flags(ap, Params)
-    work = ROOT / "bench" / ".work"
+def requested_policies(args: argparse.Namespace) -> list[str]:
+    return [s for s in args.policies.split(",") if s]
+
+
+async def run(args: argparse.Namespace, p: Params) -> RoutingReport:
+    requested = requested_policies(args)
+    policies, skipped = select_policies(requested)
+    for policy, why in skipped.items():
+        logger.warning("skipping %s: %s", policy, why)
+    results = await run_all(policies, p, args)
+    return RoutingReport(
+        asdict(p),
+        str(TRACE),
+        requested,
+        skipped,
+        offered_load(p),
+        results,
+        calibration(results),
+        comparison(results),
+        NOTE,
+    )
+
+
+def add_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument(
         "--policies", default=",".join(POLICIES), help=f"comma list, run in this order; known: {', '.join(POLICIES)}"
     )
-    ap.add_argument("--dynamo-venv", default=str(work / "dynamo-venv"))
-    ap.add_argument("--dynamo-model-dir", default=str(work / "dynamo-model"))
+    ap.add_argument("--dynamo-venv", default=str(WORK / "dynamo-venv"))
+    ap.add_argument("--dynamo-model-dir", default=str(WORK / "dynamo-model"))
     ap.add_argument("--model-name", default="smollm2", help="name Dynamo's mocker serves")
     ap.add_argument(
-        "--work-dir", default=str(work / "routing-quality"), help="per-policy bench reports and server logs"
+        "--work-dir", default=str(WORK / "routing-quality"), help="per-policy bench reports and server logs"
     )
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "routing_quality.json"))
-    args = ap.parse_args(argv)
-    params = params_from(args, Params)
-    return args, params
 
 
-def write(report: RoutingReport, path: Path) -> None:
-    write_json(report, path)
-    plot(report, path.with_suffix(".png"))
-    logger.info("wrote %s (+ .png)", path)
+def check(args: argparse.Namespace, p: Params) -> Params:
+    select_policies(requested_policies(args))  # unknown names are a usage error, before any run
+    return p
+
+
+def result_path(args: argparse.Namespace) -> Path:
+    return RESULTS / "routing_quality.json"
 
 
 def log_summary(report: RoutingReport) -> None:
@@ -675,35 +675,18 @@ def log_summary(report: RoutingReport) -> None:
     logger.info("comparison: %s", report.comparison)
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args, params = parse_args(argv)
-    requested = [s for s in args.policies.split(",") if s]
-    policies, skipped = select_policies(requested)
-    for policy, why in skipped.items():
-        logger.warning("skipping %s: %s", policy, why)
-    started = datetime.now(UTC).isoformat(timespec="seconds")
-    import uvloop
-
-    results = uvloop.run(run_all(policies, params, args))
-    report = RoutingReport(
-        command_line(),
-        started,
-        f"{os.cpu_count()} CPUs",
-        asdict(params),
-        str(TRACE),
-        requested,
-        skipped,
-        offered_load(params),
-        results,
-        calibration(results),
-        comparison(results),
-        NOTE,
-    )
-    write(report, Path(args.out))
-    log_summary(report)
-    return 0
+SCRIPT = Script(
+    name="routing_quality",
+    doc=__doc__,
+    params=Params,
+    run=run,
+    result_path=result_path,
+    add_flags=add_flags,
+    check=check,
+    plot=plot,
+    summarize=log_summary,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(SCRIPT))

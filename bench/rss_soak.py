@@ -16,27 +16,24 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import shlex
 import tempfile
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import msgspec
 from harness import (
-    ROOT,
+    RESULTS,
     WORK,
+    Script,
     Service,
-    command_line,
-    configure_logging,
-    parse_params,
+    main,
+    native_service,
     pyplot,
+    wait_model_ready,
     with_service,
-    write_json,
 )
-from native_vs_vllm import native_service, wait_ready
 
 from lightspeed.bench import BenchConfig, run_bench
 
@@ -79,9 +76,6 @@ class RoleStats(msgspec.Struct):
 
 
 class Report(msgspec.Struct):
-    command: str
-    started_at: str
-    machine: str
     params: Params
     server_command: str
     load: dict[str, float]  # requests, req/s, output tok/s, failures of the soak
@@ -240,16 +234,12 @@ NOTE = (
 
 
 async def run(args: argparse.Namespace, p: Params) -> Report:
-    started = datetime.now(UTC).isoformat(timespec="seconds")
     with tempfile.TemporaryDirectory(prefix="ls-soak-") as tmp:
         svc = native_service(
             "lightspeed-soak", p.dtype, WORK / "rss-soak-logs", Path(tmp), max_batched=p.max_num_batched_tokens
         )
-        roles, samples, load = await with_service(svc, wait_ready, lambda _: soak(svc, p))
+        roles, samples, load = await with_service(svc, wait_model_ready, lambda _: soak(svc, p))
     return Report(
-        command_line(),
-        started,
-        f"{os.cpu_count()} CPUs",
         p,
         shlex.join(svc.commands[0]),
         load,
@@ -259,23 +249,15 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     )
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Params]:
-    def extra(ap: argparse.ArgumentParser) -> None:
-        ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
-        ap.add_argument("--name", default="rss_soak", help="output file stem")
-
-    return parse_params(__doc__, Params, extra, argv)
+def add_flags(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--name", default="rss_soak", help="output file stem")
 
 
-def main(argv: list[str] | None = None) -> int:
-    configure_logging()
-    args, params = parse_args(argv)
-    import uvloop
+def result_path(args: argparse.Namespace) -> Path:
+    return RESULTS / f"{args.name}.json"
 
-    report = uvloop.run(run(args, params))
-    path = Path(args.out) / f"{args.name}.json"
-    write_json(report, path)
-    plot(report, path.with_suffix(".png"))
+
+def summarize(report: Report) -> None:
     for role, st in report.stats.items():
         logger.info(
             "%s: %.1f -> %.1f MB (max %.1f), slope over last %.0f s: %+.3f MB/min",
@@ -283,12 +265,23 @@ def main(argv: list[str] | None = None) -> int:
             st.start_mb,
             st.end_mb,
             st.max_mb,
-            params.slope_window_s,
+            report.params.slope_window_s,
             st.slope_mb_per_min,
         )
-    logger.info("load: %s; wrote %s", report.load, path)
-    return 0
+    logger.info("load: %s", report.load)
+
+
+SCRIPT = Script(
+    name="rss_soak",
+    doc=__doc__,
+    params=Params,
+    run=run,
+    result_path=result_path,
+    add_flags=add_flags,
+    plot=plot,
+    summarize=summarize,
+)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(SCRIPT))
