@@ -1,27 +1,73 @@
 """Component configuration: one frozen, validated dataclass per process kind.
 
-The CLI binds flags to these (cli.py); every flag also reads `LIGHTSPEED_<FLAG>` from the
-environment. Validation lives in `__post_init__` so a bad value fails at start with a clear
-ValueError instead of deep inside a running server.
+Each option is declared once, as a field made by `opt()`: its type, default and help text. The
+CLI (options.py, cli.py) generates its flags from these fields: the flag is `--<field-name>`
+unless `opt(flag=...)` names another, a `Literal` type gives the choices, and every flag reads
+`LIGHTSPEED_<FLAG>` from the environment. Adding an option is adding one field here.
+
+Validation lives in `__post_init__` so a bad value fails at start with a clear ValueError instead
+of deep inside a running server; `check_choices` validates every `Literal` field from its type.
 """
+
+# opt() returns a dataclasses.field, which ruff's RUF009 cannot see through.
+# ruff: noqa: RUF009
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
-ROUTER_MODES = ("round-robin", "random", "least-loaded", "power-of-two", "direct", "kv", "kv-latency")
+import msgspec
+
+_T = TypeVar("_T")
+
+# Exit status of a process whose configuration is invalid (a bad value, an unknown model):
+# restarting it cannot help, so the supervisor does not.
+CONFIG_ERROR_EXIT = 2
+# `serve` hands each child its config as JSON (encode_config) in this environment variable.
+CHILD_CONFIG_ENV = "LIGHTSPEED_CHILD_CONFIG"
+
+RouterMode = Literal["round-robin", "random", "least-loaded", "power-of-two", "direct", "kv", "kv-latency"]
+QueuePolicy = Literal["fcfs", "wspt"]
+DiscoveryKind = Literal["mem", "file"]
+EventPlaneKind = Literal["zmq"]
+EngineKind = Literal["mocker", "native"]
+Role = Literal["agg", "prefill", "decode"]
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+ROUTER_MODES: tuple[str, ...] = get_args(RouterMode)
 KV_ROUTER_MODES = ("kv", "kv-latency")
-QUEUE_POLICIES = ("fcfs", "wspt")
-DISCOVERY_KINDS = ("mem", "file")
-EVENT_PLANE_KINDS = ("zmq",)
-ENGINE_KINDS = ("mocker", "native")
-ROLES = ("agg", "prefill", "decode")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+QUEUE_POLICIES: tuple[str, ...] = get_args(QueuePolicy)
 
 
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
+def opt(default: _T, help: str, *, flag: str | None = None) -> _T:
+    """One configuration option: a dataclass field whose metadata the CLI turns into a flag."""
+    return field(default=default, metadata={"help": help, "flag": flag})
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def type_hints(cls: type) -> dict[str, Any]:
+    """The resolved field types of a config class (annotations are strings in this module)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = get_type_hints(cls)
+    return _HINTS[cls]
+
+
+def choices_of(hint: Any) -> tuple[str, ...] | None:
+    """The allowed values of a `Literal[...]` type, else None."""
+    return get_args(hint) if get_origin(hint) is Literal else None
+
+
+def check_choices(obj: Any) -> None:
+    """Raise ValueError for a `Literal` field holding a value outside its choices."""
+    hints = type_hints(type(obj))
+    for f in fields(obj):
+        allowed = choices_of(hints[f.name])
+        value = getattr(obj, f.name)
+        if allowed is not None and value not in allowed:
+            raise ValueError(f"{f.name} must be one of {', '.join(allowed)}; got {value!r}")
 
 
 def _check_positive(name: str, value: float) -> None:
@@ -29,24 +75,23 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0; got {value}")
 
 
-def _check_port(port: int) -> None:
+def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
-        raise ValueError(f"port must be in 0..65535; got {port}")
+        raise ValueError(f"{name} must be in 0..65535; got {port}")
 
 
 @dataclass(frozen=True)
 class PlaneConfig:
     """How a process finds its peers: discovery backend and event plane."""
 
-    discovery: str = "file"
-    discovery_path: str = ""  # folder for the file backend; "" = a per-user default
-    discovery_ttl: float = 10.0
-    event_plane: str = "zmq"
-    namespace: str = "lightspeed"
+    discovery: DiscoveryKind = opt("file", "service discovery backend")
+    discovery_path: str = opt("", "folder of the file discovery backend ('' = a per-user default)")
+    discovery_ttl: float = opt(10.0, "seconds before a silent worker's entry expires")
+    event_plane: EventPlaneKind = opt("zmq", "event plane transport")
+    namespace: str = opt("lightspeed", "namespace shared by frontends and workers")
 
     def __post_init__(self) -> None:
-        _check_choice("discovery", self.discovery, DISCOVERY_KINDS)
-        _check_choice("event_plane", self.event_plane, EVENT_PLANE_KINDS)
+        check_choices(self)
         _check_positive("discovery_ttl", self.discovery_ttl)
         if not self.namespace:
             raise ValueError("namespace must not be empty")
@@ -56,20 +101,28 @@ class PlaneConfig:
 class RouterConfig:
     """Knobs of the KV-aware modes (DESIGN §4) and of session affinity / replica sync."""
 
-    overlap_score_weight: float = 1.0
-    temperature: float = 0.0
-    kv_events: bool = True  # False = approximate mode: no events, own decisions with a TTL
-    approx_ttl: float = 120.0
-    busy_decode_threshold: float = 0.0  # busy above this fraction of KV blocks active; 0 = off
-    busy_prefill_frac: float = 0.0  # busy above this multiple of max_num_batched_tokens queued; 0 = off
-    queue_policy: str = "fcfs"
-    max_queue: int = 1024  # waiting requests past this get 503
-    queue_timeout: float = 60.0
-    session_ttl: float = 600.0
-    replica_sync: bool = True  # share active load with other frontends over the event plane
+    overlap_score_weight: float = opt(
+        1.0, "kv mode: weight of prefill blocks against decode blocks", flag="--kv-overlap-score-weight"
+    )
+    temperature: float = opt(0.0, "kv modes: softmax sampling temperature (0 = argmin)", flag="--router-temperature")
+    kv_events: bool = opt(True, "kv modes: index fed by worker KV events (off = approximate mode)")
+    approx_ttl: float = opt(
+        120.0, "approximate mode: seconds a routed prefix counts as cached", flag="--router-approx-ttl"
+    )
+    busy_decode_threshold: float = opt(0.0, "worker busy above this fraction of KV blocks active (0 = off)")
+    busy_prefill_frac: float = opt(
+        0.0, "worker busy above this multiple of max_num_batched_tokens queued for prefill (0 = off)"
+    )
+    queue_policy: QueuePolicy = opt(
+        "fcfs", "admission queue order when all workers are busy", flag="--router-queue-policy"
+    )
+    max_queue: int = opt(1024, "queued requests past this are refused with 503", flag="--router-max-queue")
+    queue_timeout: float = opt(60.0, "seconds a request may wait for a free worker", flag="--router-queue-timeout")
+    session_ttl: float = opt(600.0, "seconds a session (x-session-id) stays bound to its worker")
+    replica_sync: bool = opt(True, "share active load with other frontends (event plane)", flag="--router-replica-sync")
 
     def __post_init__(self) -> None:
-        _check_choice("queue_policy", self.queue_policy, QUEUE_POLICIES)
+        check_choices(self)
         for name in ("overlap_score_weight", "temperature", "busy_decode_threshold", "busy_prefill_frac", "max_queue"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
@@ -79,19 +132,19 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class FrontendConfig:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    router_mode: str = "round-robin"
+    host: str = opt("127.0.0.1", "HTTP listen address")
+    port: int = opt(8000, "HTTP port")
+    router_mode: RouterMode = opt("round-robin", "how to pick a worker")
     planes: PlaneConfig = PlaneConfig()
-    max_body_bytes: int = 8 * 1024 * 1024
-    processes: int = 1  # frontend processes sharing the port (SO_REUSEPORT)
-    migration_limit: int = 0  # re-sends of a request after its worker is lost
-    served_model_name: str = ""  # "" = whatever workers register
+    max_body_bytes: int = opt(8 * 1024 * 1024, "largest accepted request body")
+    processes: int = opt(1, "frontend processes sharing the port (SO_REUSEPORT)", flag="--frontend-processes")
+    migration_limit: int = opt(0, "times a request may move to another worker if its worker dies")
+    served_model_name: str = opt("", "name clients see for the workers' model ('' = the name workers register)")
     router: RouterConfig = RouterConfig()
 
     def __post_init__(self) -> None:
-        _check_port(self.port)
-        _check_choice("router_mode", self.router_mode, ROUTER_MODES)
+        check_choices(self)
+        _check_port("port", self.port)
         _check_positive("max_body_bytes", self.max_body_bytes)
         _check_positive("processes", self.processes)
         if self.migration_limit < 0:
@@ -100,30 +153,28 @@ class FrontendConfig:
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    engine: str = "mocker"
-    model: str = ""  # "" = the packaged default model
-    served_model_name: str = ""
-    role: str = "agg"
-    host: str = "127.0.0.1"
-    port: int = 0  # request-plane port; 0 = ephemeral
+    engine: EngineKind = opt("native", "engine: native (PyTorch model) or mocker (simulated)")
+    model: str = opt("", "model folder, .gguf file or packaged model name ('' = SmolLM2-135M-Instruct)")
+    served_model_name: str = opt("", "name clients use (default: the model's name)")
+    role: Role = opt("agg", "worker role")
+    host: str = opt("127.0.0.1", "request-plane listen address", flag="--worker-host")
+    port: int = opt(0, "request-plane port (0 = ephemeral)", flag="--worker-port")
     planes: PlaneConfig = PlaneConfig()
-    block_size: int = 64
-    num_gpu_blocks: int = 0  # 0 = the engine's default (mocker 16384; native sized by kv_cache_gb)
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192
-    max_model_len: int = 0  # 0 = the model's context length
-    speedup_ratio: float = 1.0
-    kv_cache_gb: float = 0.0  # native engine: size the cache in GB instead of blocks
-    dtype: str = "auto"  # native engine: auto = float32 on CPU, bfloat16 on CUDA
-    enable_prefix_caching: bool = True
-    metrics_interval: float = 0.5
-    seed: int = 0
+    block_size: int = opt(64, "tokens per KV block")
+    num_gpu_blocks: int = opt(0, "KV cache size in blocks (0 = mocker 16384, native from --kv-cache-gb)")
+    max_num_seqs: int = opt(256, "max sequences per step")
+    max_num_batched_tokens: int = opt(8192, "token budget per step")
+    max_model_len: int = opt(0, "context length (0 = the model's)")
+    speedup_ratio: float = opt(1.0, "mocker: divide modelled step times by this")
+    kv_cache_gb: float = opt(0.0, "native engine: KV cache size in GB when --num-gpu-blocks is 0 (0 = 2 GB)")
+    dtype: Dtype = opt("auto", "native engine weights/KV dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    enable_prefix_caching: bool = opt(True, "reuse KV blocks of shared prefixes")
+    metrics_interval: float = opt(0.5, "seconds between load-metrics publications")
+    seed: int = opt(0, "engine random seed")
 
     def __post_init__(self) -> None:
-        _check_choice("engine", self.engine, ENGINE_KINDS)
-        _check_choice("role", self.role, ROLES)
-        _check_choice("dtype", self.dtype, DTYPES)
-        _check_port(self.port)
+        check_choices(self)
+        _check_port("worker port", self.port)
         if self.num_gpu_blocks < 0:
             raise ValueError(f"num_gpu_blocks must be >= 0; got {self.num_gpu_blocks}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -138,11 +189,24 @@ class WorkerConfig:
 class ServeConfig:
     """`lightspeed serve`: one frontend plus N local workers under a supervisor."""
 
-    frontend: FrontendConfig
-    worker: WorkerConfig
-    workers: int = 1
+    frontend: FrontendConfig = FrontendConfig()
+    worker: WorkerConfig = WorkerConfig()
+    workers: int = opt(1, "number of worker processes")
 
     def __post_init__(self) -> None:
         _check_positive("workers", self.workers)
         if self.frontend.planes != self.worker.planes:
             raise ValueError("frontend and workers must share discovery and event-plane settings")
+
+
+AnyConfig = ServeConfig | FrontendConfig | WorkerConfig
+
+
+def encode_config(cfg: AnyConfig) -> str:
+    """The config as one JSON value, how `serve` hands a child process its configuration."""
+    return msgspec.json.encode(cfg).decode()
+
+
+def decode_config(raw: str | bytes, cls: type[_T]) -> _T:
+    """Rebuild (and re-validate) the exact frozen config `encode_config` wrote."""
+    return msgspec.json.decode(raw, type=cls)

@@ -13,123 +13,31 @@ import shutil
 import signal
 import tempfile
 import time
+from dataclasses import replace
 
 import aiohttp
 
 from lightspeed.config import (
+    CHILD_CONFIG_ENV,
+    CONFIG_ERROR_EXIT,
     FrontendConfig,
-    PlaneConfig,
-    RouterConfig,
     ServeConfig,
     WorkerConfig,
+    encode_config,
 )
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
 
 
-def plane_args(p: PlaneConfig) -> list[str]:
-    return [
-        "--discovery",
-        p.discovery,
-        "--discovery-path",
-        p.discovery_path,
-        "--discovery-ttl",
-        str(p.discovery_ttl),
-        "--event-plane",
-        p.event_plane,
-        "--namespace",
-        p.namespace,
-    ]
-
-
-def worker_args(w: WorkerConfig) -> list[str]:
-    return [
-        "worker",
-        "--engine",
-        w.engine,
-        "--model",
-        w.model,
-        "--served-model-name",
-        w.served_model_name,
-        "--role",
-        w.role,
-        "--worker-host",
-        w.host,
-        "--block-size",
-        str(w.block_size),
-        "--num-gpu-blocks",
-        str(w.num_gpu_blocks),
-        "--kv-cache-gb",
-        str(w.kv_cache_gb),
-        "--dtype",
-        w.dtype,
-        "--max-num-seqs",
-        str(w.max_num_seqs),
-        "--max-num-batched-tokens",
-        str(w.max_num_batched_tokens),
-        "--max-model-len",
-        str(w.max_model_len),
-        "--speedup-ratio",
-        str(w.speedup_ratio),
-        "--enable-prefix-caching",
-        str(w.enable_prefix_caching),
-        "--seed",
-        str(w.seed),
-        *plane_args(w.planes),
-    ]
-
-
-def frontend_args(f: FrontendConfig) -> list[str]:
-    return [
-        "frontend",
-        "--host",
-        f.host,
-        "--port",
-        str(f.port),
-        "--router-mode",
-        f.router_mode,
-        "--max-body-bytes",
-        str(f.max_body_bytes),
-        "--frontend-processes",
-        str(f.processes),
-        "--migration-limit",
-        str(f.migration_limit),
-        *router_args(f.router),
-        *plane_args(f.planes),
-    ]
-
-
-def router_args(r: RouterConfig) -> list[str]:
-    return [
-        "--kv-overlap-score-weight",
-        str(r.overlap_score_weight),
-        "--router-temperature",
-        str(r.temperature),
-        "--kv-events",
-        str(r.kv_events),
-        "--router-approx-ttl",
-        str(r.approx_ttl),
-        "--busy-decode-threshold",
-        str(r.busy_decode_threshold),
-        "--busy-prefill-frac",
-        str(r.busy_prefill_frac),
-        "--router-queue-policy",
-        r.queue_policy,
-        "--router-max-queue",
-        str(r.max_queue),
-        "--router-queue-timeout",
-        str(r.queue_timeout),
-        "--session-ttl",
-        str(r.session_ttl),
-        "--router-replica-sync",
-        str(r.replica_sync),
-    ]
+def child_spec(name: str, cfg: FrontendConfig | WorkerConfig, log_level: str) -> ChildSpec:
+    """A child gets its whole config as one JSON value (cli.py reads it back), not rebuilt flags."""
+    command = "frontend" if isinstance(cfg, FrontendConfig) else "worker"
+    env = {CHILD_CONFIG_ENV: encode_config(cfg), "LIGHTSPEED_LOG_LEVEL": log_level}
+    return ChildSpec(name, [command], env=env)
 
 
 def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
-    from dataclasses import replace
-
     planes = cfg.worker.planes
     if planes.discovery == "file" and not planes.discovery_path:
         planes = replace(planes, discovery_path=folder)
@@ -152,7 +60,7 @@ async def wait_ready(url: str, workers: int, timeout: float) -> bool:
     return False
 
 
-async def run_serve(cfg: ServeConfig) -> int:
+async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     folder = tempfile.mkdtemp(prefix="lightspeed-serve-")
     cfg = _with_private_discovery(cfg, folder)
     sup = Supervisor()
@@ -162,9 +70,9 @@ async def run_serve(cfg: ServeConfig) -> int:
         loop.add_signal_handler(sig, stop.set)
     try:
         for i in range(cfg.workers):
-            await sup.spawn(ChildSpec(f"worker-{i}", worker_args(cfg.worker)))
+            await sup.spawn(child_spec(f"worker-{i}", cfg.worker, log_level))
         for i in range(cfg.frontend.processes):
-            await sup.spawn(ChildSpec(f"frontend-{i}", frontend_args(cfg.frontend)))
+            await sup.spawn(child_spec(f"frontend-{i}", cfg.frontend, log_level))
         return await _until_stopped(cfg, sup, stop)
     finally:
         await sup.stop()
@@ -172,7 +80,8 @@ async def run_serve(cfg: ServeConfig) -> int:
 
 
 async def _until_stopped(cfg: ServeConfig, sup: Supervisor, stop: asyncio.Event) -> int:
-    """Announce readiness, then wait for a signal (exit 0) or a child that gave up (exit 1)."""
+    """Announce readiness, then wait for a signal (exit 0) or a child that failed for good: exit 2
+    when it was a configuration error (so scripts see the same status as from the child), else 1."""
     url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
     ready = asyncio.create_task(wait_ready(url, cfg.workers, timeout=600))
     stopped = asyncio.create_task(stop.wait())
@@ -187,6 +96,6 @@ async def _until_stopped(cfg: ServeConfig, sup: Supervisor, stop: asyncio.Event)
             task.cancel()
     if failed.done() and not failed.cancelled():
         log.error("a process failed for good; shutting everything down")
-        return 1
+        return CONFIG_ERROR_EXIT if sup.failed_code == CONFIG_ERROR_EXIT else 1
     log.info("shutting down")
     return 0

@@ -156,5 +156,13 @@ def main(argv: list[str] | None = None) -> int:
         prog="lightspeed bench", description="Load client and trace replay for OpenAI servers"
     )
     add_bench_args(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return bench_main(parser.parse_args(argv))
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        default=os.environ.get(_env_name("--log-level"), "INFO").upper(),
+        help="logging level [env LIGHTSPEED_LOG_LEVEL; default: INFO]",
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
+    return bench_main(args)

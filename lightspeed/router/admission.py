@@ -15,9 +15,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
+from lightspeed.config import QUEUE_POLICIES
 from lightspeed.errors import Overloaded
-
-QUEUE_POLICIES = ("fcfs", "wspt")
 
 
 @dataclass(frozen=True, slots=True)

@@ -4,8 +4,9 @@ Children are plain `python -m lightspeed ...` processes in their own process gro
 that exits unexpectedly is logged and restarted (with exponential backoff) so one crash does not
 take the service down; a child that keeps crashing is given up on after `max_restarts` restarts in
 a row (a run longer than `stable_seconds` clears the count, so a long-lived server is not given up
-on for crashes days apart). On shutdown every child gets SIGTERM (graceful drain), then SIGKILL
-after a grace period.
+on for crashes days apart). A child that exits with CONFIG_ERROR_EXIT (2: a bad value, an unknown
+model) is never restarted, since it would fail the same way again: the supervisor fails at once.
+On shutdown every child gets SIGTERM (graceful drain), then SIGKILL after a grace period.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import signal
 import sys
 from dataclasses import dataclass, field
+
+from lightspeed.config import CONFIG_ERROR_EXIT
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,7 @@ class Supervisor:
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.failed = asyncio.Event()  # set when a child has exited for good
+        self.failed_code: int | None = None  # that child's exit code
 
     async def spawn(self, spec: ChildSpec) -> None:
         child = _Child(spec)
@@ -78,18 +82,27 @@ class Supervisor:
             code = await child.proc.wait()
             if self._stopping:
                 return
+            if code == CONFIG_ERROR_EXIT:
+                log.error("%s exited with a configuration error (exit %d); not restarting", child.spec.name, code)
+                self._fail(code)
+                return
             log.error("%s exited with code %s", child.spec.name, code)
             if asyncio.get_running_loop().time() - child.started_at >= self._stable:
                 child.restarts = 0
             if not child.spec.restart or child.restarts >= self._max_restarts:
                 log.error("%s will not be restarted", child.spec.name)
-                self.failed.set()
+                self._fail(code)
                 return
             child.restarts += 1
             await asyncio.sleep(min(2.0**child.restarts * self._backoff, 5.0))
             if self._stopping:
                 return
             await self._start(child)
+
+    def _fail(self, code: int) -> None:
+        if not self.failed.is_set():  # the first failure is the one to report
+            self.failed_code = code
+        self.failed.set()
 
     @property
     def pids(self) -> list[int]:

@@ -1,48 +1,161 @@
 from __future__ import annotations
 
+from dataclasses import fields
+
+import msgspec
 import pytest
 
-from lightspeed.cli import build_parser, worker_config
-from lightspeed.config import FrontendConfig, PlaneConfig, ServeConfig, WorkerConfig
-
-
-@pytest.mark.parametrize("kw", [{"port": 70000}, {"router_mode": "magic"}, {"processes": 0}, {"migration_limit": -1}])
-def test_frontend_config_rejects(kw: dict) -> None:
-    with pytest.raises(ValueError):
-        FrontendConfig(**kw)
+from lightspeed.config import (
+    QUEUE_POLICIES,
+    ROUTER_MODES,
+    FrontendConfig,
+    PlaneConfig,
+    RouterConfig,
+    ServeConfig,
+    WorkerConfig,
+    decode_config,
+    encode_config,
+)
+from lightspeed.router.admission import QUEUE_POLICIES as ADMISSION_QUEUE_POLICIES
 
 
 @pytest.mark.parametrize(
-    "kw",
+    ("kw", "message"),
     [
-        {"engine": "gpu"},
-        {"role": "boss"},
-        {"block_size": 0},
-        {"speedup_ratio": 0},
-        {"num_gpu_blocks": -1},
-        {"max_num_seqs": 0},
+        ({"port": 70000}, "port must be in 0..65535; got 70000"),
+        ({"router_mode": "magic"}, f"router_mode must be one of {', '.join(ROUTER_MODES)}; got 'magic'"),
+        ({"processes": 0}, "processes must be > 0; got 0"),
+        ({"migration_limit": -1}, "migration_limit must be >= 0; got -1"),
     ],
 )
-def test_worker_config_rejects(kw: dict) -> None:
-    with pytest.raises(ValueError):
+def test_frontend_config_rejects(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
+        FrontendConfig(**kw)
+    assert str(err.value) == message
+
+
+@pytest.mark.parametrize(
+    ("kw", "message"),
+    [
+        ({"engine": "gpu"}, "engine must be one of mocker, native; got 'gpu'"),
+        ({"role": "boss"}, "role must be one of agg, prefill, decode; got 'boss'"),
+        ({"dtype": "int4"}, "dtype must be one of auto, float32, bfloat16, float16; got 'int4'"),
+        ({"block_size": 0}, "block_size must be > 0; got 0"),
+        ({"speedup_ratio": 0}, "speedup_ratio must be > 0; got 0"),
+        ({"num_gpu_blocks": -1}, "num_gpu_blocks must be >= 0; got -1"),
+        ({"max_num_seqs": 0}, "max_num_seqs must be > 0; got 0"),
+        ({"port": -1}, "worker port must be in 0..65535; got -1"),
+    ],
+)
+def test_worker_config_rejects(kw: dict, message: str) -> None:
+    with pytest.raises(ValueError) as err:
         WorkerConfig(**kw)
+    assert str(err.value) == message
+
+
+def test_router_config_rejects_an_unknown_queue_policy() -> None:
+    with pytest.raises(ValueError, match=r"^queue_policy must be one of fcfs, wspt; got 'random'$"):
+        RouterConfig(queue_policy="random")  # type: ignore[arg-type]
+
+
+def test_queue_policies_are_declared_once() -> None:
+    assert ADMISSION_QUEUE_POLICIES is QUEUE_POLICIES
+    assert QUEUE_POLICIES == ("fcfs", "wspt")
 
 
 def test_plane_config_rejects_unknown_discovery() -> None:
-    with pytest.raises(ValueError, match="discovery"):
-        PlaneConfig(discovery="zookeeper")
+    with pytest.raises(ValueError, match=r"^discovery must be one of mem, file; got 'zookeeper'$"):
+        PlaneConfig(discovery="zookeeper")  # type: ignore[arg-type]
 
 
 def test_serve_config_requires_shared_planes() -> None:
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="share discovery"):
         ServeConfig(FrontendConfig(planes=PlaneConfig(discovery="mem")), WorkerConfig(), 1)
 
 
-def test_flags_read_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("LIGHTSPEED_BLOCK_SIZE", "16")
-    monkeypatch.setenv("LIGHTSPEED_ENGINE", "mocker")
-    args = build_parser().parse_args(["worker"])
-    cfg = worker_config(args)
-    assert (cfg.block_size, cfg.engine) == (16, "mocker")
-    args = build_parser().parse_args(["worker", "--block-size", "32"])
-    assert worker_config(args).block_size == 32  # the flag beats the environment
+def test_the_user_visible_engine_default_is_the_dataclass_default() -> None:
+    assert WorkerConfig().engine == "native"
+
+
+@pytest.mark.parametrize("cls", [PlaneConfig, RouterConfig, FrontendConfig, WorkerConfig, ServeConfig])
+def test_every_option_carries_help(cls: type) -> None:
+    for f in fields(cls):
+        nested = f.name in ("planes", "router", "frontend", "worker")
+        assert nested or f.metadata["help"], f"{cls.__name__}.{f.name}"
+
+
+NON_DEFAULT_SERVE = ServeConfig(
+    FrontendConfig(
+        host="0.0.0.0",
+        port=9123,
+        router_mode="kv-latency",
+        planes=PlaneConfig(discovery="mem", discovery_path="/tmp/d", discovery_ttl=2.5, namespace="ns"),
+        max_body_bytes=1234,
+        processes=3,
+        migration_limit=2,
+        served_model_name="front",
+        router=RouterConfig(0.1, 0.3, False, 7.5, 0.9, 1.5, "wspt", 12, 0.2, 3.25, False),
+    ),
+    WorkerConfig(
+        engine="mocker",
+        model="/models/x",
+        served_model_name="x",
+        role="decode",
+        host="10.0.0.1",
+        port=4567,
+        planes=PlaneConfig(discovery="mem", discovery_path="/tmp/d", discovery_ttl=2.5, namespace="ns"),
+        block_size=16,
+        num_gpu_blocks=99,
+        max_num_seqs=7,
+        max_num_batched_tokens=333,
+        max_model_len=1000,
+        speedup_ratio=12.5,
+        kv_cache_gb=0.1,
+        dtype="bfloat16",
+        enable_prefix_caching=False,
+        metrics_interval=0.3,
+        seed=42,
+    ),
+    workers=4,
+)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "cls"),
+    [
+        (NON_DEFAULT_SERVE, ServeConfig),
+        (NON_DEFAULT_SERVE.frontend, FrontendConfig),
+        (NON_DEFAULT_SERVE.worker, WorkerConfig),
+        (ServeConfig(), ServeConfig),
+        (FrontendConfig(), FrontendConfig),
+        (WorkerConfig(), WorkerConfig),
+    ],
+)
+def test_config_round_trips_through_json(cfg: object, cls: type) -> None:
+    back = decode_config(encode_config(cfg), cls)  # type: ignore[arg-type]
+    assert type(back) is cls
+    assert back == cfg
+    assert encode_config(back) == encode_config(cfg)  # type: ignore[arg-type]
+
+
+def test_the_non_default_fixture_really_differs_everywhere() -> None:
+    # The round trip above only proves something for fields that differ from their defaults.
+    def leaves(obj: object, prefix: str = "") -> dict[str, object]:
+        out: dict[str, object] = {}
+        for f in fields(obj):  # type: ignore[arg-type]
+            value = getattr(obj, f.name)
+            if hasattr(value, "__dataclass_fields__"):
+                out |= leaves(value, f"{prefix}{f.name}.")
+            else:
+                out[prefix + f.name] = value
+        return out
+
+    changed, default = leaves(NON_DEFAULT_SERVE), leaves(ServeConfig())
+    same = sorted(k for k in changed if changed[k] == default[k])
+    assert same == ["frontend.planes.event_plane", "worker.planes.event_plane"]  # zmq is the only choice
+
+
+def test_decoding_validates_like_construction() -> None:
+    raw = encode_config(WorkerConfig()).replace('"block_size":64', '"block_size":0')
+    with pytest.raises(msgspec.ValidationError, match="block_size must be > 0"):
+        decode_config(raw, WorkerConfig)

@@ -1,4 +1,5 @@
-"""Supervisor: restart with backoff, give up after a crash loop, SIGTERM then SIGKILL on stop.
+"""Supervisor: restart with backoff, give up after a crash loop, never restart a configuration
+error (exit 2), SIGTERM then SIGKILL on stop.
 
 The children are real Python processes (`python -c ...`); each one appends a line to a file when
 it starts, so the tests count starts exactly.
@@ -7,6 +8,7 @@ it starts, so the tests count starts exactly.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -41,17 +43,21 @@ async def test_a_crash_loop_is_restarted_max_restarts_times_then_given_up(tmp_pa
     await sup.spawn(script_child("crashy", log, "raise SystemExit(1)"))
     await asyncio.wait_for(sup.failed.wait(), 20)
     assert starts(log) == 1 + 3
+    assert sup.failed_code == 1
     await sup.stop()
 
 
-async def test_a_stable_run_clears_the_restart_count(tmp_path: Path) -> None:
-    # Each run lasts longer than stable_seconds, so crashes never count up: with max_restarts=1 a
-    # crash loop would give up after 2 starts, a stable one keeps being restarted.
+async def test_a_configuration_error_is_not_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "starts"
-    sup = Supervisor(max_restarts=1, backoff_seconds=0.01, stable_seconds=0.2)
-    await sup.spawn(script_child("slow-crash", log, "import time; time.sleep(0.4); raise SystemExit(1)"))
-    await until(lambda: starts(log) >= 4, timeout=20, interval=0.02)
-    assert not sup.failed.is_set()
+    sup = Supervisor(max_restarts=5, backoff_seconds=0.01)
+    with caplog.at_level(logging.INFO, logger="lightspeed.runtime.supervisor"):
+        await sup.spawn(script_child("worker-0", log, "raise SystemExit(2)"))
+        await asyncio.wait_for(sup.failed.wait(), 10)
+    assert starts(log) == 1
+    assert sup.failed_code == 2
+    assert sup.pids == []
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors == ["worker-0 exited with a configuration error (exit 2); not restarting"]
     await sup.stop()
 
 
