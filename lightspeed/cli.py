@@ -119,15 +119,20 @@ def parse_invocation(argv: Sequence[str] | None = None, environ: Mapping[str, st
     args = build_parser().parse_args(argv)
     given = vars(args)
     cmd = COMMANDS.get(args.command)
+    if cmd is None:  # bench keeps its own flags
+        return Invocation(args.command, _log_level(given, env), None, args)
     child = env.get(CHILD_CONFIG_ENV)
-    if cmd is None or child is not None:
-        level = resolve([LOG_LEVEL], given, env, {}).get("log_level", LOG_LEVEL.default)
-        config = decode_config(child, cmd.config) if cmd is not None and child is not None else None
-        return Invocation(args.command, level, config, args)
+    if child is not None:  # a child of serve: exactly the config it was handed
+        return Invocation(args.command, _log_level(given, env), decode_config(child, cmd.config), args)
     specs = cmd.specs()
     values = resolve([LOG_LEVEL, *specs], given, env, _config_file(given, env, [LOG_LEVEL, *specs], args.command))
     level = values.pop("log_level", LOG_LEVEL.default)
     return Invocation(args.command, level, build_config(cmd.config, specs, values), args)
+
+
+def _log_level(given: Mapping[str, Any], env: Mapping[str, str]) -> str:
+    level: str = resolve([LOG_LEVEL], given, env, {}).get("log_level", LOG_LEVEL.default)
+    return level
 
 
 def _config_file(
