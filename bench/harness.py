@@ -211,6 +211,36 @@ async def with_service(
         service.stop()
 
 
+# ---------------------------------------------------------------------------- processes
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of `pid` (every thread's children list)."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def find_roles(serve_pid: int, roles_wanted: Sequence[str] = ("worker", "frontend")) -> dict[str, int]:
+    """The worker and frontend processes the serve supervisor started, by their argv."""
+    roles: dict[str, int] = {}
+    for pid in child_pids(serve_pid):
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        for role in roles_wanted:
+            if role.encode() in argv[:5]:  # python -m lightspeed <role> ...
+                roles.setdefault(role, pid)
+    return roles
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 # ---------------------------------------------------------------------------- flags
 
 

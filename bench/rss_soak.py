@@ -28,9 +28,11 @@ from harness import (
     WORK,
     Script,
     Service,
+    find_roles,
     main,
     native_service,
     pyplot,
+    rss_mb,
     wait_model_ready,
     with_service,
 )
@@ -82,33 +84,6 @@ class Report(msgspec.Struct):
     stats: dict[str, RoleStats]
     samples: list[RssSample]
     note: str
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (every thread's children list)."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        text = (task / "children").read_text().split()
-        out += [int(x) for x in text]
-    return out
-
-
-def find_roles(serve_pid: int) -> dict[str, int]:
-    """The worker and frontend processes the serve supervisor started, by their argv."""
-    roles: dict[str, int] = {}
-    for pid in child_pids(serve_pid):
-        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        for role in ROLES:
-            if role.encode() in argv[:5]:  # python -m lightspeed <role> ...
-                roles.setdefault(role, pid)
-    return roles
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 async def sample_rss(roles: dict[str, int], interval_s: float, out: list[tuple[float, dict[str, float]]]) -> None:
