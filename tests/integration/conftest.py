@@ -84,3 +84,15 @@ def mocker_server() -> Iterator[Server]:
     server = start_serve([*MOCKER_ARGS, "--speedup-ratio", "20", "--num-gpu-blocks", "2048"], workers=2)
     yield server
     assert stop_serve(server) == 0
+
+
+NATIVE_ARGS = ["--engine", "native", "--kv-cache-gb", "0.5"]
+
+
+@pytest.fixture(scope="session")
+def native_server() -> Iterator[Server]:
+    """One native worker (the real SmolLM2), shared by every native test module: starting it
+    costs several seconds of model loading, so it is done once per session."""
+    server = start_serve(NATIVE_ARGS, workers=1, timeout=300)
+    yield server
+    assert stop_serve(server) == 0

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import openai
 import pytest
 
-from tests.integration.conftest import MODEL, Server, start_serve, stop_serve
+from tests.integration.conftest import MODEL, Server
 
 pytestmark = pytest.mark.native
 
 
 @pytest.fixture(scope="module")
-def native() -> Iterator[openai.OpenAI]:
-    server: Server = start_serve(["--engine", "native", "--kv-cache-gb", "0.5"], workers=1, timeout=300)
-    yield openai.OpenAI(base_url=server.base_url, api_key="unused", max_retries=0, timeout=120)
-    assert stop_serve(server) == 0
+def native(native_server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=native_server.base_url, api_key="unused", max_retries=0, timeout=120)
 
 
 def test_capital_of_france(native: openai.OpenAI) -> None:
