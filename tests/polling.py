@@ -3,12 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 30.0, what: str = "", interval: float = 0.05) -> None:
-    """Poll `predicate` every `interval` seconds; fail the test after `timeout` seconds."""
+async def until(
+    predicate: Callable[[], bool] | Callable[[], Awaitable[bool]],
+    timeout: float = 30.0,
+    what: str | Callable[[], str] = "",
+    interval: float = 0.05,
+) -> None:
+    """Poll `predicate` (plain or async) every `interval` seconds; fail the test after `timeout`
+    seconds, naming `what` (a callable is asked at that moment, e.g. for the last value seen)."""
     deadline = asyncio.get_running_loop().time() + timeout
-    while not predicate():
-        assert asyncio.get_running_loop().time() < deadline, f"timed out waiting for {what}"
+    while True:
+        done = predicate()
+        if inspect.isawaitable(done):
+            done = await done
+        if done:
+            return
+        if asyncio.get_running_loop().time() >= deadline:
+            raise AssertionError(f"timed out waiting for {what() if callable(what) else what}")
         await asyncio.sleep(interval)

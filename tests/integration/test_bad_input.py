@@ -6,6 +6,7 @@ import aiohttp
 import pytest
 
 from tests.integration.conftest import MODEL, Server, free_port
+from tests.polling import until
 
 CHAT = "/v1/chat/completions"
 COMPL = "/v1/completions"
@@ -113,13 +114,15 @@ async def test_no_workers_is_503() -> None:
     try:
         server = Server(f"http://127.0.0.1:{port}", proc)  # type: ignore[arg-type]
         async with aiohttp.ClientSession() as session:
-            for _ in range(100):
+
+            async def live() -> bool:
                 try:
                     async with session.get(server.url + "/live") as r:
-                        if r.status == 200:
-                            break
-                except aiohttp.ClientError:
-                    await asyncio.sleep(0.1)
+                        return r.status == 200
+                except aiohttp.ClientError:  # not listening yet
+                    return False
+
+            await until(live, timeout=30, what="the frontend to listen")
             async with session.get(server.url + "/health") as r:
                 assert r.status == 503
             async with session.get(server.url + "/v1/models") as r:

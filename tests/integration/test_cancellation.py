@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 import aiohttp
 
 from tests.integration.conftest import MODEL, Server
+from tests.polling import until
 
 
 def worker_gauge(text: str, name: str) -> dict[str, float]:
@@ -15,16 +17,23 @@ def worker_gauge(text: str, name: str) -> dict[str, float]:
     return {w: float(v) for w, v in pattern.findall(text)}
 
 
-async def wait_for(server: Server, predicate, timeout: float = 10.0) -> dict[str, float]:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
+async def wait_for(
+    server: Server, predicate: Callable[[dict[str, float], dict[str, float]], bool], timeout: float = 10.0
+) -> dict[str, float]:
+    """Poll the workers' running-request and active-block gauges until `predicate(running, active)`."""
+    running: dict[str, float] = {}
+    active: dict[str, float] = {}
+
+    async def holds() -> bool:
         text = await asyncio.to_thread(server.metrics)
-        running = worker_gauge(text, "lightspeed_worker_requests_running")
-        active = worker_gauge(text, "lightspeed_worker_kv_active_blocks")
-        if running and predicate(running, active):
-            return active
-        assert asyncio.get_running_loop().time() < deadline, (running, active)
-        await asyncio.sleep(0.1)
+        running.clear()
+        running.update(worker_gauge(text, "lightspeed_worker_requests_running"))
+        active.clear()
+        active.update(worker_gauge(text, "lightspeed_worker_kv_active_blocks"))
+        return bool(running) and predicate(running, active)
+
+    await until(holds, timeout=timeout, interval=0.1, what=lambda: f"worker gauges; last seen {running}, {active}")
+    return active
 
 
 async def test_disconnect_frees_blocks(mocker_server: Server) -> None:

@@ -12,6 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 
 from lightspeed.config import FrontendConfig, PlaneConfig, RouterConfig
 from lightspeed.frontend.server import Frontend
+from lightspeed.router.active import LoadChange
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.kv_router import KvSelector
 from tests.integration.conftest import MODEL
@@ -152,16 +155,28 @@ async def test_lost_events_are_recovered_from_a_dump(kv_frontend: Frontend) -> N
     assert feed is not None
     card = next(c for c in kv_frontend.models.all_workers() if c.instance_id == a)
     feed._sub.disconnect(card.events_address)  # events published now are lost to the router
-    status, _ = await complete(kv_frontend, C + D + E, headers={"x-worker-instance-id": a})
+    pin = {"x-worker-instance-id": a}
+    status, _ = await complete(kv_frontend, C + D + E, headers=pin)
     assert status == 200
+    # A window in which the lost events would have arrived (they are published before the
+    # response ends): a fixed wait, since what is checked is that nothing happens.
     await asyncio.sleep(0.3)
     assert index_of(kv_frontend).find_matches(_hashes(C + D + E)).get(a) is None
     feed._sub.connect(card.events_address)
     resyncs = feed.resynced
-    await asyncio.sleep(0.3)  # let the reconnect settle before the event that reveals the gap
-    await complete(kv_frontend, F + F, headers={"x-worker-instance-id": a})
-    await until(lambda: feed.resynced > resyncs, what="a resync after the gap")
+    probes = iter(range(8000, 9000))
+
+    async def gap_revealed() -> bool:
+        # A ZMQ subscriber misses what is published before its reconnect completes, and nothing
+        # reports when that is: store fresh blocks (each a new event) until one gets through,
+        # which reveals the gap in the event ids and triggers the resync.
+        if feed.resynced == resyncs:
+            assert (await complete(kv_frontend, [next(probes)] * BS, headers=pin))[0] == 200
+        return feed.resynced > resyncs
+
+    await until(gap_revealed, interval=0.1, what="a resync after the gap")
     index = index_of(kv_frontend)
+    await complete(kv_frontend, F + F, headers=pin)
     await until(lambda: index.find_matches(_hashes(F + F)).get(a) == 2, what="events after the resync")
     assert index.find_matches(_hashes(C + D + E)) == {a: 3}  # recovered from the dump
     assert index.find_matches(_hashes(A + B)) == {a: 2}
@@ -194,11 +209,12 @@ async def test_approximate_mode_follows_its_own_decisions_until_the_ttl(
         selector = frontend.router.selector
         assert isinstance(selector, KvSelector) and isinstance(selector.index, ApproxIndex)
         for i in range(4):  # the same prefix keeps going to the worker that has it
+            last_decision = time.monotonic()  # each decision re-records the prefix (restarts its TTL)
             status, body = await complete(frontend, A + B + C + [2000 + i])
             assert status == 200 and cached(body) == (0 if i == 0 else 3 * BS)
         assert len(selector.index.find_matches(_hashes(A + B + C))) == 1
-        await asyncio.sleep(1.2)
-        assert selector.index.find_matches(_hashes(A + B + C)) == {}
+        await until(lambda: selector.index.find_matches(_hashes(A + B + C)) == {}, timeout=10, what="expiry")
+        assert time.monotonic() - last_decision >= 1.0  # not before the TTL
     finally:
         await frontend.stop()
 
@@ -215,7 +231,7 @@ async def test_two_replicas_share_active_load(discovery_dir: Path, workers: list
             ),
             what="replicas to find each other",
         )  # type: ignore[union-attr]
-        await asyncio.sleep(0.5)  # ZMQ subscriptions settle after connect
+        await until(lambda: all([hears(f1, f2), hears(f2, f1)]), interval=0.1, what="router-sync subscriptions")
         tasks = []
         for i, frontend in enumerate((f1, f2, f1, f2)):
             prompt = [3000 + 100 * i + j for j in range(4 * BS)]
@@ -270,6 +286,17 @@ async def test_session_affinity_and_bad_router_overrides(kv_frontend: Frontend) 
         assert status == 200 and kv_frontend.router.sessions.lookup("chat-1") == bound
     status, body = await complete(kv_frontend, [1] * BS, headers={"x-router-temperature": "hot"})
     assert status == 400 and "x-router-temperature" in body["error"]["message"]
+
+
+def hears(sender: Frontend, receiver: Frontend) -> bool:
+    """Probe a router-sync subscription: a no-op change (free of an unknown request), sent again
+    on each poll, until the receiver mirrors one. A ZMQ subscriber drops what is published
+    before its connect completes, and nothing else reports that moment."""
+    assert sender.replicas is not None and receiver.replicas is not None
+    if receiver.replicas.mirrored > 0:
+        return True
+    sender.replicas._broadcast(LoadChange("free", f"probe-{uuid.uuid4().hex}"))
+    return False
 
 
 def _hashes(tokens: list[int]) -> list[int]:
