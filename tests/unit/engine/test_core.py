@@ -17,6 +17,7 @@ from lightspeed.protocol import (
     PreprocessedRequest,
     StopConditions,
 )
+from tests.polling import until
 
 SMALL = EngineConfig(block_size=4, num_gpu_blocks=64, max_num_seqs=16, max_num_batched_tokens=64, max_model_len=128)
 
@@ -75,11 +76,11 @@ async def test_stream_yields_tokens_then_finish(engine: Engine) -> None:
 
 async def test_idle_loop_does_not_step(engine: Engine) -> None:
     core, executor = engine
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # idle time is the point: the loop must not step in it
     assert executor.steps == 0
     await collect(core.add_request(req("a", [5, 6], max_tokens=2)))
     steps = executor.steps
-    await asyncio.sleep(0.02)
+    await asyncio.sleep(0.02)  # idle again after finishing
     assert executor.steps == steps == 2
 
 
@@ -108,14 +109,13 @@ async def test_cancelled_consumer_aborts(engine: Engine) -> None:
     executor.gate = asyncio.Event()  # hold the first step so the consumer is parked waiting
     stream = core.add_request(req("a", [5, 6, 7], max_tokens=100))
     consumer = asyncio.create_task(collect(stream))
-    await asyncio.sleep(0.01)
+    await until(lambda: executor.steps == 1, timeout=2, interval=0.001, what="the step held at the gate")
     consumer.cancel()
     with pytest.raises(asyncio.CancelledError):
         await consumer
     assert core.num_unfinished == 0
     executor.gate.set()
-    await asyncio.sleep(0.01)
-    assert core.kv.pool.num_active_blocks == 0
+    await until(lambda: core.kv.pool.num_active_blocks == 0, timeout=2, interval=0.001, what="blocks freed")
     core.kv.check_integrity()
 
 
@@ -146,7 +146,7 @@ async def test_stop_cancels_pending_requests() -> None:
     core = EngineCore(SMALL, executor)
     task = asyncio.create_task(core.run())
     stream = core.add_request(req("a", [5, 6, 7], max_tokens=100))
-    await asyncio.sleep(0.01)
+    await until(lambda: executor.steps == 1, timeout=2, interval=0.001, what="the step held at the gate")
     core.stop()
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
@@ -279,8 +279,8 @@ async def test_dropped_stream_aborts_request(engine: Engine) -> None:
     await gen.__anext__()
     assert core.num_unfinished == 1
     await gen.aclose()
-    await asyncio.sleep(0.01)  # the loop reaps dropped streams at its next step
-    assert core.num_unfinished == 0
+    # The loop reaps dropped streams at its next step.
+    await until(lambda: core.num_unfinished == 0, timeout=2, interval=0.001, what="the dropped stream reaped")
     assert core.kv.pool.num_active_blocks == 0
     # The id can be reused, and collecting nothing later aborts the new request.
     outs = await collect(core.add_request(req("a", [5, 6, 7], max_tokens=2)))
@@ -290,6 +290,5 @@ async def test_dropped_stream_aborts_request(engine: Engine) -> None:
 async def test_unconsumed_dropped_stream_aborts_request(engine: Engine) -> None:
     core, _ = engine
     core.add_request(req("a", [5, 6, 7], max_tokens=1000))
-    await asyncio.sleep(0.01)
-    assert core.num_unfinished == 0
+    await until(lambda: core.num_unfinished == 0, timeout=2, interval=0.001, what="the dropped stream reaped")
     assert core.kv.pool.num_active_blocks == 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
-import time
 from pathlib import Path
 
 import gguf
@@ -230,8 +230,8 @@ def test_stale_folder_is_replaced(tiny_gguf: Path, tmp_path: Path) -> None:
     materialize_gguf_folder(tiny_gguf, out)
     assert is_complete(out, tiny_gguf)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "src"]  # no temp/stale dirs left
-    time.sleep(0.01)
-    tiny_gguf.touch()  # a changed source file invalidates the folder
+    mtime = tiny_gguf.stat().st_mtime_ns + 10**9  # a changed source file (here: a second newer)
+    os.utime(tiny_gguf, ns=(mtime, mtime))  # invalidates the folder
     assert not is_complete(out, tiny_gguf)
     materialize_gguf_folder(tiny_gguf, out)
     assert is_complete(out, tiny_gguf)

@@ -6,6 +6,7 @@ import pytest
 
 from lightspeed.errors import Overloaded
 from lightspeed.router.admission import AdmissionConfig, AdmissionQueue
+from tests.polling import until
 
 
 def test_config_validation() -> None:
@@ -24,12 +25,10 @@ async def _admitted_order(policy: str, jobs: list[tuple[str, int]]) -> list[str]
         order.append(rid)
 
     tasks = [asyncio.create_task(waiter(rid, size)) for rid, size in jobs]
-    await asyncio.sleep(0)
-    assert len(q) == len(jobs)
-    for _ in jobs:
-        q.wake()
-        await asyncio.sleep(0)
-        await asyncio.sleep(0)
+    await until(lambda: len(q) == len(jobs), timeout=2, interval=0.001, what="every job queued")
+    for admitted in range(1, len(jobs) + 1):
+        q.wake()  # one wake admits exactly one job, the one the policy puts first
+        await until(lambda n=admitted: len(order) == n, timeout=2, interval=0.001, what="an admission")
     await asyncio.gather(*tasks)
     return order
 
@@ -48,11 +47,10 @@ async def test_requeued_waiter_keeps_its_place() -> None:
     second = q.ticket("second", 0)
     t2 = asyncio.create_task(q.wait(second))
     t1 = asyncio.create_task(q.wait(first))
-    await asyncio.sleep(0)
+    await until(lambda: len(q) == 2, timeout=2, interval=0.001, what="both waiting")
     q.wake()  # wakes "first" (older ticket) though it queued later
-    for _ in range(5):
-        await asyncio.sleep(0)
-    assert t1.done() and not t2.done()
+    await until(t1.done, timeout=2, interval=0.001, what="the older ticket admitted")
+    assert not t2.done()
     q.wake()
     await t2
 
@@ -60,7 +58,7 @@ async def test_requeued_waiter_keeps_its_place() -> None:
 async def test_full_queue_refuses_and_timeout_raises() -> None:
     q = AdmissionQueue(AdmissionConfig(max_size=1, max_wait_s=0.05))
     t = asyncio.create_task(q.wait(q.ticket("a", 0)))
-    await asyncio.sleep(0)
+    await until(lambda: len(q) == 1, timeout=2, interval=0.001, what="a queued")
     with pytest.raises(Overloaded, match="already queued"):
         await q.wait(q.ticket("b", 0))
     with pytest.raises(Overloaded, match="waited"):

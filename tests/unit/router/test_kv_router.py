@@ -14,6 +14,7 @@ from lightspeed.router.cost import KvCostConfig
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.kv_router import KvRouterConfig, KvSelector
 from lightspeed.router.selector import RouteRequest, RouterOverrides
+from tests.polling import until
 
 BS = 4
 A, B, C, D, E, F = ([k * 10 + i for i in range(BS)] for k in range(1, 7))
@@ -101,8 +102,8 @@ async def test_busy_workers_queue_until_load_is_released() -> None:
     sel.active.add("p1", "a", prefill_tokens=100)
     sel.active.add("p2", "b", prefill_tokens=100)
     task = asyncio.create_task(sel.route(req("r", A, B), workers))
-    await asyncio.sleep(0.01)
-    assert not task.done() and len(sel.queue) == 1
+    await until(lambda: len(sel.queue) == 1, timeout=2, interval=0.001, what="the request queued")
+    assert not task.done()
     sel.active.prefill_done("p2")  # b is no longer busy
     decision = await asyncio.wait_for(task, 1)
     assert decision.card.instance_id == "b" and len(sel.queue) == 0

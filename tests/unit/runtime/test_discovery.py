@@ -25,6 +25,7 @@ from lightspeed.runtime.discovery import (
     register_backend,
     write_atomic,
 )
+from tests.polling import until
 
 
 def card(instance_id: str, blocks: int = 100) -> WorkerCard:
@@ -176,10 +177,7 @@ async def test_file_heartbeat_recreates_removed_entry(tmp_path: Path) -> None:
     worker = fast_file(tmp_path, ttl=1.0, heartbeat=0.02)
     await worker.register(card("a"))
     (tmp_path / "a.json").unlink()
-    for _ in range(100):
-        if (tmp_path / "a.json").exists():
-            break
-        await asyncio.sleep(0.01)
+    await until(lambda: (tmp_path / "a.json").exists(), timeout=5, interval=0.01, what="the entry to be rewritten")
     assert await fast_file(tmp_path).list_cards() == [card("a")]
     await worker.close()
 

@@ -126,7 +126,7 @@ class Blocking:
 
 async def slow_three(payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
     for i in range(3):
-        await asyncio.sleep(0.05)
+        await asyncio.sleep(0.05)  # a slow producer: in flight long enough to be drained
         yield str(i).encode()
 
 
@@ -210,8 +210,7 @@ async def test_cancel_reaches_handler_finally(server: RequestPlaneServer, client
     assert blocking.log == ["cancelled:a", "finally:a"]
     assert blocking.contexts[0].cancelled
     assert await collect(stream) == []
-    await asyncio.sleep(0)
-    assert server.num_inflight == 0
+    await until(lambda: server.num_inflight == 0, timeout=2, what="the handler's task to be dropped")
 
 
 async def test_aclose_of_finished_stream_sends_nothing(server: RequestPlaneServer, client: RequestPlaneClient) -> None:
@@ -334,7 +333,8 @@ async def test_reconnects_after_connection_drop(client: RequestPlaneClient) -> N
     second.register("count", count)
     await second.start()
     try:
-        await asyncio.sleep(0.01)  # let the client notice the old connection closed
+        # The client must have noticed that the old connection closed (else it writes to it).
+        await until(lambda: address not in client._conns, timeout=2, what="the drop to be noticed")
         assert await collect(await client.stream(address, "count", b"2")) == [b"0", b"1"]
     finally:
         await second.stop(drain_timeout=0)
@@ -349,7 +349,7 @@ async def test_stop_drains_inflight_and_rejects_new(server: RequestPlaneServer) 
         stream = await client.stream(server.address, "slow", b"")
         assert await stream.__anext__() == b"0"
         stopping = asyncio.create_task(server.stop(drain_timeout=5.0))
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # one turn: stop() marks the server draining before its first await
         late = await client.stream(server.address, "count", b"1")
         with pytest.raises(WorkerLost) as info:
             await late.__anext__()

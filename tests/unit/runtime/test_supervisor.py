@@ -75,11 +75,14 @@ async def test_a_healthy_child_is_stopped_with_sigterm(tmp_path: Path) -> None:
 
 async def test_a_child_that_ignores_sigterm_is_killed_after_the_grace_period(tmp_path: Path) -> None:
     log = tmp_path / "starts"
-    stubborn = "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\ntime.sleep(60)"
+    # It writes "ignoring" once its handler is in place: SIGTERM before that would just end it.
+    stubborn = (
+        "import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(log)!r}, 'a').write('ignoring\\n')\ntime.sleep(60)"
+    )
     sup = Supervisor(grace_seconds=0.5)
     await sup.spawn(script_child("stubborn", log, stubborn))
-    await until(lambda: starts(log) == 1, timeout=10, interval=0.02)
-    await asyncio.sleep(0.2)  # let it install the handler
+    await until(lambda: starts(log) == 1 and "ignoring" in log.read_text(), timeout=10, interval=0.02)
     t0 = time.monotonic()
     await sup.stop()
     assert 0.5 <= time.monotonic() - t0 < 5
