@@ -34,7 +34,7 @@ class CountingExecutor:
         self.steps += 1
         if self.gate is not None:
             await self.gate.wait()
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # a step yields to the loop, as a real executor does
         if self.fail_next:
             self.fail_next = False
             raise RuntimeError("boom")
