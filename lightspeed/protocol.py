@@ -166,18 +166,55 @@ class WorkerRole(str, enum.Enum):
 
 
 class PerfModel(msgspec.Struct, frozen=True, omit_defaults=True):
-    """A worker's step-time model, published on its card for latency-aware routing.
+    """A worker's step-time model: the one the mocker sleeps by, the router prices with, the
+    planner sizes with, and a real worker fits from its measured steps and publishes on its card.
 
     Step milliseconds = prefill(t) + decode(p), with prefill(t) = a*t^2 + b*t + c for t
     uncached tokens in the step (0 when t = 0) and decode(p) = max(floor, d*p^2 + e*p + f) at
-    KV usage p; all divided by `speedup_ratio`. The mocker reports its exact model; a real engine
-    reports a fit of its measured steps.
+    KV usage p (active KV blocks / total), the decode phase counted only when the step emits
+    tokens. `prefill_ms`, `decode_ms` and `step_ms` are in the model's reference milliseconds;
+    wall time divides by `speedup_ratio` (`wall_seconds`). `dynamo_default` is Dynamo's mocker
+    fit (DESIGN §5), the model of a worker that publishes none.
     """
 
     prefill_coeffs: tuple[float, float, float]
     decode_coeffs: tuple[float, float, float]
     decode_floor_ms: float = 1.0
     speedup_ratio: float = 1.0
+
+    @classmethod
+    def dynamo_default(cls, speedup_ratio: float = 1.0) -> PerfModel:
+        return cls(_DYNAMO_PREFILL, _DYNAMO_DECODE, 1.0, speedup_ratio)
+
+    def prefill_ms(self, tokens: int) -> float:
+        """Prefill phase of a step computing `tokens` uncached tokens (0 when there are none)."""
+        if tokens <= 0:
+            return 0.0
+        a, b, c = self.prefill_coeffs
+        return a * tokens * tokens + b * tokens + c
+
+    def decode_ms(self, usage: float) -> float:
+        """Decode phase of a step at KV usage `usage`."""
+        d, e, f = self.decode_coeffs
+        return max(self.decode_floor_ms, d * usage * usage + e * usage + f)
+
+    def step_ms(self, prefill_tokens: int, usage: float, has_decode: bool) -> float:
+        """Prefill phase then, when the step emits tokens, decode phase."""
+        total = self.prefill_ms(prefill_tokens)
+        if has_decode:
+            total += self.decode_ms(usage)
+        return total
+
+    def wall_seconds(self, ms: float) -> float:
+        """Wall seconds of `ms` reference milliseconds on this worker."""
+        return ms / 1000.0 / self.speedup_ratio
+
+
+# Dynamo's polynomial fits (ms): prefill of t uncached tokens, t^2, t, 1; decode at KV usage p,
+# p^2, p, 1 (DESIGN §5).
+_DYNAMO_PREFILL = (4.209989e-7, 1.518344e-2, 16.50142)
+_DYNAMO_DECODE = (-25.74, 54.01, 5.74)
+DEFAULT_PERF_MODEL = PerfModel.dynamo_default()
 
 
 class WorkerCard(msgspec.Struct, frozen=True, omit_defaults=True):

@@ -1,9 +1,10 @@
 """The mocker's performance model: how long a simulated engine step takes.
 
-Dynamo's polynomial fits (milliseconds):
+The polynomial itself is `PerfModel` (lightspeed/protocol.py), shared with the router and the
+planner; the mocker runs Dynamo's fit (`PerfModel.dynamo_default`, milliseconds):
     prefill(t) = 4.209989e-7 * t^2 + 1.518344e-2 * t + 16.50142   (t: uncached prompt tokens)
     decode(p)  = max(1, -25.74 * p^2 + 54.01 * p + 5.74)           (p: active KV blocks / total)
-and every time is divided by `speedup_ratio`.
+and every time is divided by `speedup_ratio`. This module adds how the mocker spends it.
 
 How Dynamo's mocker combines them (ai-dynamo/dynamo, lib/mocker: the vLLM-style scheduler): a
 forward pass runs a prefill phase and then a decode phase and sleeps for each in turn, so a step
@@ -27,27 +28,19 @@ and as a batched forward pass behaves; (b) older Dynamo feeds the decode polynom
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from lightspeed.protocol import PerfModel
-
-PREFILL_COEFFS = (4.209989e-7, 1.518344e-2, 16.50142)  # t^2, t, 1
-DECODE_COEFFS = (-25.74, 54.01, 5.74)  # p^2, p, 1
-DECODE_FLOOR_MS = 1.0
+from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
 
 
 def prefill_ms(num_tokens: int) -> float:
     """Modelled prefill time of `num_tokens` uncached prompt tokens (0 when there are none)."""
-    if num_tokens <= 0:
-        return 0.0
-    a, b, c = PREFILL_COEFFS
-    return a * num_tokens * num_tokens + b * num_tokens + c
+    return DEFAULT_PERF_MODEL.prefill_ms(num_tokens)
 
 
 def decode_ms(kv_usage: float) -> float:
     """Modelled decode time of one step at `kv_usage` = active KV blocks / total blocks."""
-    a, b, c = DECODE_COEFFS
-    return max(DECODE_FLOOR_MS, a * kv_usage * kv_usage + b * kv_usage + c)
+    return DEFAULT_PERF_MODEL.decode_ms(kv_usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,30 +48,25 @@ class MockerTiming:
     """Step-time model scaled by `speedup_ratio` (2.0 = twice as fast as the fitted GPU)."""
 
     speedup_ratio: float = 1.0
+    # What the mocker sleeps by, speedup included; its worker card publishes exactly this.
+    perf: PerfModel = field(init=False)
 
     def __post_init__(self) -> None:
         if not self.speedup_ratio > 0:
             raise ValueError(f"speedup_ratio must be > 0, got {self.speedup_ratio}")
+        object.__setattr__(self, "perf", PerfModel.dynamo_default(self.speedup_ratio))
 
     def step_ms_unscaled(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> float:
         """Prefill phase then decode phase, as in Dynamo's mocker (see module docstring)."""
-        total = prefill_ms(num_prefill_tokens)
-        if has_decode:
-            total += decode_ms(kv_usage)
-        return total
+        return self.perf.step_ms(num_prefill_tokens, kv_usage, has_decode)
 
     def step_seconds(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> float:
         """Wall seconds the simulated step lasts."""
-        ms = self.step_ms_unscaled(num_prefill_tokens, kv_usage, has_decode)
-        return ms / 1000.0 / self.speedup_ratio
+        return self.perf.wall_seconds(self.step_ms_unscaled(num_prefill_tokens, kv_usage, has_decode))
 
     def phase_seconds(self, num_prefill_tokens: int, kv_usage: float, has_decode: bool) -> tuple[float, float]:
         """(prefill phase, decode phase) wall seconds; tokens are emitted between the two."""
-        scale = 1000.0 * self.speedup_ratio
-        decode = decode_ms(kv_usage) / scale if has_decode else 0.0
-        return prefill_ms(num_prefill_tokens) / scale, decode
-
-
-def perf_model(speedup_ratio: float) -> PerfModel:
-    """This model as a worker card publishes it (for the predicted-latency router)."""
-    return PerfModel(PREFILL_COEFFS, DECODE_COEFFS, DECODE_FLOOR_MS, speedup_ratio)
+        perf = self.perf
+        scale = 1000.0 * self.speedup_ratio  # one division per phase (equal to wall_seconds to an ulp)
+        decode = perf.decode_ms(kv_usage) / scale if has_decode else 0.0
+        return perf.prefill_ms(num_prefill_tokens) / scale, decode

@@ -23,7 +23,7 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lightspeed.protocol import PerfModel
+from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
 
 COST_POLICIES = ("blocks", "latency")
 
@@ -66,19 +66,7 @@ def block_cost(c: Candidate, overlap_score_weight: float) -> float:
     return overlap_score_weight * prefill_blocks + c.decode_blocks
 
 
-def _prefill_ms(perf: PerfModel, tokens: int) -> float:
-    if tokens <= 0:
-        return 0.0
-    a, b, k = perf.prefill_coeffs
-    return a * tokens * tokens + b * tokens + k
-
-
-def _decode_ms(perf: PerfModel, usage: float) -> float:
-    d, e, f = perf.decode_coeffs
-    return max(perf.decode_floor_ms, d * usage * usage + e * usage + f)
-
-
-def latency_cost(c: Candidate, default_perf: PerfModel) -> float:
+def latency_cost(c: Candidate, default_perf: PerfModel = DEFAULT_PERF_MODEL) -> float:
     """Predicted seconds to this request's first token on `c` (see the module docstring)."""
     perf = c.perf or default_perf
     # Each decoding request takes one token of every step's budget.
@@ -90,10 +78,10 @@ def latency_cost(c: Candidate, default_perf: PerfModel) -> float:
     work += max(0, c.decode_blocks - c.total_blocks) * c.block_size  # recomputed after preemption
     full, rest = divmod(work, chunk)
     steps = full + (1 if rest else 0)
-    ms = full * _prefill_ms(perf, chunk) + _prefill_ms(perf, rest)
+    ms = full * perf.prefill_ms(chunk) + perf.prefill_ms(rest)
     if decodes:
-        ms += max(0, steps - 1) * _decode_ms(perf, usage)
-    return ms / 1000.0 / perf.speedup_ratio
+        ms += max(0, steps - 1) * perf.decode_ms(usage)
+    return perf.wall_seconds(ms)
 
 
 def _prefilled_since(c: Candidate, perf: PerfModel, chunk: int, usage: float, decodes: bool) -> int:
@@ -101,7 +89,7 @@ def _prefilled_since(c: Candidate, perf: PerfModel, chunk: int, usage: float, de
     full-budget steps for the time elapsed, never the whole queue (its first token is not in)."""
     if c.active_prefill_tokens <= 0 or c.prefill_elapsed_s <= 0:
         return 0
-    step_ms = _prefill_ms(perf, chunk) + (_decode_ms(perf, usage) if decodes else 0.0)
+    step_ms = perf.step_ms(chunk, usage, decodes)
     elapsed_ms = c.prefill_elapsed_s * 1000.0 * perf.speedup_ratio
     return min(c.active_prefill_tokens - 1, int(elapsed_ms / step_ms * chunk))
 

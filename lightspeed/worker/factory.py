@@ -62,7 +62,6 @@ def _engine_config(cfg: WorkerConfig, model: ResolvedModel, num_blocks: int) -> 
 
 def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     from lightspeed.mocker.executor import MockerExecutor
-    from lightspeed.mocker.timing import perf_model
 
     num_blocks = cfg.num_gpu_blocks or MOCKER_DEFAULT_BLOCKS
     ecfg = _engine_config(cfg, model, num_blocks)
@@ -73,7 +72,7 @@ def _build_mocker(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
         seed=cfg.seed,
         avoid_token_ids=set(model.eos_token_ids),
     )
-    return ExecutorBuild(executor, num_blocks, perf=perf_model(cfg.speedup_ratio))
+    return ExecutorBuild(executor, num_blocks, perf=executor.timing.perf)  # exact: what it sleeps by
 
 
 def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:

@@ -1,6 +1,7 @@
 import pytest
 
 from lightspeed.mocker.timing import MockerTiming, decode_ms, prefill_ms
+from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
 
 
 def test_prefill_polynomial_values() -> None:
@@ -38,3 +39,12 @@ def test_phases_split_the_step() -> None:
     assert timing.phase_seconds(1000, 0.5, False) == pytest.approx((0.00321058589, 0.0))
     assert timing.phase_seconds(0, 0.0, True) == pytest.approx((0.0, 0.000574))
     assert sum(timing.phase_seconds(1000, 0.5, True)) == pytest.approx(timing.step_seconds(1000, 0.5, True))
+
+
+def test_the_mocker_runs_the_shared_perf_model() -> None:
+    timing = MockerTiming(4.0)
+    assert timing.perf == PerfModel.dynamo_default(4.0)
+    for t, p, dec in ((0, 0.3, True), (777, 0.9, False), (5000, 0.1, True)):
+        assert timing.step_seconds(t, p, dec) == timing.perf.wall_seconds(timing.perf.step_ms(t, p, dec))
+    assert prefill_ms(1234) == DEFAULT_PERF_MODEL.prefill_ms(1234)
+    assert decode_ms(0.42) == DEFAULT_PERF_MODEL.decode_ms(0.42)

@@ -5,7 +5,7 @@ from collections import Counter
 
 import pytest
 
-from lightspeed.protocol import PerfModel
+from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
 from lightspeed.router.cost import (
     Candidate,
     KvCostConfig,
@@ -94,6 +94,9 @@ def test_latency_cost_penalises_kv_overflow_and_uses_speedup() -> None:
 
 def test_latency_cost_falls_back_to_default_perf() -> None:
     assert latency_cost(cand(new=100, perf=None), PERF) == latency_cost(cand(new=100), PERF)
+    # Without one given, the default is Dynamo's model: one step of 1000 tokens, no decode.
+    assert latency_cost(cand(new=1000, perf=None)) == pytest.approx(32.1058589 / 1000)
+    assert latency_cost(cand(new=1000, perf=None)) == latency_cost(cand(new=1000, perf=DEFAULT_PERF_MODEL))
 
 
 def test_choose_argmin_and_random_tie_break() -> None:
