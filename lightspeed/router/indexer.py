@@ -7,7 +7,8 @@ has the next one. Owners are a bitmask (one bit per worker slot) so a walk step 
 probe plus one integer AND, and a whole 8k-token prompt (128 blocks) is matched in microseconds.
 
 `KvIndex` is fed by workers' KV events (exact mode); `ApproxIndex` records the router's own
-routing decisions with a TTL (approximate mode, for engines that publish no events).
+routing decisions with a TTL (approximate mode, for engines that publish no events). Both are a
+`PrefixIndex`, the one seam the KV selector uses, so it never asks which mode it is in.
 
 Not modelled yet: storage tiers (host/disk blocks count like device blocks) and data-parallel
 ranks (a worker id is the unit of ownership; publish one id per rank if ranks cache separately).
@@ -20,10 +21,27 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from lightspeed.protocol import KvCleared, KvEvent, KvEventData, KvRemoved, KvStored
 
 logger = logging.getLogger(__name__)
+
+
+class PrefixIndex(Protocol):
+    """What the KV selector needs of an index: prefix overlaps, and word of its own decisions."""
+
+    def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]:
+        """worker_id -> consecutive leading blocks of `seq_hashes` it caches (only workers with >= 1)."""
+        ...
+
+    def record(self, worker_id: str, seq_hashes: Sequence[int]) -> None:
+        """`worker_id` was just routed a prompt with these full blocks (by this router or a replica)."""
+        ...
+
+    def remove_worker(self, worker_id: str) -> None:
+        """Forget a worker that left; unknown ids are a no-op."""
+        ...
 
 
 # Bounds on the two memo tables below: both only save work, so clearing them is always safe.
@@ -215,6 +233,10 @@ class KvIndex:
         if held:
             self._owners.discard(held, self._owners.mask(worker_id))
             held.clear()
+
+    def record(self, worker_id: str, seq_hashes: Sequence[int]) -> None:
+        """Nothing: only the worker's own events say what it caches. A routed prompt may still
+        be queued, be evicted before it runs, or be refused, so recording it would overstate."""
 
     # ------------------------------------------------------------------ queries
 

@@ -15,10 +15,9 @@ import random
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from lightspeed.kv_hashing import compute_prompt_seq_hashes
-from lightspeed.protocol import PerfModel, WorkerCard
+from lightspeed.protocol import DEFAULT_PERF_MODEL, WorkerCard
 from lightspeed.router.active import ActiveLoad, LoadChange, WorkerLoad
 from lightspeed.router.admission import AdmissionConfig, AdmissionQueue
 from lightspeed.router.cost import (
@@ -28,14 +27,12 @@ from lightspeed.router.cost import (
     choose,
     latency_cost,
 )
-from lightspeed.router.indexer import ApproxIndex, KvIndex
+from lightspeed.router.indexer import ApproxIndex, KvIndex, PrefixIndex
 from lightspeed.router.metrics import RouterMetrics
 from lightspeed.router.selector import RouteDecision, RouteRequest, WorkerSelector
 
 log = logging.getLogger(__name__)
 
-# Dynamo's fitted model at speedup 1: only used to rank workers whose cards carry no perf model.
-DEFAULT_PERF = PerfModel((4.209989e-7, 1.518344e-2, 16.50142), (-25.74, 54.01, 5.74), 1.0, 1.0)
 _HOUSEKEEPING_EVERY_S = 1.0
 
 
@@ -58,11 +55,6 @@ class KvRouterConfig:
             raise ValueError(f"busy_prefill_frac must be > 0, got {self.busy_prefill_frac}")
 
 
-class PrefixIndex(Protocol):
-    def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]: ...
-    def remove_worker(self, worker_id: str) -> None: ...
-
-
 @dataclass(frozen=True, slots=True)
 class _Prompt:
     hashes: tuple[int, ...]
@@ -75,20 +67,24 @@ class _Prompt:
 
 
 class KvSelector(WorkerSelector):
+    """Cheapest worker by prefix overlap and queued load; the index (`PrefixIndex`) is exact or
+    approximate by configuration, and the selector treats both alike."""
+
     def __init__(
-        self, active: ActiveLoad, cfg: KvRouterConfig | None = None, metrics: RouterMetrics | None = None
+        self,
+        active: ActiveLoad,
+        cfg: KvRouterConfig | None = None,
+        metrics: RouterMetrics | None = None,
+        index: PrefixIndex | None = None,
     ) -> None:
         self.cfg = cfg or KvRouterConfig()
         self.active = active
         self.metrics = metrics
-        self.index: KvIndex | ApproxIndex = KvIndex() if self.cfg.use_kv_events else ApproxIndex(self.cfg.approx_ttl)
+        self.index = index if index is not None else _default_index(self.cfg)
         self.queue = AdmissionQueue(self.cfg.admission)
         self._rng = random.Random(self.cfg.seed)
         self._last_housekeeping = time.monotonic()
         active.on_release.append(self.queue.wake)
-
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
-        raise NotImplementedError("KvSelector is asynchronous: use route()")
 
     async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
         t0 = time.perf_counter()
@@ -116,8 +112,8 @@ class KvSelector(WorkerSelector):
         self.index.remove_worker(worker_id)
 
     def mirror(self, change: LoadChange) -> None:
-        """A replica's routing decision: in approximate mode it also says what is cached where."""
-        if change.kind == "add" and isinstance(self.index, ApproxIndex) and change.hashes:
+        """A replica's routing decision: the index hears of it as of this router's own."""
+        if change.kind == "add":
             self.index.record(change.worker_id, change.hashes)
 
     # ------------------------------------------------------------------ internals
@@ -142,7 +138,8 @@ class KvSelector(WorkerSelector):
             if self._busy(card, load):
                 continue
             cand = self._candidate(card, load, prompt, overlaps, held, now)
-            cost = latency_cost(cand, DEFAULT_PERF) if latency else block_cost(cand, weight)
+            # Workers whose cards carry no perf model are priced with Dynamo's default.
+            cost = latency_cost(cand, DEFAULT_PERF_MODEL) if latency else block_cost(cand, weight)
             costs.append((card.instance_id, cost))
             by_id[card.instance_id] = card
         if not costs:
@@ -226,8 +223,7 @@ class KvSelector(WorkerSelector):
                 self.queue.wake()  # capacity may remain for the next waiter: let it re-check
 
     def _record(self, decision: RouteDecision, prompt: _Prompt) -> None:
-        if isinstance(self.index, ApproxIndex) and prompt.hashes:
-            self.index.record(decision.card.instance_id, prompt.hashes)
+        self.index.record(decision.card.instance_id, prompt.hashes)
         if self.metrics is not None:
             self.metrics.overlap.observe(decision.overlap_blocks)
             self.metrics.decisions.labels(decision.card.instance_id).inc()
@@ -237,6 +233,9 @@ class KvSelector(WorkerSelector):
         if now - self._last_housekeeping < _HOUSEKEEPING_EVERY_S:
             return
         self._last_housekeeping = now
-        self.active.expire(now)
-        if isinstance(self.index, ApproxIndex):
-            self.index.expire()
+        self.active.expire(now)  # the approximate index expires its own entries on every lookup
+
+
+def _default_index(cfg: KvRouterConfig) -> PrefixIndex:
+    """Exact when workers publish KV events; otherwise learned from routing decisions."""
+    return KvIndex() if cfg.use_kv_events else ApproxIndex(cfg.approx_ttl)

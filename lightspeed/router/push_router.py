@@ -9,7 +9,7 @@ however it ends).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 
 import msgspec
 
@@ -60,8 +60,11 @@ class PushRouter:
     def remove_worker(self, instance_id: str) -> None:
         self.active.remove_worker(instance_id)
         self.sessions.remove_worker(instance_id)
+        self.selector.remove_worker(instance_id)
 
-    async def generate(self, decision: RouteDecision, request: PreprocessedRequest) -> AsyncIterator[LLMEngineOutput]:
+    async def generate(
+        self, decision: RouteDecision, request: PreprocessedRequest
+    ) -> AsyncGenerator[LLMEngineOutput, None]:
         """Stream the worker's outputs; raises WorkerLost / WorkerError from the plane."""
         rid = request.request_id
         card = decision.card

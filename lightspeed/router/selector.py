@@ -1,7 +1,8 @@
-"""Worker selection policies that need no KV index.
+"""Worker selection: the `WorkerSelector` seam, and the policies that need no KV index.
 
 A selector only *chooses* a worker; sending and load tracking belong to the push router.
-New policies register themselves in `SELECTORS` so the frontend picks them by name.
+New policies register themselves in `SELECTORS` so the frontend picks them by name (the KV
+selector, in `kv_router`, is built by `factory`).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from lightspeed.errors import InvalidRequest
 from lightspeed.protocol import WorkerCard
-from lightspeed.router.active import ActiveLoad
+from lightspeed.router.active import ActiveLoad, LoadChange
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,46 +53,65 @@ class RouteDecision:
 
 
 class WorkerSelector(ABC):
-    @abstractmethod
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
-        """Pick one of `workers` (never empty: the caller handles the no-worker case)."""
+    """Chooses a worker for each request. `route` is async because a selector may make the
+    request wait (the KV selector's admission queue); policies that never wait derive from
+    `PickSelector` and only implement its synchronous `pick`."""
 
+    @abstractmethod
     async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
-        """Choose and describe the load; KV-aware selectors override this (and may wait)."""
-        return self.decision_for(req, self.select(req, workers))
+        """Choose one of `workers` (never empty: the caller handles the no-worker case) and
+        describe the load the request puts on it."""
 
     def decision_for(self, req: RouteRequest, card: WorkerCard) -> RouteDecision:
         """The load of `req` on an already-chosen worker (pinned or session-affine)."""
         isl = len(req.token_ids)
         return RouteDecision(card, isl, -(-isl // max(1, card.block_size)))
 
+    # Hooks for selectors that keep state per worker; the stateless ones have nothing to do.
+    def mirror(self, change: LoadChange) -> None:  # noqa: B027 -- optional hook, a no-op by design
+        """A router replica's load change (see `replica_sync`)."""
 
-class RoundRobinSelector(WorkerSelector):
+    def remove_worker(self, worker_id: str) -> None:  # noqa: B027 -- optional hook, a no-op by design
+        """`worker_id` left discovery."""
+
+
+class PickSelector(WorkerSelector):
+    """A policy that decides at once from the candidates and the active load alone."""
+
+    @abstractmethod
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+        """Pick one of `workers` (never empty)."""
+
+    async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
+        return self.decision_for(req, self.pick(req, workers))
+
+
+class RoundRobinSelector(PickSelector):
     def __init__(self, active: ActiveLoad) -> None:
         self._next = 0
 
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         card = workers[self._next % len(workers)]
         self._next += 1
         return card
 
 
-class RandomSelector(WorkerSelector):
+class RandomSelector(PickSelector):
     def __init__(self, active: ActiveLoad, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
 
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         return workers[self._rng.randrange(len(workers))]
 
 
-class LeastLoadedSelector(WorkerSelector):
+class LeastLoadedSelector(PickSelector):
     """Fewest in-flight requests, then fewest pending prefill tokens; ties go round-robin."""
 
     def __init__(self, active: ActiveLoad) -> None:
         self._active = active
         self._tie = 0
 
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         def key(card: WorkerCard) -> tuple[int, int]:
             load = self._active.get(card.instance_id)
             return (load.requests, load.prefill_tokens)
@@ -102,7 +122,7 @@ class LeastLoadedSelector(WorkerSelector):
         return tied[self._tie % len(tied)]
 
 
-class PowerOfTwoSelector(WorkerSelector):
+class PowerOfTwoSelector(PickSelector):
     """Sample two workers, take the less loaded: near least-loaded balance without herding
     every router replica onto the same momentarily idle worker."""
 
@@ -110,7 +130,7 @@ class PowerOfTwoSelector(WorkerSelector):
         self._active = active
         self._rng = random.Random(seed)
 
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         if len(workers) == 1:
             return workers[0]
         a, b = self._rng.sample(range(len(workers)), 2)
@@ -121,17 +141,17 @@ class PowerOfTwoSelector(WorkerSelector):
         return workers[b] if key_b < key_a else workers[a]
 
 
-class DirectSelector(WorkerSelector):
+class DirectSelector(PickSelector):
     """Every request must name its worker (header `x-worker-instance-id`)."""
 
     def __init__(self, active: ActiveLoad) -> None:
         pass
 
-    def select(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
+    def pick(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> WorkerCard:
         raise InvalidRequest("router mode 'direct' needs the header x-worker-instance-id", param="x-worker-instance-id")
 
 
-SELECTORS: dict[str, Callable[[ActiveLoad], WorkerSelector]] = {
+SELECTORS: dict[str, Callable[[ActiveLoad], PickSelector]] = {
     "round-robin": RoundRobinSelector,
     "random": RandomSelector,
     "least-loaded": LeastLoadedSelector,
@@ -140,7 +160,7 @@ SELECTORS: dict[str, Callable[[ActiveLoad], WorkerSelector]] = {
 }
 
 
-def make_selector(mode: str, active: ActiveLoad) -> WorkerSelector:
+def make_selector(mode: str, active: ActiveLoad) -> PickSelector:
     try:
         factory = SELECTORS[mode]
     except KeyError:

@@ -8,7 +8,7 @@ import pytest
 from lightspeed.kv_hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.protocol import KvCleared, KvEvent, KvRemoved, KvStored, StoredBlock
 from lightspeed.router import indexer
-from lightspeed.router.indexer import ApproxIndex, KvIndex
+from lightspeed.router.indexer import ApproxIndex, KvIndex, PrefixIndex
 
 BS = 4
 # Token blocks; a path like "ACD" is the prompt A+C+D and its blocks' sequence hashes.
@@ -247,6 +247,30 @@ def test_events_decoded_from_msgpack(index: KvIndex) -> None:
     for event in [stored("a", 1, "AB"), stored("a", 2, "ACD"), stored("b", 1, "ACE")]:
         assert idx.apply(decoder.decode(encode(event)))
     assert idx.find_matches(seq("ACDF")) == {"a": 3, "b": 2}
+
+
+def test_exact_index_ignores_routing_decisions(index: KvIndex) -> None:
+    """Only events say what a worker caches: a routed prompt changes nothing."""
+    before = snapshot(index)
+    index.record("b", seq("ACDF"))
+    index.record("new", seq("F"))
+    assert snapshot(index) == before
+    assert index.find_matches(seq("F")) == {}
+
+
+# ---------------------------------------------------------------- PrefixIndex
+
+
+def test_a_routed_prompt_counts_only_in_the_approximate_index() -> None:
+    exact: PrefixIndex = KvIndex()
+    approx: PrefixIndex = ApproxIndex(ttl=10.0)
+    for idx in (exact, approx):
+        idx.record("a", seq("AB"))
+    assert exact.find_matches(seq("ABC")) == {}
+    assert approx.find_matches(seq("ABC")) == {"a": 2}
+    for idx in (exact, approx):
+        idx.remove_worker("a")
+    assert approx.find_matches(seq("ABC")) == {}
 
 
 # ---------------------------------------------------------------- ApproxIndex

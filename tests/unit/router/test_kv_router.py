@@ -2,13 +2,14 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 
 import pytest
 
 from lightspeed.errors import Overloaded
 from lightspeed.kv_hashing import compute_block_hashes, compute_seq_hashes
 from lightspeed.protocol import KvEvent, KvStored, PerfModel, StoredBlock, WorkerCard
-from lightspeed.router.active import ActiveLoad
+from lightspeed.router.active import ActiveLoad, LoadChange
 from lightspeed.router.admission import AdmissionConfig
 from lightspeed.router.cost import KvCostConfig
 from lightspeed.router.indexer import ApproxIndex, KvIndex
@@ -119,9 +120,7 @@ async def test_full_admission_queue_is_a_503() -> None:
 
 async def test_approximate_mode_remembers_its_own_decisions_until_ttl() -> None:
     now = [0.0]
-    sel = selector(KvRouterConfig(use_kv_events=False, approx_ttl=10, seed=0))
-    assert isinstance(sel.index, ApproxIndex)
-    sel.index = ApproxIndex(10, clock=lambda: now[0])
+    sel = KvSelector(ActiveLoad(), KvRouterConfig(seed=0), index=ApproxIndex(10, clock=lambda: now[0]))
     workers = [card("a"), card("b")]
     first = (await sel.route(req("r1", A, B, C), workers)).card.instance_id
     again = await sel.route(req("r2", A, B, D), workers)
@@ -160,3 +159,56 @@ async def test_decision_for_a_pinned_worker_counts_its_overlap() -> None:
     seed_constructed(sel)
     decision = sel.decision_for(req("r", A, C, D, F, extra=2), card("b"))
     assert (decision.overlap_blocks, decision.prefill_tokens, decision.blocks) == (2, 2 * BS + 2, 5)
+
+
+def test_the_configuration_picks_the_index() -> None:
+    assert type(selector().index) is KvIndex
+    assert type(selector(KvRouterConfig(use_kv_events=False)).index) is ApproxIndex
+
+
+class RecordingIndex:
+    """A `PrefixIndex` that answers fixed overlaps and logs what the selector tells it."""
+
+    def __init__(self, overlaps: dict[str, int]) -> None:
+        self.overlaps = overlaps
+        self.recorded: list[tuple[str, tuple[int, ...]]] = []
+        self.removed: list[str] = []
+
+    def find_matches(self, seq_hashes: Sequence[int]) -> dict[str, int]:
+        return dict(self.overlaps)
+
+    def record(self, worker_id: str, seq_hashes: Sequence[int]) -> None:
+        self.recorded.append((worker_id, tuple(seq_hashes)))
+
+    def remove_worker(self, worker_id: str) -> None:
+        self.removed.append(worker_id)
+
+
+async def test_the_selector_talks_to_its_index_only_through_the_protocol() -> None:
+    index = RecordingIndex({"b": 2})
+    sel = KvSelector(ActiveLoad(), KvRouterConfig(seed=0), index=index)
+    decision = await sel.route(req("r", A, B, C), [card("a"), card("b")])
+    assert (decision.card.instance_id, decision.overlap_blocks) == ("b", 2)
+    pinned = sel.decision_for(req("p", A, B), card("a"))
+    sel.mirror(LoadChange("add", "x", "c", 4, (7, 8)))
+    sel.mirror(LoadChange("free", "x", "c"))  # only an add says where a prompt went
+    sel.remove_worker("a")
+    assert index.recorded == [("b", decision.hashes), ("a", pinned.hashes), ("c", (7, 8))]
+    assert index.removed == ["a"]
+
+
+async def test_exact_mode_does_not_learn_from_its_own_decisions() -> None:
+    sel = selector()
+    first = await sel.route(req("r1", A, B, C), [card("a"), card("b")])
+    assert sel.index.find_matches(first.hashes) == {}
+    sel.mirror(LoadChange("add", "x", "b", 12, first.hashes))
+    assert sel.index.find_matches(first.hashes) == {}
+
+
+async def test_approximate_mode_learns_a_replicas_decisions_and_forgets_removed_workers() -> None:
+    sel = selector(KvRouterConfig(use_kv_events=False, seed=0))
+    hashes = (await sel.route(req("r1", A, B), [card("a")])).hashes
+    sel.mirror(LoadChange("add", "x", "b", 8, hashes))
+    assert sel.index.find_matches(hashes) == {"a": 2, "b": 2}
+    sel.remove_worker("a")
+    assert sel.index.find_matches(hashes) == {"b": 2}

@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from lightspeed.protocol import WorkerCard
+from lightspeed.router.active import ActiveLoad
+from lightspeed.router.kv_router import KvRouterConfig, KvSelector
+from lightspeed.router.push_router import PushRouter
+from lightspeed.router.selector import RouteRequest
+from lightspeed.runtime.request_plane import RequestPlaneClient
+
+CARD = WorkerCard(instance_id="a", model="m", address="x:1", block_size=4)
+
+
+async def test_a_removed_worker_leaves_the_active_set_the_sessions_and_the_selector() -> None:
+    active = ActiveLoad()
+    selector = KvSelector(active, KvRouterConfig(use_kv_events=False, seed=0))
+    router = PushRouter(RequestPlaneClient(), selector, active)
+    decision = await router.route(RouteRequest("r", list(range(8)), session_id="s"), [CARD])
+    assert active.get("a").requests == 1 and router.sessions.lookup("s") == "a"
+    assert selector.index.find_matches(decision.hashes) == {"a": 2}
+    router.remove_worker("a")
+    assert active.get("a").requests == 0
+    assert router.sessions.lookup("s") is None
+    assert selector.index.find_matches(decision.hashes) == {}
