@@ -117,9 +117,9 @@ class ModelManager:
             return
         name = self._override or card.model
         if self._worker_model.get(card.instance_id) == name:
-            entry = self._models[name]
-            entry.workers[card.instance_id] = card
-            entry.down_until.pop(card.instance_id, None)  # it registered again: it is alive
+            known = self._models[name]
+            known.workers[card.instance_id] = card
+            known.down_until.pop(card.instance_id, None)  # it registered again: it is alive
             return
         entry = self._models.get(name)
         if entry is None:

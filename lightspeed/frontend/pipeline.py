@@ -1,8 +1,9 @@
 """From a validated OpenAI request to a stream of text deltas.
 
-preprocess (tokenize, limits) -> route (choose a worker) -> push (stream engine outputs) ->
-detokenize (incremental text, stop strings). Migration re-sends prompt + tokens so far to
-another worker when the first one is lost mid-stream, so the client sees one unbroken stream.
+preprocess (tokenize; `validation.check_prompt` holds the prompt to the model's limits) ->
+route (choose a worker) -> push (stream engine outputs) -> detokenize (incremental text, stop
+strings). Migration re-sends prompt + tokens so far to another worker when the first one is
+lost mid-stream, so the client sees one unbroken stream.
 
 A worker lost at the transport level is reported down to the model manager (kept out of routing
 until discovery catches up). A request that never reached its worker (dial failed, worker
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 import msgspec
@@ -22,7 +23,8 @@ import msgspec
 from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerLost
 from lightspeed.frontend.detokenize import IncrementalDetokenizer
 from lightspeed.frontend.model_manager import ModelEntry, ModelManager
-from lightspeed.frontend.openai_types import ChatCompletionRequest, CompletionRequest
+from lightspeed.frontend.openai_types import AnyRequest, ChatCompletionRequest
+from lightspeed.frontend.validation import check_prompt
 from lightspeed.protocol import (
     FinishReason,
     LLMEngineOutput,
@@ -37,7 +39,6 @@ from lightspeed.runtime.request_plane import CODE_CONNECT_FAILED, CODE_SHUTTING_
 
 log = logging.getLogger(__name__)
 
-AnyRequest = ChatCompletionRequest | CompletionRequest
 _NEVER_STARTED = frozenset({CODE_CONNECT_FAILED, CODE_SHUTTING_DOWN})
 
 
@@ -88,14 +89,14 @@ class Pipeline:
         session: str | None = None,
         overrides: RouterOverrides | None = None,
     ) -> Generation:
-        """Validate against the model, tokenize, and build the worker request (raises 4xx)."""
+        """Tokenize and build the worker request (raises 4xx: unknown model, prompt over its limits)."""
         entry = self._models.get(req.model)
         if entry is None:
             if not self._models.all_workers():
                 raise Overloaded("no workers are available to serve requests")
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
         token_ids = _tokenize(entry, req)
-        max_tokens = _output_budget(entry, req, len(token_ids))
+        max_tokens = check_prompt(req, token_ids, entry.preprocessor.vocab_size, entry.context_length)
         eos = list(entry.preprocessor.eos_token_ids)
         preq = PreprocessedRequest(
             request_id=request_id,
@@ -112,7 +113,7 @@ class Pipeline:
         )
         return Generation(request_id, entry, preq, req.stop_list, pinned, session, overrides)
 
-    async def stream(self, gen: Generation) -> AsyncIterator[Delta]:
+    async def stream(self, gen: Generation) -> AsyncGenerator[Delta, None]:
         """Yield text deltas; the last one carries the finish reason."""
         detok = IncrementalDetokenizer(gen.entry.preprocessor.tokenizer, stop=gen.stop_strings)
         migrations = 0
@@ -139,7 +140,7 @@ class Pipeline:
                     self._migration_limit,
                 )
 
-    async def _stream_once(self, gen: Generation, detok: IncrementalDetokenizer) -> AsyncIterator[Delta]:
+    async def _stream_once(self, gen: Generation, detok: IncrementalDetokenizer) -> AsyncGenerator[Delta, None]:
         request = _continuation(gen)
         decision = await self._route(gen, request.token_ids)
         gen.worker_id = decision.card.instance_id
@@ -212,39 +213,9 @@ def _continuation(gen: Generation) -> PreprocessedRequest:
 def _tokenize(entry: ModelEntry, req: AnyRequest) -> list[int]:
     pre = entry.preprocessor
     if isinstance(req, ChatCompletionRequest):
-        messages = [m.to_template_dict() for m in req.messages]
-        ids = pre.encode_chat(messages, add_generation_prompt=req.add_generation_prompt)
-    else:
-        prompt = req.prompt_value()
-        ids = pre.encode(prompt) if isinstance(prompt, str) else prompt
-        if not isinstance(prompt, str) and max(ids) >= pre.vocab_size:
-            raise InvalidRequest(
-                f"token id {max(ids)} is out of the vocabulary (size {pre.vocab_size})", param="prompt"
-            )
-    if not ids:
-        raise InvalidRequest("the prompt is empty after tokenization", param="prompt")
-    return ids
-
-
-def _output_budget(entry: ModelEntry, req: AnyRequest, prompt_len: int) -> int:
-    ctx = entry.context_length
-    if prompt_len >= ctx:
-        raise InvalidRequest(
-            f"This model's maximum context length is {ctx} tokens, but the prompt has {prompt_len} tokens.",
-            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
-            code="context_length_exceeded",
-        )
-    limit = req.output_limit
-    if limit is None:
-        return ctx - prompt_len
-    if prompt_len + limit > ctx:
-        raise InvalidRequest(
-            f"max_tokens={limit} is too large: the prompt has {prompt_len} tokens and the context "
-            f"length is {ctx}, so at most {ctx - prompt_len} tokens can be generated.",
-            param="max_tokens",
-            code="context_length_exceeded",
-        )
-    return limit
+        return pre.encode_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
+    prompt = req.prompt_value()
+    return pre.encode(prompt) if isinstance(prompt, str) else prompt
 
 
 def _sampling(req: AnyRequest) -> SamplingOptions:

@@ -1,5 +1,7 @@
 """Text -> token ids for the frontend: tokenizer, special tokens and the chat template.
 
+A pure transform: the messages it renders were checked by `validation` first.
+
 Loads only local files (tokenizer.json + tokenizer_config.json of an HF-style folder) with the
 `tokenizers` library, and renders chat templates with jinja2 the way HF transformers does, so a
 prompt tokenizes to the same ids a user would get from `apply_chat_template(..., tokenize=True)`.
@@ -9,10 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import jinja2
 import jinja2.ext
@@ -22,11 +25,11 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
 from lightspeed.errors import InvalidRequest
+from lightspeed.frontend.openai_types import ChatMessage
 from lightspeed.models.registry import folder_eos_token_ids
 
 log = logging.getLogger(__name__)
 
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 _DEFAULT_CONTEXT = 2048
 
 
@@ -87,7 +90,8 @@ class _GenerationTag(jinja2.ext.Extension):
     Templates written for `return_assistant_tokens_mask` use it; without this they fail to compile.
     """
 
-    tags: ClassVar[set[str]] = {"generation"}
+    # jinja2 declares `tags` as a plain annotated attribute, so a ClassVar here clashes for mypy.
+    tags: set[str] = {"generation"}  # noqa: RUF012 -- read-only in practice; shape fixed by jinja2
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
         lineno = next(parser.stream).lineno
@@ -128,50 +132,26 @@ def compile_chat_template(source: str) -> jinja2.Template:
 # ---------------------------------------------------------------- messages
 
 
-def normalize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Validate OpenAI chat messages and give each a plain-string `content` (copies, no mutation)."""
-    if not isinstance(messages, list) or not messages:
-        raise InvalidRequest("messages must be a non-empty list", param="messages")
-    return [_normalize_message(m, i) for i, m in enumerate(messages)]
+def normalize_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """Validated messages as the dicts chat templates expect: `content` a plain string, and
+    tool-call arguments mappings."""
+    return [_template_message(message) for message in messages]
 
 
-def _normalize_message(message: object, index: int) -> dict[str, Any]:
-    param = f"messages[{index}]"
-    if not isinstance(message, dict):
-        raise InvalidRequest(f"{param} must be an object", param=param)
-    role = message.get("role")
-    if not isinstance(role, str) or role not in _ROLES:
-        raise InvalidRequest(f"{param}.role must be one of {sorted(_ROLES)}, got {role!r}", param=f"{param}.role")
-    out = dict(message)
-    content = message.get("content")
-    if content is None:
-        if not (role == "assistant" and message.get("tool_calls")):
-            raise InvalidRequest(f"{param}.content is required", param=f"{param}.content")
-        out["content"] = ""
-    else:
-        out["content"] = _content_text(content, f"{param}.content")
-    if message.get("tool_calls"):
-        out["tool_calls"] = [_parse_arguments(call) for call in message["tool_calls"]]
+def _template_message(message: ChatMessage) -> dict[str, Any]:
+    out = message.to_template_dict()
+    out["content"] = _content_text(message.content)
+    if message.tool_calls:
+        out["tool_calls"] = [_parse_arguments(call) for call in message.tool_calls]
     return out
 
 
-def _content_text(content: object, param: str) -> str:
+def _content_text(content: str | list[dict[str, Any]] | None) -> str:
+    if content is None:  # an assistant turn that only calls tools
+        return ""
     if isinstance(content, str):
         return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"{param} must be a string or a list of content parts", param=param)
-    texts: list[str] = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind != "text":
-            raise InvalidRequest(
-                f"{param}[{j}]: unsupported content part type {kind!r} (only 'text')", param=f"{param}[{j}]"
-            )
-        text = part.get("text")
-        if not isinstance(text, str):
-            raise InvalidRequest(f"{param}[{j}].text must be a string", param=f"{param}[{j}].text")
-        texts.append(text)
-    return "\n".join(texts)  # as vLLM joins text parts
+    return "\n".join(part["text"] for part in content)  # text parts only; joined as vLLM does
 
 
 def _parse_arguments(call: object) -> object:
@@ -256,7 +236,7 @@ class Preprocessor:
 
     def apply_chat_template(
         self,
-        messages: list[dict[str, Any]],
+        messages: Sequence[ChatMessage],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
@@ -281,7 +261,7 @@ class Preprocessor:
 
     def encode_chat(
         self,
-        messages: list[dict[str, Any]],
+        messages: Sequence[ChatMessage],
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from lightspeed.config import FrontendConfig, PlaneConfig, RouterConfig
-from lightspeed.frontend.server import Frontend
+from lightspeed.frontend.process import Frontend
 from lightspeed.router.active import LoadChange
 from lightspeed.router.indexer import ApproxIndex, KvIndex
 from lightspeed.router.kv_router import KvSelector

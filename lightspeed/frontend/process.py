@@ -1,4 +1,4 @@
-"""Compose and run one frontend process: discovery -> models -> router -> pipeline -> HTTP."""
+"""Compose and run one frontend process: discovery -> models -> router -> pipeline -> HTTP routes."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import signal
 from aiohttp import web
 
 from lightspeed.config import FrontendConfig
-from lightspeed.frontend.app import FrontendApp
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
+from lightspeed.frontend.routes import FrontendApp
 from lightspeed.frontend.worker_metrics import WorkerMetricsWatcher
 from lightspeed.protocol import TOPIC_KV_EVENTS, TOPIC_LOAD_METRICS
 from lightspeed.router.active import ActiveLoad
@@ -82,7 +82,7 @@ class Frontend:
             subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]),
             self.discovery,
             planes.namespace,
-            selector.mirror if isinstance(selector, KvSelector) else None,
+            selector.mirror,
         )
         self.models.on_peer_added.append(sync.peer_added)
         self.models.on_peer_removed.append(sync.peer_removed)
@@ -99,9 +99,9 @@ class Frontend:
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_port=self.cfg.processes > 1, backlog=1024)
         await site.start()
-        server = site._server  # the bound port, for port 0 in tests
-        if server is not None and server.sockets:  # type: ignore[union-attr]
-            self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        bound = self._runner.addresses  # the port actually bound, for port 0 in tests
+        if bound:
+            self.port = bound[0][1]
         log.info("frontend listening on http://%s:%d (router %s)", self.cfg.host, self.port, self.cfg.router_mode)
 
     async def stop(self) -> None:

@@ -1,4 +1,5 @@
-"""HTTP routes of the OpenAI-compatible frontend. Routes only: the work is in pipeline/streaming.
+"""HTTP routes of the OpenAI-compatible frontend. Routes only: requests are checked by
+`validation`, and the work is in pipeline/streaming.
 
 Every error a client can cause leaves as an OpenAI-style JSON body with a 4xx status; an
 unexpected exception is logged and answered with a 500 body, and the server keeps serving.
@@ -7,7 +8,7 @@ unexpected exception is logged and answered with a 500 body, and the server keep
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
@@ -16,6 +17,7 @@ from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.openai_types import (
+    AnyRequest,
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
@@ -24,7 +26,7 @@ from lightspeed.frontend.openai_types import (
 from lightspeed.frontend.pipeline import Pipeline, new_request_id
 from lightspeed.frontend.responses import ResponseBuilder, TokenText
 from lightspeed.frontend.streaming import WORKER_HEADER, serve_stream, serve_whole
-from lightspeed.router.selector import RouterOverrides
+from lightspeed.frontend.validation import decode_request, router_overrides, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +35,6 @@ _chat_decoder = msgspec.json.Decoder(ChatCompletionRequest)
 _completion_decoder = msgspec.json.Decoder(CompletionRequest)
 PINNED_HEADER = WORKER_HEADER  # on a request: pin it to this worker
 SESSION_HEADER = "x-session-id"
-WEIGHT_HEADER = "x-router-overlap-weight"
-TEMPERATURE_HEADER = "x-router-temperature"
 
 
 def error_response(err: LightspeedError) -> web.Response:
@@ -81,17 +81,15 @@ class FrontendApp:
         )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req = _decode(_chat_decoder, await request.read())
+        req = decode_request(_chat_decoder, await request.read())
         return await self._generate(request, req, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = _decode(_completion_decoder, await request.read())
+        req = decode_request(_completion_decoder, await request.read())
         return await self._generate(request, req, chat=False)
 
-    async def _generate(
-        self, request: web.Request, req: ChatCompletionRequest | CompletionRequest, chat: bool
-    ) -> web.StreamResponse:
-        req.validate()
+    async def _generate(self, request: web.Request, req: AnyRequest, chat: bool) -> web.StreamResponse:
+        validate_request(req)
         endpoint = "chat_completions" if chat else "completions"
         rid = new_request_id("chatcmpl" if chat else "cmpl")
         status = "error"
@@ -158,41 +156,3 @@ class FrontendApp:
     async def prometheus(self, request: web.Request) -> web.Response:
         self.metrics.workers.set(len(self.models.all_workers()))
         return web.Response(body=self.metrics.render(), content_type="text/plain", charset="utf-8")
-
-
-def _decode(decoder: msgspec.json.Decoder, body: bytes):
-    if not body:
-        raise InvalidRequest("request body is empty; expected a JSON object")
-    try:
-        return decoder.decode(body)
-    except msgspec.ValidationError as err:
-        raise InvalidRequest(f"invalid request: {err}") from None
-    except msgspec.DecodeError as err:
-        raise InvalidRequest(f"request body is not valid JSON: {err}") from None
-
-
-def router_overrides(
-    req: ChatCompletionRequest | CompletionRequest, headers: Mapping[str, str]
-) -> RouterOverrides | None:
-    """KV-router knobs for this request: the body's `nvext.router_config_override`, then headers."""
-    override = req.nvext.router_config_override if req.nvext is not None else None
-    weight = override.overlap_score_weight if override is not None else None
-    temperature = override.router_temperature if override is not None else None
-    weight = _header_float(headers, WEIGHT_HEADER, weight)
-    temperature = _header_float(headers, TEMPERATURE_HEADER, temperature)
-    if weight is None and temperature is None:
-        return None
-    try:
-        return RouterOverrides(weight, temperature)
-    except ValueError as err:
-        raise InvalidRequest(str(err), param="nvext.router_config_override") from None
-
-
-def _header_float(headers: Mapping[str, str], name: str, default: float | None) -> float | None:
-    raw = headers.get(name)
-    if raw is None:
-        return default
-    try:
-        return float(raw)
-    except ValueError:
-        raise InvalidRequest(f"header {name} must be a number, got {raw!r}", param=name) from None
