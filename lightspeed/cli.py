@@ -26,6 +26,7 @@ from lightspeed.config import (
     CHILD_CONFIG_ENV,
     CONFIG_ERROR_EXIT,
     AnyConfig,
+    ConfigError,
     FrontendConfig,
     ServeConfig,
     WorkerConfig,
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(inv.log_level)
     try:
         return _dispatch(inv)
-    except ValueError as err:  # found while starting, e.g. an unknown model
+    except ConfigError as err:  # found while starting, e.g. an unknown model
         log.error("configuration error: %s", err)
         return CONFIG_ERROR_EXIT
     except KeyboardInterrupt:

@@ -9,9 +9,6 @@ Validation lives in `__post_init__` so a bad value fails at start with a clear V
 of deep inside a running server; `check_choices` validates every `Literal` field from its type.
 """
 
-# opt() returns a dataclasses.field, which ruff's RUF009 cannot see through.
-# ruff: noqa: RUF009
-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
@@ -24,6 +21,15 @@ _T = TypeVar("_T")
 # Exit status of a process whose configuration is invalid (a bad value, an unknown model):
 # restarting it cannot help, so the supervisor does not.
 CONFIG_ERROR_EXIT = 2
+
+
+class ConfigError(ValueError):
+    """A process cannot start with the configuration it was given (a bad value, an unknown
+    model, a cache too small for the context). It exits with CONFIG_ERROR_EXIT, which the
+    supervisor does not restart. A ValueError raised while serving is a bug, not this: it
+    exits 1 and is restarted like any other crash."""
+
+
 # `serve` hands each child its config as JSON (encode_config) in this environment variable.
 CHILD_CONFIG_ENV = "LIGHTSPEED_CHILD_CONFIG"
 

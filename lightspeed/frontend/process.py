@@ -8,7 +8,7 @@ import signal
 
 from aiohttp import web
 
-from lightspeed.config import FrontendConfig
+from lightspeed.config import ConfigError, FrontendConfig
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
@@ -119,8 +119,11 @@ class Frontend:
 
 async def run_frontend(cfg: FrontendConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly."""
-    frontend = Frontend(cfg)
-    await frontend.start()
+    try:
+        frontend = Frontend(cfg)
+        await frontend.start()
+    except ValueError as err:  # everything here is set up from the config: nothing runs yet
+        raise ConfigError(str(err)) from err
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -283,3 +283,22 @@ def test_a_child_rebuilds_exactly_the_config_serve_hands_it(which: str, tmp_path
     assert inv.config == cfg
     assert inv.log_level == "DEBUG"
     assert spec.env[CHILD_CONFIG_ENV] == encode_config(cfg)
+
+
+def test_only_startup_value_errors_are_configuration_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A ValueError raised while serving is a crash (exit 1 via the traceback, restarted by the
+    supervisor), not a configuration error (exit 2, never restarted)."""
+    import lightspeed.cli as cli
+    from lightspeed.config import ConfigError
+
+    def fail(exc: Exception) -> None:
+        def dispatch(_inv: object) -> int:
+            raise exc
+
+        monkeypatch.setattr(cli, "_dispatch", dispatch)
+
+    fail(ConfigError("unknown model 'x'"))
+    assert cli.main(["worker", "--engine", "mocker"]) == 2
+    fail(ValueError("a bug while serving"))
+    with pytest.raises(ValueError, match="a bug while serving"):
+        cli.main(["worker", "--engine", "mocker"])
