@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 
 import msgspec
 
-from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerLost
+from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerError, WorkerLost
 from lightspeed.frontend.detokenize import IncrementalDetokenizer
 from lightspeed.frontend.model_manager import ModelEntry, ModelManager
 from lightspeed.frontend.openai_types import AnyRequest, ChatCompletionRequest
@@ -76,10 +76,18 @@ def new_request_id(prefix: str) -> str:
 
 
 class Pipeline:
-    def __init__(self, models: ModelManager, router: PushRouter, migration_limit: int = 0) -> None:
+    def __init__(
+        self,
+        models: ModelManager,
+        router: PushRouter,
+        migration_limit: int = 0,
+        on_migration: Callable[[str], None] | None = None,
+    ) -> None:
         self._models = models
         self._router = router
         self._migration_limit = migration_limit
+        # Called with the model name each time a stream moves to another worker (metrics).
+        self._on_migration = on_migration
 
     def prepare(
         self,
@@ -132,6 +140,8 @@ class Pipeline:
                 if migrations >= self._migration_limit or _is_done(gen):
                     raise
                 migrations += 1
+                if self._on_migration is not None:
+                    self._on_migration(gen.entry.name)
                 log.warning(
                     "worker %s lost serving %s; migrating (%d/%d)",
                     gen.worker_id,
@@ -171,6 +181,10 @@ class Pipeline:
 def _apply(gen: Generation, detok: IncrementalDetokenizer, out: LLMEngineOutput) -> Delta | None:
     if out.error is not None:
         raise InvalidRequest(out.error)
+    if out.finish_reason is FinishReason.ERROR:
+        # The engine failed the step (not the request's fault): a server error, never a
+        # normal-looking finish that would pass cut-off output off as complete.
+        raise WorkerError(f"the engine failed while generating request {gen.request_id}")
     if out.num_cached_tokens is not None and gen.completion_tokens == 0:
         gen.cached_tokens = out.num_cached_tokens
     gen.output_ids.extend(out.token_ids)

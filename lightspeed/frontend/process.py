@@ -50,7 +50,9 @@ class Frontend:
         self.models.on_worker_removed.append(self.router.remove_worker)
         self.kv_feed = self._kv_feed(selector)
         self.replicas = self._replica_sync(selector)
-        self.pipeline = Pipeline(self.models, self.router, cfg.migration_limit)
+        self.pipeline = Pipeline(
+            self.models, self.router, cfg.migration_limit, lambda model: metrics.migrations.labels(model).inc()
+        )
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry

@@ -229,12 +229,6 @@ async def test_an_engine_error_with_a_message_is_a_400(manager: ModelManager) ->
         await run(manager, router, completion(max_tokens=10))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a failed engine step ends each stream with finish_reason=ERROR and no error text "
-    "(EngineCore._finish_all(ERROR) -> worker to_wire); the pipeline passes it on as "
-    "finish_reason='error' in a 200 response instead of raising a 5xx error",
-)
 async def test_an_engine_error_without_a_message_is_a_server_error(manager: ModelManager) -> None:
     router = ScriptedRouter({"a": [*tokens(OUT[:2]), LLMEngineOutput(finish_reason=FinishReason.ERROR)]})
     with pytest.raises(LightspeedError) as err:
