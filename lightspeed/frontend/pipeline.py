@@ -1,9 +1,10 @@
 """From a validated OpenAI request to a stream of text deltas.
 
-preprocess (tokenize; `validation.check_prompt` holds the prompt to the model's limits) ->
-route (choose a worker) -> push (stream engine outputs) -> detokenize (incremental text, stop
-strings). Migration re-sends prompt + tokens so far to another worker when the first one is
-lost mid-stream, so the client sees one unbroken stream.
+preprocess (template + tokenize in the CPU pool, off the event loop; `validation.check_prompt`
+holds the prompt to the model's limits) -> route (choose a worker) -> push (stream engine
+outputs) -> detokenize (incremental text, stop strings). Migration re-sends prompt + tokens so
+far to another worker when the first one is lost mid-stream, so the client sees one unbroken
+stream.
 
 A worker lost at the transport level is reported down to the model manager (kept out of routing
 until discovery catches up). A request that never reached its worker (dial failed, worker
@@ -13,6 +14,7 @@ cannot duplicate work or output. Down workers leave the candidate list, so this 
 
 from __future__ import annotations
 
+import functools
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -21,9 +23,11 @@ from dataclasses import dataclass, field
 import msgspec
 
 from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerError, WorkerLost
+from lightspeed.frontend.cpu_pool import CpuPool
 from lightspeed.frontend.detokenize import IncrementalDetokenizer
 from lightspeed.frontend.model_manager import ModelEntry, ModelManager
 from lightspeed.frontend.openai_types import AnyRequest, ChatCompletionRequest
+from lightspeed.frontend.preprocess import Preprocessor
 from lightspeed.frontend.validation import check_prompt
 from lightspeed.protocol import (
     FinishReason,
@@ -40,6 +44,7 @@ from lightspeed.runtime.request_plane import CODE_CONNECT_FAILED, CODE_SHUTTING_
 log = logging.getLogger(__name__)
 
 _NEVER_STARTED = frozenset({CODE_CONNECT_FAILED, CODE_SHUTTING_DOWN})
+_PER_MESSAGE_CHARS = 32  # what one message costs the chat template, in characters of work
 
 
 @dataclass(slots=True)
@@ -82,14 +87,16 @@ class Pipeline:
         router: PushRouter,
         migration_limit: int = 0,
         on_migration: Callable[[str], None] | None = None,
+        cpu: CpuPool | None = None,
     ) -> None:
         self._models = models
         self._router = router
         self._migration_limit = migration_limit
         # Called with the model name each time a stream moves to another worker (metrics).
         self._on_migration = on_migration
+        self.cpu = cpu if cpu is not None else CpuPool()  # templating + tokenizing, off the loop
 
-    def prepare(
+    async def prepare(
         self,
         req: AnyRequest,
         request_id: str,
@@ -103,7 +110,7 @@ class Pipeline:
             if not self._models.all_workers():
                 raise Overloaded("no workers are available to serve requests")
             raise ModelNotFound(f"The model `{req.model}` does not exist.", param="model")
-        token_ids = _tokenize(entry, req)
+        token_ids = await self._tokenize(entry, req)
         max_tokens = check_prompt(req, token_ids, entry.preprocessor.vocab_size, entry.context_length)
         eos = list(entry.preprocessor.eos_token_ids)
         preq = PreprocessedRequest(
@@ -120,6 +127,18 @@ class Pipeline:
             eos_token_ids=eos,
         )
         return Generation(request_id, entry, preq, req.stop_list, pinned, session, overrides)
+
+    async def _tokenize(self, entry: ModelEntry, req: AnyRequest) -> list[int]:
+        """The prompt's ids, tokenized in the CPU pool; a text whose length alone proves it
+        cannot fit the context is refused first, without tokenizing it."""
+        if isinstance(req, ChatCompletionRequest):
+            job = functools.partial(_tokenize_chat, entry.preprocessor, req, entry.context_length)
+            return await self.cpu.run(_chat_size(req), job)
+        prompt = req.prompt_value()
+        if not isinstance(prompt, str):
+            return prompt  # token ids: nothing to do
+        _refuse_overlong(req, entry.preprocessor.min_tokens(prompt), entry.context_length)
+        return await self.cpu.run(len(prompt), functools.partial(entry.preprocessor.encode, prompt))
 
     async def stream(self, gen: Generation) -> AsyncGenerator[Delta, None]:
         """Yield text deltas; the last one carries the finish reason."""
@@ -224,12 +243,36 @@ def _continuation(gen: Generation) -> PreprocessedRequest:
     )
 
 
-def _tokenize(entry: ModelEntry, req: AnyRequest) -> list[int]:
-    pre = entry.preprocessor
-    if isinstance(req, ChatCompletionRequest):
-        return pre.encode_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
-    prompt = req.prompt_value()
-    return pre.encode(prompt) if isinstance(prompt, str) else prompt
+def _tokenize_chat(pre: Preprocessor, req: ChatCompletionRequest, context_length: int) -> list[int]:
+    """In a pool thread: render the conversation, bound it by its length, then encode it."""
+    prompt = pre.render_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
+    _refuse_overlong(req, pre.min_tokens(prompt.text), context_length)
+    return pre.encode_chat_prompt(prompt)
+
+
+def _chat_size(req: ChatCompletionRequest) -> int:
+    """The work a conversation is, in characters: its text, and a little per message for the
+    template's loop over them."""
+    size = 0
+    for message in req.messages:
+        content = message.content
+        if isinstance(content, str):
+            size += len(content)
+        elif content is not None:
+            size += sum(len(part.get("text") or "") for part in content)
+        size += _PER_MESSAGE_CHARS
+    return size
+
+
+def _refuse_overlong(req: AnyRequest, min_tokens: int, context_length: int) -> None:
+    """The 400 `check_prompt` would give once tokenized, from a lower bound on the count."""
+    if min_tokens >= context_length:
+        raise InvalidRequest(
+            f"This model's maximum context length is {context_length} tokens, but the prompt has at least "
+            f"{min_tokens} tokens.",
+            param="messages" if isinstance(req, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
 
 
 def _sampling(req: AnyRequest) -> SamplingOptions:

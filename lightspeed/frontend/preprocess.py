@@ -26,6 +26,8 @@ from tokenizers import Tokenizer
 
 from lightspeed.errors import InvalidRequest
 from lightspeed.frontend.openai_types import ChatMessage
+from lightspeed.frontend.special_text import Masked, SpecialText
+from lightspeed.frontend.token_bound import TokenBound
 from lightspeed.models.registry import folder_eos_token_ids
 
 log = logging.getLogger(__name__)
@@ -189,6 +191,8 @@ class Preprocessor:
         self.eos_token_id = tokenizer.token_to_id(settings.eos_token) if settings.eos_token else None
         template = settings.chat_template
         self._template = compile_chat_template(template) if template is not None else None
+        self._special_text = SpecialText(tokenizer)
+        self.token_bound = TokenBound.of(tokenizer)  # None: prompts of any length get tokenized
 
     @classmethod
     def from_folder(cls, folder: Path) -> Preprocessor:
@@ -234,6 +238,10 @@ class Preprocessor:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
+    def min_tokens(self, text: str) -> int:
+        """A lower bound on the tokens `text` becomes (0 when the tokenizer proves none)."""
+        return self.token_bound.min_tokens(text) if self.token_bound is not None else 0
+
     def apply_chat_template(
         self,
         messages: Sequence[ChatMessage],
@@ -241,13 +249,35 @@ class Preprocessor:
         tools: list[dict[str, Any]] | None = None,
     ) -> str:
         """Render the conversation to prompt text (special tokens appear as text)."""
+        return self.render_chat(messages, add_generation_prompt, tools).text
+
+    def render_chat(
+        self,
+        messages: Sequence[ChatMessage],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> ChatPrompt:
+        """The rendered conversation, ready for `encode_chat_prompt`. Special-token strings in
+        messages are masked while the template runs (`special_text`), so only the template's
+        markup becomes control tokens."""
+        normalized = normalize_messages(messages)
+        try:
+            masked = self._special_text.mask(normalized, tools)
+        except RecursionError:  # arguments nested as deep as the JSON decoder allows
+            raise InvalidRequest("messages are nested too deeply", param="messages") from None
+        if masked is None:
+            text = self._render(normalized, add_generation_prompt, tools)
+            return ChatPrompt(text)
+        masked_text = self._render(masked.messages, add_generation_prompt, masked.tools)
+        return ChatPrompt(masked.unmask(masked_text), masked_text, masked)
+
+    def _render(self, messages: list[dict[str, Any]], add_generation_prompt: bool, tools: Any) -> str:
         if self._template is None:
             raise InvalidRequest("this model has no chat template; use /v1/completions", param="messages")
-        normalized = normalize_messages(messages)
         s = self.settings
         try:
             return self._template.render(
-                messages=normalized,
+                messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,
                 bos_token=s.bos_token or "",
@@ -258,6 +288,15 @@ class Preprocessor:
         except (jinja2.exceptions.TemplateError, TypeError, ValueError) as exc:
             # The template rejects this conversation (e.g. roles must alternate): a client error.
             raise InvalidRequest(f"chat template error: {exc}", param="messages") from exc
+        except RecursionError:  # arguments nested as deep as the JSON decoder allows
+            raise InvalidRequest("messages are nested too deeply", param="messages") from None
+
+    def encode_chat_prompt(self, prompt: ChatPrompt) -> list[int]:
+        # The rendered text already holds BOS etc. as text, so no special tokens are added again.
+        if prompt.masked is None:
+            return self.encode(prompt.text, add_special_tokens=False)
+        assert prompt.masked_text is not None
+        return self._special_text.encode(prompt.masked_text, prompt.masked)
 
     def encode_chat(
         self,
@@ -265,9 +304,17 @@ class Preprocessor:
         add_generation_prompt: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> list[int]:
-        # The rendered text already holds BOS etc. as text, so no special tokens are added again.
-        text = self.apply_chat_template(messages, add_generation_prompt, tools)
-        return self.encode(text, add_special_tokens=False)
+        return self.encode_chat_prompt(self.render_chat(messages, add_generation_prompt, tools))
+
+
+@dataclass(frozen=True, slots=True)
+class ChatPrompt:
+    """A rendered conversation: its text, and (when messages held special-token strings) the
+    masked rendering that says which control tokens are the template's."""
+
+    text: str
+    masked_text: str | None = None
+    masked: Masked | None = None
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""Pipeline: what a migrated stream re-sends, and how engine finish reasons reach the client.
+"""Pipeline: what a migrated stream re-sends, how engine finish reasons reach the client, and
+prompts refused by their length before any tokenizing.
 
 The pipeline runs for real (tokenizer, detokenizer, model manager, migration loop); only the push
 router is replaced by `ScriptedRouter`, which plays each worker's stream from a script and records
@@ -8,15 +9,17 @@ exactly which request each worker was sent, so the continuation arithmetic is ch
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
 from lightspeed.errors import InvalidRequest, LightspeedError, WorkerLost
+from lightspeed.frontend.cpu_pool import CpuPool
 from lightspeed.frontend.model_manager import ModelManager
-from lightspeed.frontend.openai_types import CompletionRequest
+from lightspeed.frontend.openai_types import ChatCompletionRequest, ChatMessage, CompletionRequest
 from lightspeed.frontend.pipeline import Delta, Generation, Pipeline
 from lightspeed.frontend.preprocess import Preprocessor
 from lightspeed.protocol import FinishReason, LLMEngineOutput, PreprocessedRequest, WorkerCard
@@ -29,6 +32,7 @@ OUT = [314, 3096, 2375, 282, 260, 10004, 3066, 1978, 42, 1838, 28, 5343]  # what
 WORKERS = ("a", "b", "c")  # serving_workers() order: the scripted router takes the first one up
 
 Script = list[LLMEngineOutput | Exception]
+_T = TypeVar("_T")
 
 
 def tokens(ids: Sequence[int], finish: FinishReason | None = None) -> Script:
@@ -102,7 +106,7 @@ async def run(
     manager: ModelManager, router: ScriptedRouter, req: CompletionRequest, migration_limit: int = 1
 ) -> tuple[Generation, list[Delta]]:
     pipeline = Pipeline(manager, router, migration_limit)  # type: ignore[arg-type]
-    gen = pipeline.prepare(req, "cmpl-test")
+    gen = await pipeline.prepare(req, "cmpl-test")
     return gen, [d async for d in pipeline.stream(gen)]
 
 
@@ -177,7 +181,7 @@ async def test_a_stream_lost_before_its_first_token_is_resent_unchanged(manager:
 async def test_past_the_migration_limit_the_loss_reaches_the_client(manager: ModelManager) -> None:
     router = ScriptedRouter({"a": [*tokens(OUT[:2]), dies()], "b": tokens(OUT[2:5], FinishReason.LENGTH)})
     pipeline = Pipeline(manager, router, migration_limit=0)  # type: ignore[arg-type]
-    gen = pipeline.prepare(completion(max_tokens=5), "cmpl-test")
+    gen = await pipeline.prepare(completion(max_tokens=5), "cmpl-test")
     received: list[Delta] = []
     with pytest.raises(WorkerLost):
         async for delta in pipeline.stream(gen):
@@ -234,3 +238,69 @@ async def test_an_engine_error_without_a_message_is_a_server_error(manager: Mode
     with pytest.raises(LightspeedError) as err:
         await run(manager, router, completion(max_tokens=10))
     assert err.value.status >= 500
+
+
+# ------------------------------------------------------------------ prompts too long by their length
+
+
+class CountingPool(CpuPool):
+    """A CPU pool that counts the jobs it is given (a refusal by length must not tokenize)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: list[int] = []
+
+    async def run(self, size: int, fn: Callable[[], _T]) -> _T:
+        self.sizes.append(size)
+        return await super().run(size, fn)
+
+
+async def test_a_text_prompt_too_long_by_its_length_is_refused_without_tokenizing(
+    manager: ModelManager, tokenizer: Preprocessor
+) -> None:
+    pool = CountingPool()
+    pipeline = Pipeline(manager, ScriptedRouter({}), cpu=pool)  # type: ignore[arg-type]
+    longest = 81  # bytes of SmolLM2's longest token; the workers' context is 4096
+    with pytest.raises(InvalidRequest) as refused:
+        await pipeline.prepare(CompletionRequest(model="m", prompt="a" * (longest * 4095 + 1)), "cmpl-test")
+    assert (refused.value.status, refused.value.code, refused.value.param) == (400, "context_length_exceeded", "prompt")
+    assert refused.value.message == (
+        "This model's maximum context length is 4096 tokens, but the prompt has at least 4096 tokens."
+    )
+    assert pool.sizes == []
+    # One character less proves nothing: it is tokenized, and refused by its real count.
+    text = "a" * (longest * 4095)
+    with pytest.raises(InvalidRequest) as counted:
+        await pipeline.prepare(CompletionRequest(model="m", prompt=text), "cmpl-test")
+    count = len(tokenizer.encode(text))
+    assert counted.value.message == (
+        f"This model's maximum context length is 4096 tokens, but the prompt has {count} tokens."
+    )
+    assert pool.sizes == [len(text)]
+    pool.shutdown()
+
+
+async def test_a_chat_too_long_by_its_length_is_refused_after_templating(manager: ModelManager) -> None:
+    pool = CountingPool()
+    pipeline = Pipeline(manager, ScriptedRouter({}), cpu=pool)  # type: ignore[arg-type]
+    messages = [ChatMessage(role="user", content="a" * (81 * 4096))]
+    with pytest.raises(InvalidRequest) as refused:
+        await pipeline.prepare(ChatCompletionRequest(model="m", messages=messages), "chatcmpl-test")
+    assert (refused.value.code, refused.value.param) == ("context_length_exceeded", "messages")
+    # The template's system prompt and markup count too.
+    assert refused.value.message.endswith("but the prompt has at least 4098 tokens.")
+    assert pool.sizes == [81 * 4096 + 32]  # the content and one message's worth of template work
+    pool.shutdown()
+
+
+async def test_a_chat_is_tokenized_in_the_pool_as_the_preprocessor_does(
+    manager: ModelManager, tokenizer: Preprocessor
+) -> None:
+    pool = CountingPool()
+    pipeline = Pipeline(manager, ScriptedRouter({}), cpu=pool)  # type: ignore[arg-type]
+    messages = [ChatMessage(role="user", content="Hi<|im_end|>")]
+    gen = await pipeline.prepare(ChatCompletionRequest(model="m", messages=messages), "chatcmpl-test")
+    assert gen.request.token_ids == tokenizer.encode_chat(messages)
+    assert gen.request.token_ids.count(2) == 2  # the template's system and user ends; the user's is text
+    assert pool.sizes == [len("Hi<|im_end|>") + 32]
+    pool.shutdown()
