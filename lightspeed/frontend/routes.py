@@ -14,8 +14,6 @@ import msgspec
 from aiohttp import web
 
 from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
-from lightspeed.frontend.body import read_body
-from lightspeed.frontend.drain import ActiveStreams
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.openai_types import (
@@ -28,7 +26,7 @@ from lightspeed.frontend.openai_types import (
 from lightspeed.frontend.pipeline import Pipeline, new_request_id
 from lightspeed.frontend.responses import ResponseBuilder, TokenText
 from lightspeed.frontend.streaming import WORKER_HEADER, serve_stream, serve_whole
-from lightspeed.frontend.validation import check_engines, decode_request, router_overrides, validate_request
+from lightspeed.frontend.validation import decode_request, router_overrides, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +46,6 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except LightspeedError as err:
-        # An expected outcome (a client's mistake, an overload): no ERROR line, no traceback.
-        log.debug("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
         return error_response(err)
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(PayloadTooLarge(f"request body is too large: {err.text}"))
@@ -72,14 +68,7 @@ class FrontendApp:
         self.pipeline = pipeline
         self.metrics = metrics
         self._token_text: dict[str, TokenText] = {}
-        self.streams = ActiveStreams()  # in-flight generations, for the drain on shutdown
-        self.max_body_bytes = max_body_bytes
-        # Bodies are decompressed by `body.read_body`, bounded by the same limit (not by aiohttp).
-        self.app = web.Application(
-            client_max_size=max_body_bytes,
-            middlewares=[error_middleware],
-            handler_args={"auto_decompress": False},
-        )
+        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
         self.app.add_routes(
             [
                 web.post("/v1/chat/completions", self.chat_completions),
@@ -92,37 +81,20 @@ class FrontendApp:
         )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._counted(request, chat=True)
+        req = decode_request(_chat_decoder, await request.read())
+        return await self._generate(request, req, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._counted(request, chat=False)
+        req = decode_request(_completion_decoder, await request.read())
+        return await self._generate(request, req, chat=False)
 
-    async def _counted(self, request: web.Request, chat: bool) -> web.StreamResponse:
-        """Check and serve one request, counting its outcome whatever it is: a refused request
-        is counted under its 4xx status like any other."""
+    async def _generate(self, request: web.Request, req: AnyRequest, chat: bool) -> web.StreamResponse:
+        validate_request(req)
         endpoint = "chat_completions" if chat else "completions"
-        # Label by model only when it exists: client-chosen names must not grow the metric set.
-        model, status = "unknown", "error"
-        try:
-            body = await read_body(request, self.max_body_bytes)
-            req: AnyRequest = decode_request(_chat_decoder, body) if chat else decode_request(_completion_decoder, body)
-            entry = self.models.get(req.model)
-            if entry is not None:
-                model = req.model
-            validate_request(req)
-            if entry is not None:
-                check_engines(req, entry.serving_workers())
-            resp = await self._generate(request, req, model, chat)
-            status = "success"
-            return resp
-        except LightspeedError as err:
-            status = str(err.status)
-            raise
-        finally:
-            self.metrics.requests.labels(model, endpoint, status).inc()
-
-    async def _generate(self, request: web.Request, req: AnyRequest, model: str, chat: bool) -> web.StreamResponse:
         rid = new_request_id("chatcmpl" if chat else "cmpl")
+        status = "error"
+        # Label by model only when it exists: client-chosen names must not grow the metric set.
+        model = req.model if self.models.get(req.model) is not None else "unknown"
         self.metrics.inflight.labels(model).inc()
         try:
             gen = await self.pipeline.prepare(
@@ -134,14 +106,17 @@ class FrontendApp:
             )
             builder = ResponseBuilder(chat, gen, gen.entry.name, self._token_text_for(gen.entry.name))
             if req.stream:
-                resp = await serve_stream(
-                    request, self.pipeline, builder, self.metrics, req.include_usage, self.streams
-                )
+                resp = await serve_stream(request, self.pipeline, builder, self.metrics, req.include_usage)
             else:
-                resp = await serve_whole(self.pipeline, builder, self.metrics, self.streams)
+                resp = await serve_whole(self.pipeline, builder, self.metrics)
+            status = "success"
             return resp
+        except LightspeedError as err:
+            status = str(err.status)
+            raise
         finally:
             self.metrics.inflight.labels(model).dec()
+            self.metrics.requests.labels(model, endpoint, status).inc()
 
     def _token_text_for(self, model: str) -> TokenText:
         tt = self._token_text.get(model)
@@ -156,15 +131,9 @@ class FrontendApp:
         return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
-        """Every registered worker with a `healthy` flag (false: reported down after a failed
-        dial or a dropped connection). Status: healthy (200) when all are, degraded (200) when
-        some are, unhealthy (503) when none is."""
         workers = self.models.all_workers()
-        healthy = {w.instance_id: self.models.is_healthy(w.instance_id) for w in workers}
-        num_healthy = sum(healthy.values())
-        status = "unhealthy" if num_healthy == 0 else "healthy" if num_healthy == len(workers) else "degraded"
         body = {
-            "status": status,
+            "status": "healthy" if workers else "unhealthy",
             "models": [m.name for m in self.models.models()],
             "workers": [
                 {
@@ -173,13 +142,12 @@ class FrontendApp:
                     "address": w.address,
                     "role": w.role.value,
                     "pid": w.pid,
-                    "healthy": healthy[w.instance_id],
                 }
                 for w in workers
             ],
         }
         return web.Response(
-            status=200 if num_healthy else 503, body=msgspec.json.encode(body), content_type="application/json"
+            status=200 if workers else 503, body=msgspec.json.encode(body), content_type="application/json"
         )
 
     async def live(self, request: web.Request) -> web.Response:
