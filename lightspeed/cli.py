@@ -171,6 +171,8 @@ def _setup_logging(level: str) -> None:
 def _dispatch(inv: Invocation) -> int:
     import uvloop
 
+    from lightspeed.runtime.heartbeat import with_heartbeat  # to `serve`, when it started us
+
     cfg = inv.config
     if cfg is None:
         from lightspeed.bench.cli import bench_main
@@ -179,11 +181,11 @@ def _dispatch(inv: Invocation) -> int:
     if isinstance(cfg, FrontendConfig):
         from lightspeed.frontend.process import run_frontend
 
-        uvloop.run(run_frontend(cfg))
+        uvloop.run(with_heartbeat(run_frontend(cfg)))
     elif isinstance(cfg, WorkerConfig):
         from lightspeed.worker.process import run_worker
 
-        uvloop.run(run_worker(cfg))
+        uvloop.run(with_heartbeat(run_worker(cfg)))
     else:
         from lightspeed.serve import run_serve
 

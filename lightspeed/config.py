@@ -81,6 +81,17 @@ def _check_positive(name: str, value: float) -> None:
         raise ValueError(f"{name} must be > 0; got {value}")
 
 
+# On SIGTERM a worker lets in-flight streams finish for up to this long, then cuts them; the
+# frontend waits a little longer, so it reports a cut stream to its client before ending itself.
+DRAIN_TIMEOUT_S = 10.0
+DRAIN_HELP = "seconds in-flight streams may run on after SIGTERM; the rest end with an in-band error"
+
+
+def _check_drain(value: float) -> None:
+    if value < 0:
+        raise ValueError(f"drain_timeout must be >= 0; got {value}")
+
+
 def _check_port(name: str, port: int) -> None:
     if not 0 <= port <= 65535:
         raise ValueError(f"{name} must be in 0..65535; got {port}")
@@ -147,9 +158,11 @@ class FrontendConfig:
     migration_limit: int = opt(0, "times a request may move to another worker if its worker dies")
     served_model_name: str = opt("", "name clients see for the workers' model ('' = the name workers register)")
     router: RouterConfig = RouterConfig()
+    drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
     def __post_init__(self) -> None:
         check_choices(self)
+        _check_drain(self.drain_timeout)
         _check_port("port", self.port)
         _check_positive("max_body_bytes", self.max_body_bytes)
         _check_positive("processes", self.processes)
@@ -177,9 +190,11 @@ class WorkerConfig:
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of shared prefixes")
     metrics_interval: float = opt(0.5, "seconds between load-metrics publications")
     seed: int = opt(0, "engine random seed")
+    drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
 
     def __post_init__(self) -> None:
         check_choices(self)
+        _check_drain(self.drain_timeout)
         _check_port("worker port", self.port)
         if self.num_gpu_blocks < 0:
             raise ValueError(f"num_gpu_blocks must be >= 0; got {self.num_gpu_blocks}")
@@ -198,9 +213,14 @@ class ServeConfig:
     frontend: FrontendConfig = FrontendConfig()
     worker: WorkerConfig = WorkerConfig()
     workers: int = opt(1, "number of worker processes")
+    liveness_timeout: float = opt(
+        30.0, "restart a child whose event loop has sent no heartbeat for this many seconds (0 = off)"
+    )
 
     def __post_init__(self) -> None:
         _check_positive("workers", self.workers)
+        if self.liveness_timeout < 0:
+            raise ValueError(f"liveness_timeout must be >= 0; got {self.liveness_timeout}")
         if self.frontend.planes != self.worker.planes:
             raise ValueError("frontend and workers must share discovery and event-plane settings")
 

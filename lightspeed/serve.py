@@ -3,6 +3,16 @@
 A supervisor starts N worker processes and the frontend process(es); they find each other
 through file discovery in a private folder of this run, so nothing external is needed and two
 `serve` runs on one machine never see each other's workers.
+
+Shutdown (SIGTERM/SIGINT): every child is told to drain at once. Workers let in-flight streams
+run for `--drain-timeout` seconds, then cut them; the frontend reports each cut stream to its
+client in-band and ends the response properly, and ends any stream still open a moment after
+the workers' deadline itself. Only children still alive `SHUTDOWN_MARGIN_S` after the drain
+timeout are SIGKILLed, so a kill never lands in the middle of a drain.
+
+Because this run owns its discovery folder, the supervisor removes a worker's entry the moment
+the worker process exits, so no frontend routes to (or reports healthy) a dead worker while the
+entry would otherwise wait out its TTL.
 """
 
 from __future__ import annotations
@@ -14,6 +24,7 @@ import signal
 import tempfile
 import time
 from dataclasses import replace
+from functools import partial
 
 import aiohttp
 
@@ -25,16 +36,28 @@ from lightspeed.config import (
     WorkerConfig,
     encode_config,
 )
+from lightspeed.runtime.discovery import remove_entries_of
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 
 log = logging.getLogger(__name__)
+# Past the drain timeout, time for the frontend to report cut streams and for everyone to exit.
+SHUTDOWN_MARGIN_S = 5.0
 
 
-def child_spec(name: str, cfg: FrontendConfig | WorkerConfig, log_level: str) -> ChildSpec:
-    """A child gets its whole config as one JSON value (cli.py reads it back), not rebuilt flags."""
+def child_spec(name: str, cfg: FrontendConfig | WorkerConfig, log_level: str, private_folder: str = "") -> ChildSpec:
+    """A child gets its whole config as one JSON value (cli.py reads it back), not rebuilt flags.
+    A worker registered in this run's private discovery folder is removed from it on exit."""
     command = "frontend" if isinstance(cfg, FrontendConfig) else "worker"
     env = {CHILD_CONFIG_ENV: encode_config(cfg), "LIGHTSPEED_LOG_LEVEL": log_level}
-    return ChildSpec(name, [command], env=env)
+    spec = ChildSpec(name, [command], env=env)
+    if isinstance(cfg, WorkerConfig) and private_folder and cfg.planes.discovery_path == private_folder:
+        spec.on_exit = partial(remove_entries_of, private_folder)
+    return spec
+
+
+def make_supervisor(cfg: ServeConfig) -> Supervisor:
+    drain = max(cfg.frontend.drain_timeout, cfg.worker.drain_timeout)
+    return Supervisor(grace_seconds=drain + SHUTDOWN_MARGIN_S, liveness_seconds=cfg.liveness_timeout)
 
 
 def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
@@ -45,14 +68,15 @@ def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
 
 
 async def wait_ready(url: str, workers: int, timeout: float) -> bool:
-    """Poll /health until `workers` workers are registered (model loading can take a while)."""
+    """Poll /health until `workers` healthy workers are registered (model loading can take a while)."""
     deadline = time.monotonic() + timeout
     async with aiohttp.ClientSession() as session:
         while time.monotonic() < deadline:
             try:
                 async with session.get(url + "/health") as resp:
                     body = await resp.json()
-                    if len(body.get("workers", [])) >= workers:
+                    healthy = [w for w in body.get("workers", []) if w.get("healthy", True)]
+                    if len(healthy) >= workers:
                         return True
             except (aiohttp.ClientError, ValueError):
                 pass
@@ -63,14 +87,14 @@ async def wait_ready(url: str, workers: int, timeout: float) -> bool:
 async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     folder = tempfile.mkdtemp(prefix="lightspeed-serve-")
     cfg = _with_private_discovery(cfg, folder)
-    sup = Supervisor()
+    sup = make_supervisor(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     try:
         for i in range(cfg.workers):
-            await sup.spawn(child_spec(f"worker-{i}", cfg.worker, log_level))
+            await sup.spawn(child_spec(f"worker-{i}", cfg.worker, log_level, folder))
         for i in range(cfg.frontend.processes):
             await sup.spawn(child_spec(f"frontend-{i}", cfg.frontend, log_level))
         return await _until_stopped(cfg, sup, stop)

@@ -8,7 +8,10 @@ A worker that fails a request at the transport level (cannot be dialled, connect
 draining) is reported down and kept out of routing for a while: a killed process stays in
 discovery until its entry expires, and without this every request routed to it in that window
 would fail. Discovery still has the final word: the entry expires (the worker is gone) or the
-quarantine ends and a live worker is routed to again.
+quarantine ends and a live worker is routed to again. Until then /health shows such a worker as
+unhealthy (`is_healthy`), since the frontend already knows it cannot reach it. A worker that
+leaves discovery stays "down" for the same while: a request pinned to it (named rightly a moment
+ago) gets 503, retry elsewhere, rather than 400, no such worker.
 """
 
 from __future__ import annotations
@@ -54,6 +57,12 @@ class ModelEntry:
         del self.down_until[instance_id]  # quarantine over: route to it again
         return False
 
+    def prune_down(self) -> None:
+        """Forget quarantines that are over (those of departed workers are never looked up)."""
+        now = time.monotonic()
+        for instance_id in [i for i, deadline in self.down_until.items() if deadline <= now]:
+            del self.down_until[instance_id]
+
 
 class ModelManager:
     def __init__(self, discovery: Discovery, served_model_name: str = "", down_seconds: float = 10.0) -> None:
@@ -91,6 +100,11 @@ class ModelManager:
     def all_workers(self) -> list[WorkerCard]:
         return [c for m in self._models.values() for c in m.workers.values()]
 
+    def is_healthy(self, instance_id: str) -> bool:
+        """Registered and not reported down (a failed dial or dropped connection)."""
+        name = self._worker_model.get(instance_id)
+        return name is not None and not self._models[name].is_down(instance_id)
+
     def report_down(self, instance_id: str) -> None:
         """Keep a worker that failed at the transport level out of routing for a while."""
         name = self._worker_model.get(instance_id)
@@ -127,6 +141,7 @@ class ModelManager:
             entry = ModelEntry(name, pre, card.context_length, int(time.time()))
             self._models[name] = entry
         entry.workers[card.instance_id] = card
+        entry.down_until.pop(card.instance_id, None)  # back after it left: alive again
         self._worker_model[card.instance_id] = name
         log.info("worker %s at %s serves %s", card.instance_id, card.address, name)
         for callback in self.on_worker_added:
@@ -141,8 +156,10 @@ class ModelManager:
         name = self._worker_model.pop(instance_id, None)
         if name is None:
             return
-        self._models[name].workers.pop(instance_id, None)
-        self._models[name].down_until.pop(instance_id, None)
+        entry = self._models[name]
+        entry.workers.pop(instance_id, None)
+        entry.prune_down()
+        entry.down_until[instance_id] = time.monotonic() + self._down_seconds
         log.info("worker %s left (%s)", instance_id, name)
         for callback in self.on_worker_removed:
             callback(instance_id)

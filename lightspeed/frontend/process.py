@@ -9,6 +9,7 @@ import signal
 from aiohttp import web
 
 from lightspeed.config import ConfigError, FrontendConfig
+from lightspeed.frontend.drain import CUT_GRACE_S, drain_http
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
@@ -97,7 +98,9 @@ class Frontend:
             await self.replicas.start()
         await self.worker_metrics.start()
         await self.models.start()
-        self._runner = web.AppRunner(self.http.app, handler_cancellation=True, access_log=None)
+        self._runner = web.AppRunner(
+            self.http.app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S
+        )
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_port=self.cfg.processes > 1, backlog=1024)
         await site.start()
@@ -107,8 +110,8 @@ class Frontend:
         log.info("frontend listening on http://%s:%d (router %s)", self.cfg.host, self.port, self.cfg.router_mode)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            await self._runner.cleanup()
+        if self._runner is not None:  # in-flight streams end properly, cut or not (drain.py)
+            await drain_http(self._runner, self.http.streams, self.cfg.drain_timeout)
         if self.replicas is not None:
             await self.replicas.stop()
         await self.models.stop()

@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
+from lightspeed.frontend.drain import ActiveStreams
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.openai_types import (
@@ -68,6 +69,7 @@ class FrontendApp:
         self.pipeline = pipeline
         self.metrics = metrics
         self._token_text: dict[str, TokenText] = {}
+        self.streams = ActiveStreams()  # in-flight generations, for the drain on shutdown
         self.app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
         self.app.add_routes(
             [
@@ -106,9 +108,11 @@ class FrontendApp:
             )
             builder = ResponseBuilder(chat, gen, gen.entry.name, self._token_text_for(gen.entry.name))
             if req.stream:
-                resp = await serve_stream(request, self.pipeline, builder, self.metrics, req.include_usage)
+                resp = await serve_stream(
+                    request, self.pipeline, builder, self.metrics, req.include_usage, self.streams
+                )
             else:
-                resp = await serve_whole(self.pipeline, builder, self.metrics)
+                resp = await serve_whole(self.pipeline, builder, self.metrics, self.streams)
             status = "success"
             return resp
         except LightspeedError as err:
@@ -131,9 +135,15 @@ class FrontendApp:
         return web.Response(body=msgspec.json.encode(ModelList(cards)), content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
+        """Every registered worker with a `healthy` flag (false: reported down after a failed
+        dial or a dropped connection). Status: healthy (200) when all are, degraded (200) when
+        some are, unhealthy (503) when none is."""
         workers = self.models.all_workers()
+        healthy = {w.instance_id: self.models.is_healthy(w.instance_id) for w in workers}
+        num_healthy = sum(healthy.values())
+        status = "unhealthy" if num_healthy == 0 else "healthy" if num_healthy == len(workers) else "degraded"
         body = {
-            "status": "healthy" if workers else "unhealthy",
+            "status": status,
             "models": [m.name for m in self.models.models()],
             "workers": [
                 {
@@ -142,12 +152,13 @@ class FrontendApp:
                     "address": w.address,
                     "role": w.role.value,
                     "pid": w.pid,
+                    "healthy": healthy[w.instance_id],
                 }
                 for w in workers
             ],
         }
         return web.Response(
-            status=200 if workers else 503, body=msgspec.json.encode(body), content_type="application/json"
+            status=200 if num_healthy else 503, body=msgspec.json.encode(body), content_type="application/json"
         )
 
     async def live(self, request: web.Request) -> web.Response:

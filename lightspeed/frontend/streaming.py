@@ -3,18 +3,24 @@
 A client that disconnects cancels the handler task (the app runs with handler cancellation);
 the CancelledError unwinds the pipeline generator, which closes the request-plane stream, which
 cancels the request in the worker and frees its KV blocks.
+
+Once headers are out, a stream always ends the same way: any error (its worker lost with no
+migration left, the frontend's own drain running out: drain.py) is sent in-band as an OpenAI
+error event, then `[DONE]`, then the chunked body is closed properly.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 
 import msgspec
 from aiohttp import web
 
 from lightspeed.errors import LightspeedError
+from lightspeed.frontend.drain import ActiveStreams, Tracked, next_delta
 from lightspeed.frontend.metrics import FrontendMetrics
-from lightspeed.frontend.pipeline import Generation, Pipeline
+from lightspeed.frontend.pipeline import Delta, Generation, Pipeline
 from lightspeed.frontend.responses import ResponseBuilder
 
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "Connection": "keep-alive"}
@@ -56,41 +62,70 @@ class _Timer:
 
 
 async def serve_stream(
-    request: web.Request, pipeline: Pipeline, builder: ResponseBuilder, metrics: FrontendMetrics, include_usage: bool
+    request: web.Request,
+    pipeline: Pipeline,
+    builder: ResponseBuilder,
+    metrics: FrontendMetrics,
+    include_usage: bool,
+    streams: ActiveStreams,
 ) -> web.StreamResponse:
     gen = builder.gen
     timer = _Timer(metrics, builder.model)
     stream = pipeline.stream(gen)
-    # Pull the first delta before sending headers so routing errors (no workers, ...) can still
-    # be reported with a proper status code instead of inside a 200 stream.
-    first = await anext(stream, None)
-    resp = web.StreamResponse(headers={**SSE_HEADERS, WORKER_HEADER: gen.worker_id})
-    await resp.prepare(request)
     try:
-        if builder.chat:
-            await resp.write(b"data: " + builder.role_chunk() + b"\n\n")
-        delta = first
-        while delta is not None:
-            timer.tokens(len(delta.token_ids))
-            await resp.write(b"data: " + builder.delta_chunk(delta) + b"\n\n")
-            delta = await anext(stream, None)
-        if include_usage:
-            await resp.write(b"data: " + builder.usage_chunk() + b"\n\n")
-    except LightspeedError as err:  # headers are out: report the error in-band, then end
-        await resp.write(b"data: " + _error_json(err) + b"\n\n")
+        with streams.track() as tracked:
+            # Pull the first delta before sending headers so routing errors (no workers, ...) can
+            # still be reported with a proper status code instead of inside a 200 stream.
+            first = await next_delta(stream, tracked)
+            resp = web.StreamResponse(headers={**SSE_HEADERS, WORKER_HEADER: gen.worker_id})
+            await resp.prepare(request)
+            error = await _write_deltas(resp, builder, stream, first, timer, include_usage, tracked)
     finally:
         await stream.aclose()
+    if error is not None:  # headers are out: report the error in-band, then end
+        await resp.write(b"data: " + _error_json(error) + b"\n\n")
     await resp.write(_DONE)
     await resp.write_eof()
     timer.finish(gen)
     return resp
 
 
-async def serve_whole(pipeline: Pipeline, builder: ResponseBuilder, metrics: FrontendMetrics) -> web.Response:
+async def _write_deltas(
+    resp: web.StreamResponse,
+    builder: ResponseBuilder,
+    stream: AsyncIterator[Delta],
+    delta: Delta | None,
+    timer: _Timer,
+    include_usage: bool,
+    tracked: Tracked,
+) -> LightspeedError | None:
+    """Write the stream's chunks; the error that ended it early, if any."""
+    try:
+        if builder.chat:
+            await resp.write(b"data: " + builder.role_chunk() + b"\n\n")
+        while delta is not None:
+            timer.tokens(len(delta.token_ids))
+            await resp.write(b"data: " + builder.delta_chunk(delta) + b"\n\n")
+            delta = await next_delta(stream, tracked)
+        if include_usage:
+            await resp.write(b"data: " + builder.usage_chunk() + b"\n\n")
+    except LightspeedError as err:
+        return err
+    return None
+
+
+async def serve_whole(
+    pipeline: Pipeline, builder: ResponseBuilder, metrics: FrontendMetrics, streams: ActiveStreams
+) -> web.Response:
     timer = _Timer(metrics, builder.model)
-    async for delta in pipeline.stream(builder.gen):
-        timer.tokens(len(delta.token_ids))
-        builder.add(delta)
+    stream = pipeline.stream(builder.gen)
+    try:
+        with streams.track() as tracked:
+            while (delta := await next_delta(stream, tracked)) is not None:
+                timer.tokens(len(delta.token_ids))
+                builder.add(delta)
+    finally:
+        await stream.aclose()
     timer.finish(builder.gen)
     return web.Response(
         body=builder.final(), content_type="application/json", headers={WORKER_HEADER: builder.gen.worker_id}

@@ -230,6 +230,38 @@ class _DirScanner:
             return None
 
 
+def remove_entries_of(root: Path | str, pid: int) -> list[str]:
+    """Delete the entries that process `pid` registered (by the pid on their cards); returns
+    their instance ids. For a supervisor that saw the process die: watchers drop the entries
+    at their next scan instead of when the TTL runs out. Only for a folder whose registrants
+    all run on this host, since a pid means nothing on another one."""
+    removed = []
+    for instance_id, path in _entries_by_pid(Path(root), pid):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(instance_id)
+            log.info("removed discovery entry of %s (its process %d exited)", instance_id, pid)
+    return removed
+
+
+def _entries_by_pid(root: Path, pid: int) -> list[tuple[str, Path]]:
+    try:
+        dirents = list(os.scandir(root))
+    except FileNotFoundError:
+        return []
+    found = []
+    for dirent in dirents:
+        if not dirent.name.endswith(_SUFFIX) or dirent.name.startswith("."):
+            continue
+        try:
+            card = _card_decoder.decode(Path(dirent.path).read_bytes())
+        except (OSError, msgspec.DecodeError):
+            continue  # gone meanwhile, or not a card: not ours to judge
+        if card.pid == pid:
+            found.append((card.instance_id, Path(dirent.path)))
+    return found
+
+
 class FileDiscovery(Discovery):
     """Discovery through a shared folder: one file per instance, mtime as heartbeat.
 

@@ -7,6 +7,15 @@ a row (a run longer than `stable_seconds` clears the count, so a long-lived serv
 on for crashes days apart). A child that exits with CONFIG_ERROR_EXIT (2: a bad value, an unknown
 model) is never restarted, since it would fail the same way again: the supervisor fails at once.
 On shutdown every child gets SIGTERM (graceful drain), then SIGKILL after a grace period.
+
+Liveness (`liveness_seconds` > 0): a process that exists may still be stuck, its event loop
+pinned by one bad request. Each child's loop heartbeats through a pipe (heartbeat.py); a child
+whose last heartbeat is older than `liveness_seconds` is SIGKILLed and restarted like a crash.
+A child is timed from its first heartbeat, so slow imports and model loading never count.
+
+`ChildSpec.on_exit` is told the pid of every child process that exits, at once: `serve` uses it
+to drop a dead worker's discovery entry, so frontends stop routing to it without waiting out the
+entry's TTL.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightspeed.config import CONFIG_ERROR_EXIT
+from lightspeed.runtime.heartbeat import HeartbeatPipe
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +43,7 @@ class ChildSpec:
     restart: bool = True
     # interpreter arguments before `args`: every child is a Python process
     python_args: tuple[str, ...] = ("-m", "lightspeed")
+    on_exit: Callable[[int], object] | None = None  # called with the pid of each exited process
 
 
 @dataclass
@@ -40,6 +52,7 @@ class _Child:
     proc: asyncio.subprocess.Process | None = None
     restarts: int = 0  # restarts in a row, without a stable run in between
     started_at: float = 0.0
+    pulse: HeartbeatPipe | None = None  # this start's heartbeat pipe (liveness on)
 
 
 class Supervisor:
@@ -49,10 +62,14 @@ class Supervisor:
         max_restarts: int = 5,
         backoff_seconds: float = 0.25,
         stable_seconds: float = 60.0,
+        liveness_seconds: float = 0.0,
     ) -> None:
         if grace_seconds <= 0 or backoff_seconds < 0 or stable_seconds <= 0 or max_restarts < 0:
             raise ValueError("supervisor: grace and stable periods must be > 0, backoff and restarts >= 0")
+        if liveness_seconds < 0:
+            raise ValueError("supervisor: liveness_seconds must be >= 0 (0 = off)")
         self._grace = grace_seconds
+        self._liveness = liveness_seconds
         self._max_restarts = max_restarts
         self._backoff = backoff_seconds
         self._stable = stable_seconds
@@ -67,12 +84,29 @@ class Supervisor:
         self._children.append(child)
         await self._start(child)
         self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{spec.name}"))
+        if self._liveness > 0:
+            self._watchers.append(asyncio.create_task(self._check_liveness(child), name=f"liveness-{spec.name}"))
 
     async def _start(self, child: _Child) -> None:
         env = {**os.environ, **child.spec.env}
-        child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, *child.spec.python_args, *child.spec.args, env=env, start_new_session=True
-        )
+        pass_fds: tuple[int, ...] = ()
+        if self._liveness > 0:
+            # Several beats per timeout, so one late beat is never taken for a stuck loop.
+            child.pulse = HeartbeatPipe(interval=min(1.0, self._liveness / 5))
+            env.update(child.pulse.child_env())
+            pass_fds = (child.pulse.write_fd,)
+        try:
+            child.proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                *child.spec.python_args,
+                *child.spec.args,
+                env=env,
+                start_new_session=True,
+                pass_fds=pass_fds,
+            )
+        finally:
+            if child.pulse is not None:
+                child.pulse.close_write_end()
         child.started_at = asyncio.get_running_loop().time()
         log.info("started %s (pid %d)", child.spec.name, child.proc.pid)
 
@@ -80,6 +114,7 @@ class Supervisor:
         while True:
             assert child.proc is not None
             code = await child.proc.wait()
+            self._exited(child)
             if self._stopping:
                 return
             if code == CONFIG_ERROR_EXIT:
@@ -98,6 +133,34 @@ class Supervisor:
             if self._stopping:
                 return
             await self._start(child)
+
+    def _exited(self, child: _Child) -> None:
+        if child.pulse is not None:
+            child.pulse.close()
+            child.pulse = None
+        if child.spec.on_exit is not None and child.proc is not None:
+            try:
+                child.spec.on_exit(child.proc.pid)
+            except Exception:  # a cleanup hook must not stop the restart
+                log.exception("on_exit hook of %s failed", child.spec.name)
+
+    async def _check_liveness(self, child: _Child) -> None:
+        """SIGKILL a child whose loop went silent; `_watch` then restarts it like any crash."""
+        while True:
+            await asyncio.sleep(self._liveness / 10)
+            pulse, proc = child.pulse, child.proc
+            if pulse is None or proc is None or proc.returncode is not None or self._stopping:
+                continue
+            silent = pulse.silent_for()
+            if silent > self._liveness:
+                log.error(
+                    "%s (pid %d) sent no heartbeat for %.1fs (its event loop is stuck); killing it",
+                    child.spec.name,
+                    proc.pid,
+                    silent,
+                )
+                pulse.last_beat = None  # killed once is enough; the restart brings a new pipe
+                _signal(proc, signal.SIGKILL)
 
     def _fail(self, code: int) -> None:
         if not self.failed.is_set():  # the first failure is the one to report

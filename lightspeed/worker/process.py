@@ -5,7 +5,8 @@ Endpoints on the request plane:
   kv_dump   () -> Cleared + the worker's cached blocks as KvEvents (router gap recovery)
 Publishes on the event plane: `kv-events` (monotonic event ids), `load-metrics` (periodic),
 `forward-pass-metrics` (every step). Stops gracefully: deregister first so no new requests
-arrive, drain in-flight streams, then stop the engine.
+arrive, drain in-flight streams (up to `drain_timeout`; the rest are cut, and the frontend tells
+their clients in-band), then stop the engine.
 """
 
 from __future__ import annotations
@@ -224,5 +225,5 @@ async def run_worker(cfg: WorkerConfig) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("worker %s draining", worker.instance_id)
-    await worker.stop()
+    log.info("worker %s draining (up to %.1fs)", worker.instance_id, cfg.drain_timeout)
+    await worker.stop(cfg.drain_timeout)

@@ -22,6 +22,7 @@ PLANES = {
     "--event-plane": ("planes.event_plane", "zmq"),
     "--namespace": ("planes.namespace", "lightspeed"),
 }
+DRAIN = {"--drain-timeout": ("drain_timeout", 10.0)}  # frontend and worker: serve sets both
 FRONTEND = {
     "--host": ("host", "127.0.0.1"),
     "--port": ("port", 8000),
@@ -72,11 +73,13 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
     "frontend": {
         **_under("", FRONTEND),
         **_under("", PLANES),
+        **_under("", DRAIN),
         "--served-model-name": (("served_model_name",), ""),  # new: the field had no flag
     },
     "worker": {
         **_under("", WORKER),
         **_under("", PLANES),
+        **_under("", DRAIN),
         "--role": (("role",), "agg"),
         "--worker-host": (("host",), "127.0.0.1"),
         "--worker-port": (("port",), 0),  # new: the field had no flag
@@ -85,7 +88,9 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         **_under("frontend.", FRONTEND),
         **_under("worker.", WORKER),
         **_both(PLANES),  # one flag, both configs: serve requires them equal
+        **_both(DRAIN),
         "--workers": (("workers",), 1),
+        "--liveness-timeout": (("liveness_timeout",), 30.0),
     },
 }
 

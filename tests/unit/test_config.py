@@ -26,6 +26,7 @@ from lightspeed.router.admission import QUEUE_POLICIES as ADMISSION_QUEUE_POLICI
         ({"router_mode": "magic"}, f"router_mode must be one of {', '.join(ROUTER_MODES)}; got 'magic'"),
         ({"processes": 0}, "processes must be > 0; got 0"),
         ({"migration_limit": -1}, "migration_limit must be >= 0; got -1"),
+        ({"drain_timeout": -1.0}, "drain_timeout must be >= 0; got -1.0"),
     ],
 )
 def test_frontend_config_rejects(kw: dict, message: str) -> None:
@@ -45,6 +46,7 @@ def test_frontend_config_rejects(kw: dict, message: str) -> None:
         ({"num_gpu_blocks": -1}, "num_gpu_blocks must be >= 0; got -1"),
         ({"max_num_seqs": 0}, "max_num_seqs must be > 0; got 0"),
         ({"port": -1}, "worker port must be in 0..65535; got -1"),
+        ({"drain_timeout": -0.5}, "drain_timeout must be >= 0; got -0.5"),
     ],
 )
 def test_worker_config_rejects(kw: dict, message: str) -> None:
@@ -66,6 +68,11 @@ def test_queue_policies_are_declared_once() -> None:
 def test_plane_config_rejects_unknown_discovery() -> None:
     with pytest.raises(ValueError, match=r"^discovery must be one of mem, file; got 'zookeeper'$"):
         PlaneConfig(discovery="zookeeper")  # type: ignore[arg-type]
+
+
+def test_serve_config_rejects_a_negative_liveness_timeout() -> None:
+    with pytest.raises(ValueError, match=r"^liveness_timeout must be >= 0; got -1.0$"):
+        ServeConfig(liveness_timeout=-1.0)
 
 
 def test_serve_config_requires_shared_planes() -> None:
@@ -95,6 +102,7 @@ NON_DEFAULT_SERVE = ServeConfig(
         migration_limit=2,
         served_model_name="front",
         router=RouterConfig(0.1, 0.3, False, 7.5, 0.9, 1.5, "wspt", 12, 0.2, 3.25, False),
+        drain_timeout=3.5,
     ),
     WorkerConfig(
         engine="mocker",
@@ -115,8 +123,10 @@ NON_DEFAULT_SERVE = ServeConfig(
         enable_prefix_caching=False,
         metrics_interval=0.3,
         seed=42,
+        drain_timeout=2.0,
     ),
     workers=4,
+    liveness_timeout=12.0,
 )
 
 

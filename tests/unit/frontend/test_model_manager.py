@@ -75,7 +75,7 @@ async def test_a_worker_reported_down_is_skipped_until_its_quarantine_ends(
     assert time.monotonic() - reported >= 0.2 and entry.down_until == {}
 
 
-async def test_registering_again_clears_down_and_leaving_forgets_it(
+async def test_registering_again_clears_down_and_leaving_keeps_it_down(
     fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]
 ) -> None:
     workers, manager = fleet
@@ -93,10 +93,31 @@ async def test_registering_again_clears_down_and_leaving_forgets_it(
     await until(lambda: ids(entry.serving_workers()) == ["a"], timeout=5.0)
     await workers.deregister("b")
     await until(lambda: removed == ["b"], timeout=5.0)
-    assert "b" not in entry.down_until and ids(manager.all_workers()) == ["a"]
+    # Gone, and down for its quarantine: a request pinned to it is "not reachable" (503).
+    assert entry.is_down("b") and ids(manager.all_workers()) == ["a"] and not manager.is_healthy("b")
+    await workers.register(make_card("b"))  # the same instance back (its entry had expired)
+    await until(lambda: ids(entry.serving_workers()) == ["a", "b"], timeout=5.0)
+    assert not entry.is_down("b") and manager.is_healthy("b")
     await workers.deregister("a")
+    await workers.deregister("b")
     await until(lambda: manager.models() == [], timeout=5.0)
     assert manager.get("m") is entry  # the model (and its tokenizer) stays for a returning worker
+
+
+async def test_quarantines_of_departed_workers_are_pruned(
+    fleet: tuple[MemDiscovery, ModelManager], make_card: Callable[..., WorkerCard]
+) -> None:
+    workers, manager = fleet
+    for name in ("a", "b", "c"):
+        await workers.register(make_card(name))
+    await until(lambda: manager.get("m") is not None and len(manager.get("m").workers) == 3, timeout=5.0)
+    entry = manager.get("m")
+    await workers.deregister("a")
+    await until(lambda: "a" in entry.down_until, timeout=5.0)
+    entry.down_until["a"] = time.monotonic() - 1.0  # as if its quarantine were over
+    await workers.deregister("b")  # each departure prunes the quarantines that are over
+    await until(lambda: "b" in entry.down_until, timeout=5.0)
+    assert sorted(entry.down_until) == ["b"]
 
 
 def test_a_non_positive_quarantine_is_rejected() -> None:

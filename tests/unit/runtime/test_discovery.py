@@ -23,6 +23,7 @@ from lightspeed.runtime.discovery import (
     discovery_kinds,
     make_discovery,
     register_backend,
+    remove_entries_of,
     write_atomic,
 )
 from tests.polling import until
@@ -216,6 +217,22 @@ async def test_file_ignores_temp_and_corrupt_files(tmp_path: Path) -> None:
 
 async def test_file_missing_root_lists_nothing(tmp_path: Path) -> None:
     assert await fast_file(tmp_path / "absent").list_cards() == []
+
+
+async def test_file_entries_of_an_exited_process_are_removed_and_watchers_see_it(tmp_path: Path) -> None:
+    # What `serve` does when a worker process exits: its entries go now, not after the ttl.
+    dead = [msgspec.structs.replace(card(i), pid=4242) for i in ("dead-1", "dead-2")]
+    live = msgspec.structs.replace(card("live"), pid=4343)
+    for c in (*dead, live):
+        write_atomic(tmp_path / f"{c.instance_id}.json", msgspec.json.encode(c))
+    (tmp_path / "broken.json").write_bytes(b"{not json")  # skipped, not fatal
+    events = fast_file(tmp_path).watch()
+    assert sorted(e.instance_id for e in await take(events, 3)) == ["dead-1", "dead-2", "live"]
+    assert sorted(remove_entries_of(tmp_path, 4242)) == ["dead-1", "dead-2"]
+    assert sorted(await take(events, 2), key=lambda e: e.instance_id) == [delete("dead-1"), delete("dead-2")]
+    assert await fast_file(tmp_path).list_cards() == [live]
+    assert remove_entries_of(tmp_path, 4242) == [] and remove_entries_of(tmp_path / "absent", 1) == []
+    await events.aclose()
 
 
 @pytest.mark.parametrize(
