@@ -30,7 +30,7 @@ _T = TypeVar("_T")
 # to hear of the workers' own cuts (and report them) first.
 DRAIN_MARGIN_S = 1.0
 # After cutting: time for the cut handlers to write their error events and end their responses.
-CUT_GRACE_S = 2.0
+CUT_GRACE_S = 1.0
 
 
 class ShuttingDown(Overloaded):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import stat
 from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
@@ -21,6 +22,7 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT_FD_ENV = "LIGHTSPEED_HEARTBEAT_FD"
 HEARTBEAT_INTERVAL_ENV = "LIGHTSPEED_HEARTBEAT_INTERVAL"
+HEARTBEAT_ENV = (HEARTBEAT_FD_ENV, HEARTBEAT_INTERVAL_ENV)
 
 _T = TypeVar("_T")
 
@@ -47,8 +49,15 @@ async def with_heartbeat(main: Awaitable[_T], environ: Mapping[str, str] = os.en
     if not raw_fd:
         return await main
     fd = int(raw_fd)
-    # A write must never block the loop it vouches for, even if the supervisor stops reading.
-    os.set_blocking(fd, False)
+    try:
+        # Writing into whatever else holds that number (a leaked variable) would corrupt it.
+        if not stat.S_ISFIFO(os.fstat(fd).st_mode):
+            raise OSError(f"fd {fd} is not a pipe")
+        # A write must never block the loop it vouches for, even if the supervisor stops reading.
+        os.set_blocking(fd, False)
+    except OSError as exc:
+        log.warning("%s=%s is not usable (%s); not heartbeating", HEARTBEAT_FD_ENV, raw_fd, exc)
+        return await main
     task = asyncio.create_task(beat(fd, float(environ.get(HEARTBEAT_INTERVAL_ENV, "1"))), name="heartbeat")
     try:
         return await main

@@ -30,7 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from lightspeed.config import CONFIG_ERROR_EXIT
-from lightspeed.runtime.heartbeat import HeartbeatPipe
+from lightspeed.runtime.heartbeat import HEARTBEAT_ENV, HeartbeatPipe
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,8 @@ class Supervisor:
             self._watchers.append(asyncio.create_task(self._check_liveness(child), name=f"liveness-{spec.name}"))
 
     async def _start(self, child: _Child) -> None:
-        env = {**os.environ, **child.spec.env}
+        # Never pass on a pipe number this process was given itself: it means nothing to the child.
+        env = {k: v for k, v in os.environ.items() if k not in HEARTBEAT_ENV} | child.spec.env
         pass_fds: tuple[int, ...] = ()
         if self._liveness > 0:
             # Several beats per timeout, so one late beat is never taken for a stuck loop.
@@ -104,6 +105,10 @@ class Supervisor:
                 start_new_session=True,
                 pass_fds=pass_fds,
             )
+        except BaseException:
+            if child.pulse is not None:
+                child.pulse.close()
+            raise
         finally:
             if child.pulse is not None:
                 child.pulse.close_write_end()

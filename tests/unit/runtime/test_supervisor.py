@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lightspeed.runtime.heartbeat import HEARTBEAT_FD_ENV, with_heartbeat
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 from tests.polling import until
 
@@ -160,14 +162,25 @@ async def test_a_heartbeating_child_is_never_restarted(tmp_path: Path) -> None:
     assert exited == [pid]  # stopped: on_exit hears of it too
 
 
-async def test_without_liveness_a_silent_child_is_left_alone_and_gets_no_pipe(tmp_path: Path) -> None:
+async def test_without_liveness_a_silent_child_is_left_alone_and_gets_no_pipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     log = tmp_path / "starts"
     probe = "import os, time\nopen({0!r}, 'a').write(repr(os.environ.get('LIGHTSPEED_HEARTBEAT_FD')))\ntime.sleep(60)"
+    # This process's own pipe number (were it a supervised child) is not passed on either.
+    monkeypatch.setenv(HEARTBEAT_FD_ENV, "7")
     sup = Supervisor()
     await sup.spawn(script_child("plain", log, probe.format(str(log))))
     await until(lambda: log.exists() and log.read_text().endswith("None"), timeout=10, interval=0.02)
     assert starts(log) == 1
     await sup.stop()
+
+
+async def test_a_leaked_heartbeat_variable_never_writes_into_another_file(tmp_path: Path) -> None:
+    with open(tmp_path / "data", "wb") as f:
+        done = await with_heartbeat(asyncio.sleep(0.05, result="done"), {HEARTBEAT_FD_ENV: str(f.fileno())})
+        assert done == "done" and os.get_blocking(f.fileno())  # untouched: not even made non-blocking
+    assert (tmp_path / "data").read_bytes() == b""
 
 
 async def test_on_exit_hears_the_pid_of_a_crashed_child_before_its_restart(tmp_path: Path) -> None:
