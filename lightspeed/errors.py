@@ -45,6 +45,13 @@ class PayloadTooLarge(LightspeedError):
     error_type = "invalid_request_error"
 
 
+class UnsupportedMediaType(LightspeedError):
+    """A body in an encoding the frontend does not decode (e.g. Content-Encoding: br)."""
+
+    status = 415
+    error_type = "invalid_request_error"
+
+
 class RateLimited(LightspeedError):
     status = 429
     error_type = "rate_limit_exceeded"

@@ -2,7 +2,12 @@
 
 Decoding a body into these types *is* the type validation: msgspec reports the exact path of a
 wrong type (e.g. "Expected `int`, got `str` - at `$.max_tokens`") which becomes a 400. Range
-and cross-field checks live in `validation`. Unknown fields are ignored, as OpenAI does.
+and cross-field checks live in `validation`.
+
+Every request Struct forbids unknown fields: a field the server does not honour is refused with a
+400 naming it (`validation` says why), never silently ignored. The only fields accepted without
+effect are `user` and `metadata`: caller tags that cannot change the output. Fields whose only
+honoured value is the default (`n`=1, `echo`=false, `store`=false) are declared and checked.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from typing import Any, Literal, cast
 import msgspec
 
 
-class StreamOptions(msgspec.Struct, frozen=True):
+class StreamOptions(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     include_usage: bool = False
 
 
@@ -20,7 +25,7 @@ class StreamOptions(msgspec.Struct, frozen=True):
 ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
 
 
-class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
+class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True, forbid_unknown_fields=True):
     role: ChatRole
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -31,20 +36,20 @@ class ChatMessage(msgspec.Struct, frozen=True, omit_defaults=True):
         return {k: v for k, v in msgspec.structs.asdict(self).items() if v is not None}
 
 
-class RouterConfigOverride(msgspec.Struct, frozen=True):
+class RouterConfigOverride(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Per-request KV-router knobs (Dynamo's `nvext.router_config_override`)."""
 
     overlap_score_weight: float | None = None
     router_temperature: float | None = None
 
 
-class NvExt(msgspec.Struct, frozen=True):
+class NvExt(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
     """Dynamo-style request extensions."""
 
     router_config_override: RouterConfigOverride | None = None
 
 
-class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
+class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """Fields shared by chat and text completions (OpenAI + vLLM/Dynamo extensions)."""
 
     model: str
@@ -62,7 +67,10 @@ class _SamplingFields(msgspec.Struct, frozen=True, kw_only=True):
     frequency_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    store: bool = False  # nothing is stored: only false is accepted
+    # Accepted and unused: caller tags, which cannot change the output.
     user: str | None = None
+    metadata: dict[str, str] | None = None
     nvext: NvExt | None = None
 
     @property
@@ -101,6 +109,10 @@ class CompletionRequest(_SamplingFields, frozen=True, kw_only=True):
     @property
     def output_limit(self) -> int:
         return self.max_tokens if self.max_tokens is not None else 16  # OpenAI's default
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
 
     def single_prompt(self) -> object:
         """The prompt with a one-element batch unwrapped; `validation` checks what it holds."""

@@ -14,6 +14,7 @@ import msgspec
 from aiohttp import web
 
 from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
+from lightspeed.frontend.body import read_body
 from lightspeed.frontend.drain import ActiveStreams
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
@@ -27,7 +28,7 @@ from lightspeed.frontend.openai_types import (
 from lightspeed.frontend.pipeline import Pipeline, new_request_id
 from lightspeed.frontend.responses import ResponseBuilder, TokenText
 from lightspeed.frontend.streaming import WORKER_HEADER, serve_stream, serve_whole
-from lightspeed.frontend.validation import decode_request, router_overrides, validate_request
+from lightspeed.frontend.validation import check_engines, decode_request, router_overrides, validate_request
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     try:
         return await handler(request)
     except LightspeedError as err:
+        # An expected outcome (a client's mistake, an overload): no ERROR line, no traceback.
+        log.debug("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
         return error_response(err)
     except web.HTTPRequestEntityTooLarge as err:
         return error_response(PayloadTooLarge(f"request body is too large: {err.text}"))
@@ -70,7 +73,13 @@ class FrontendApp:
         self.metrics = metrics
         self._token_text: dict[str, TokenText] = {}
         self.streams = ActiveStreams()  # in-flight generations, for the drain on shutdown
-        self.app = web.Application(client_max_size=max_body_bytes, middlewares=[error_middleware])
+        self.max_body_bytes = max_body_bytes
+        # Bodies are decompressed by `body.read_body`, bounded by the same limit (not by aiohttp).
+        self.app = web.Application(
+            client_max_size=max_body_bytes,
+            middlewares=[error_middleware],
+            handler_args={"auto_decompress": False},
+        )
         self.app.add_routes(
             [
                 web.post("/v1/chat/completions", self.chat_completions),
@@ -83,20 +92,37 @@ class FrontendApp:
         )
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        req = decode_request(_chat_decoder, await request.read())
-        return await self._generate(request, req, chat=True)
+        return await self._counted(request, chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = decode_request(_completion_decoder, await request.read())
-        return await self._generate(request, req, chat=False)
+        return await self._counted(request, chat=False)
 
-    async def _generate(self, request: web.Request, req: AnyRequest, chat: bool) -> web.StreamResponse:
-        validate_request(req)
+    async def _counted(self, request: web.Request, chat: bool) -> web.StreamResponse:
+        """Check and serve one request, counting its outcome whatever it is: a refused request
+        is counted under its 4xx status like any other."""
         endpoint = "chat_completions" if chat else "completions"
-        rid = new_request_id("chatcmpl" if chat else "cmpl")
-        status = "error"
         # Label by model only when it exists: client-chosen names must not grow the metric set.
-        model = req.model if self.models.get(req.model) is not None else "unknown"
+        model, status = "unknown", "error"
+        try:
+            body = await read_body(request, self.max_body_bytes)
+            req: AnyRequest = decode_request(_chat_decoder, body) if chat else decode_request(_completion_decoder, body)
+            entry = self.models.get(req.model)
+            if entry is not None:
+                model = req.model
+            validate_request(req)
+            if entry is not None:
+                check_engines(req, entry.serving_workers())
+            resp = await self._generate(request, req, model, chat)
+            status = "success"
+            return resp
+        except LightspeedError as err:
+            status = str(err.status)
+            raise
+        finally:
+            self.metrics.requests.labels(model, endpoint, status).inc()
+
+    async def _generate(self, request: web.Request, req: AnyRequest, model: str, chat: bool) -> web.StreamResponse:
+        rid = new_request_id("chatcmpl" if chat else "cmpl")
         self.metrics.inflight.labels(model).inc()
         try:
             gen = await self.pipeline.prepare(
@@ -113,14 +139,9 @@ class FrontendApp:
                 )
             else:
                 resp = await serve_whole(self.pipeline, builder, self.metrics, self.streams)
-            status = "success"
             return resp
-        except LightspeedError as err:
-            status = str(err.status)
-            raise
         finally:
             self.metrics.inflight.labels(model).dec()
-            self.metrics.requests.labels(model, endpoint, status).inc()
 
     def _token_text_for(self, model: str) -> TokenText:
         tt = self._token_text.get(model)

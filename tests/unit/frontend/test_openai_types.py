@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import msgspec
 import pytest
 
@@ -57,3 +59,28 @@ def test_completion_prompt_forms() -> None:
     assert completion(prompt=["x"]).prompt_value() == "x"
     assert completion(prompt=["a", "b"]).single_prompt() == ["a", "b"]  # a batch stays a batch (refused)
     assert completion(prompt="hi").output_limit == 16
+
+
+@pytest.mark.parametrize(
+    ("body", "where"),
+    [
+        ({"tools": []}, "`tools`"),
+        ({"messages": [{"role": "user", "content": "x", "audio": None}]}, "`audio` - at `$.messages[0]`"),
+        ({"stream_options": {"include_usage": True, "x": 1}}, "`x` - at `$.stream_options`"),
+        ({"nvext": {"other": 1}}, "`other` - at `$.nvext`"),
+    ],
+)
+def test_unknown_fields_are_refused_at_every_level(body: dict[str, object], where: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=f"^Object contains unknown field {re.escape(where)}$"):
+        chat(**body)
+
+
+def test_completion_refuses_unknown_fields_too() -> None:
+    with pytest.raises(msgspec.ValidationError, match=r"^Object contains unknown field `suffix`$"):
+        completion(prompt="x", suffix="y")
+
+
+def test_caller_tags() -> None:
+    req = completion(prompt="x", user="u", metadata={"k": "v"})
+    assert (req.user, req.metadata, req.store) == ("u", {"k": "v"}, False)
+    assert completion(prompt="x", logprobs=3).num_logprobs == 3
