@@ -154,6 +154,10 @@ class FrontendConfig:
     router_mode: RouterMode = opt("round-robin", "how to pick a worker")
     planes: PlaneConfig = PlaneConfig()
     max_body_bytes: int = opt(8 * 1024 * 1024, "largest accepted request body")
+    http_header_timeout: float = opt(10.0, "seconds a connection has to send a complete request head")
+    http_body_timeout: float = opt(60.0, "seconds a request has to send its body once its head is in (then 408)")
+    http_keepalive_timeout: float = opt(15.0, "seconds an idle keep-alive connection stays open")
+    max_connections: int = opt(8192, "open HTTP connections past this are answered 503 and closed")
     processes: int = opt(1, "frontend processes sharing the port (SO_REUSEPORT)", flag="--frontend-processes")
     migration_limit: int = opt(0, "times a request may move to another worker if its worker dies")
     served_model_name: str = opt("", "name clients see for the workers' model ('' = the name workers register)")
@@ -165,6 +169,8 @@ class FrontendConfig:
         _check_drain(self.drain_timeout)
         _check_port("port", self.port)
         _check_positive("max_body_bytes", self.max_body_bytes)
+        for name in ("http_header_timeout", "http_body_timeout", "http_keepalive_timeout", "max_connections"):
+            _check_positive(name, getattr(self, name))
         _check_positive("processes", self.processes)
         if self.migration_limit < 0:
             raise ValueError(f"migration_limit must be >= 0; got {self.migration_limit}")

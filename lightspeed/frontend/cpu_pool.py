@@ -2,7 +2,7 @@
 
 Tokenizing megabytes takes seconds; on the event loop that would stall every other client of the
 frontend, health checks included. Here each job runs in a worker thread: the Rust tokenizer
-releases the GIL while it encodes, and jinja templating, which holds it, is at least preempted
+releases the GIL while it encodes (its batch call does), and jinja templating, which holds it, is at least preempted
 every switch interval, so the loop keeps answering.
 
 Two lanes of one thread each, by the job's size in characters: small jobs (nearly all) never

@@ -225,7 +225,9 @@ class Preprocessor:
 
         A tokenizer.json whose post-processor already adds BOS is not given a second one.
         """
-        ids: list[int] = self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch, not encode: only the batch call releases the GIL while the Rust code
+        # runs, so a long prompt tokenized in a pool thread does not hold up the event loop.
+        ids: list[int] = self._tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
         if not add_special_tokens:
             return ids
         bos, eos = self.bos_token_id, self.eos_token_id

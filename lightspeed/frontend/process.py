@@ -9,6 +9,7 @@ import signal
 from aiohttp import web
 
 from lightspeed.config import ConfigError, FrontendConfig
+from lightspeed.frontend.connections import ConnectionGuard, GuardedSite, HttpLimits, fit_to_fd_limit
 from lightspeed.frontend.drain import CUT_GRACE_S, drain_http
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
@@ -55,6 +56,8 @@ class Frontend:
             self.models, self.router, cfg.migration_limit, lambda model: metrics.migrations.labels(model).inc()
         )
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
+        self.connections = ConnectionGuard(http_limits(cfg))
+        self.http.app.middlewares.insert(0, self.connections.middleware)  # outermost: every request
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry
         )
@@ -99,10 +102,21 @@ class Frontend:
         await self.worker_metrics.start()
         await self.models.start()
         self._runner = web.AppRunner(
-            self.http.app, handler_cancellation=True, access_log=None, shutdown_timeout=CUT_GRACE_S
+            self.http.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=CUT_GRACE_S,
+            keepalive_timeout=self.cfg.http_keepalive_timeout,
         )
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self.cfg.host, self.cfg.port, reuse_port=self.cfg.processes > 1, backlog=1024)
+        site = GuardedSite(
+            self._runner,
+            self.cfg.host,
+            self.cfg.port,
+            self.connections,
+            reuse_port=self.cfg.processes > 1,
+            backlog=1024,
+        )
         await site.start()
         bound = self._runner.addresses  # the port actually bound, for port 0 in tests
         if bound:
@@ -118,8 +132,14 @@ class Frontend:
         if self.kv_feed is not None:
             await self.kv_feed.stop()
         await self.worker_metrics.stop()
+        self.pipeline.cpu.shutdown()
         await self.client.close()
         await self.discovery.close()
+
+
+def http_limits(cfg: FrontendConfig) -> HttpLimits:
+    """The connection limits of `cfg`, the cap lowered to what the descriptor limit allows."""
+    return HttpLimits(cfg.http_header_timeout, cfg.http_body_timeout, fit_to_fd_limit(cfg.max_connections))
 
 
 async def run_frontend(cfg: FrontendConfig) -> None:

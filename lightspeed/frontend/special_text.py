@@ -72,7 +72,8 @@ class SpecialText:
     def encode(self, masked_text: str, masked: Masked) -> list[int]:
         """Ids of a prompt rendered from masked messages: its special tokens (the template's)
         stay control tokens; everything between them, the user's strings included, is text."""
-        encoding = self._tokenizer.encode(masked_text, add_special_tokens=False)
+        # encode_batch releases the GIL (encode does not): this runs in a pool thread.
+        [encoding] = self._tokenizer.encode_batch([masked_text], add_special_tokens=False)
         ids: list[int] = []
         start = 0
         for token, (begin, end) in zip(encoding.ids, encoding.offsets, strict=True):
@@ -84,7 +85,7 @@ class SpecialText:
         return ids
 
     def _text_ids(self, text: str) -> list[int]:
-        return self._literal.encode(text, add_special_tokens=False).ids if text else []
+        return self._literal.encode_batch([text], add_special_tokens=False)[0].ids if text else []
 
 
 def _any_string(value: object, pattern: re.Pattern[str]) -> bool:
