@@ -157,7 +157,7 @@ class FrontendConfig:
     http_header_timeout: float = opt(10.0, "seconds a connection has to send a complete request head")
     http_body_timeout: float = opt(60.0, "seconds a request has to send its body once its head is in (then 408)")
     http_keepalive_timeout: float = opt(15.0, "seconds an idle keep-alive connection stays open")
-    max_connections: int = opt(8192, "open HTTP connections past this are answered 503 and closed")
+    max_connections: int = opt(8192, "open HTTP connections (per frontend process) past this get a 503 and are closed")
     processes: int = opt(1, "frontend processes sharing the port (SO_REUSEPORT)", flag="--frontend-processes")
     migration_limit: int = opt(0, "times a request may move to another worker if its worker dies")
     served_model_name: str = opt("", "name clients see for the workers' model ('' = the name workers register)")
