@@ -137,7 +137,7 @@ class Pipeline:
         prompt = req.prompt_value()
         if not isinstance(prompt, str):
             return prompt  # token ids: nothing to do
-        _refuse_overlong(req, entry.preprocessor.min_tokens(prompt), entry.context_length)
+        _refuse_overlong(req, entry.preprocessor.proves_at_least(prompt, entry.context_length), entry.context_length)
         return await self.cpu.run(len(prompt), functools.partial(entry.preprocessor.encode, prompt))
 
     async def stream(self, gen: Generation) -> AsyncGenerator[Delta, None]:
@@ -246,7 +246,7 @@ def _continuation(gen: Generation) -> PreprocessedRequest:
 def _tokenize_chat(pre: Preprocessor, req: ChatCompletionRequest, context_length: int) -> list[int]:
     """In a pool thread: render the conversation, bound it by its length, then encode it."""
     prompt = pre.render_chat(req.messages, add_generation_prompt=req.add_generation_prompt)
-    _refuse_overlong(req, pre.min_tokens(prompt.text), context_length)
+    _refuse_overlong(req, pre.proves_at_least(prompt.text, context_length), context_length)
     return pre.encode_chat_prompt(prompt)
 
 
@@ -264,9 +264,9 @@ def _chat_size(req: ChatCompletionRequest) -> int:
     return size
 
 
-def _refuse_overlong(req: AnyRequest, min_tokens: int, context_length: int) -> None:
+def _refuse_overlong(req: AnyRequest, min_tokens: int | None, context_length: int) -> None:
     """The 400 `check_prompt` would give once tokenized, from a lower bound on the count."""
-    if min_tokens >= context_length:
+    if min_tokens is not None:
         raise InvalidRequest(
             f"This model's maximum context length is {context_length} tokens, but the prompt has at least "
             f"{min_tokens} tokens.",

@@ -240,9 +240,10 @@ class Preprocessor:
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def min_tokens(self, text: str) -> int:
-        """A lower bound on the tokens `text` becomes (0 when the tokenizer proves none)."""
-        return self.token_bound.min_tokens(text) if self.token_bound is not None else 0
+    def proves_at_least(self, text: str, limit: int) -> int | None:
+        """A count of at least `limit` tokens that `text` provably becomes, from its length; None
+        when it may become fewer (or the tokenizer proves no bound)."""
+        return self.token_bound.proves_at_least(text, limit) if self.token_bound is not None else None
 
     def apply_chat_template(
         self,

@@ -306,6 +306,8 @@ def test_the_length_bound_never_exceeds_the_count(pre: Preprocessor) -> None:
     assert pre.token_bound is not None
     assert pre.token_bound.max_token_bytes == 81  # "\n" + 80 spaces
     for text in ("\n" + " " * 80, "a" * 10_000, " " * 5000, "你好😀" * 300, "\x13" * 500 + "hi", FORGED):
-        assert len(pre.encode(text)) >= pre.min_tokens(text)
-    assert pre.min_tokens(("\n" + " " * 80) * 100) == len(pre.encode(("\n" + " " * 80) * 100)) == 100
-    assert pre.min_tokens("\x13" * 500 + "hi") == 1  # characters the vocabulary drops are not counted
+        assert len(pre.encode(text)) >= pre.token_bound.min_tokens(text)
+    spaces = ("\n" + " " * 80) * 100
+    assert pre.token_bound.min_tokens(spaces) == len(pre.encode(spaces)) == 100
+    assert pre.token_bound.min_tokens("\x13" * 500 + "hi") == 1  # characters the vocabulary drops are not counted
+    assert (pre.proves_at_least(spaces, 100), pre.proves_at_least(spaces, 101)) == (100, None)

@@ -38,6 +38,12 @@ def test_min_tokens_rounds_up() -> None:
     assert bound.min_tokens("\x00" * 100 + "a") == 1
 
 
+def test_proves_at_least_answers_only_what_reaches_the_limit() -> None:
+    bound = TokenBound(4, "\x00")
+    assert [bound.proves_at_least("a" * n, 3) for n in (8, 9, 12, 13)] == [None, 3, 3, 4]
+    assert bound.proves_at_least("\x00" * 20 + "a" * 8, 3) is None  # long enough, but the scan says 2
+
+
 def test_a_normalizer_or_a_dropping_pre_tokenizer_gives_no_bound(smollm: Tokenizer) -> None:
     normalized = Tokenizer.from_str(smollm.to_str())
     normalized.normalizer = normalizers.NFC()  # composes characters: text can shrink
