@@ -105,7 +105,7 @@ class Attack:
     stop: asyncio.Event = field(default_factory=asyncio.Event)
     big_statuses: Counter[str] = field(default_factory=Counter)
     big_latencies: list[float] = field(default_factory=list)
-    idle: list[asyncio.StreamWriter] = field(default_factory=list)
+    idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = field(default_factory=list)
     idle_refused: int = 0
     loris_conns: int = 0
     loris_lives: list[float] = field(default_factory=list)
@@ -144,8 +144,7 @@ async def big_prompts(url: str, model: str, mb: float, attack: Attack) -> None:
 async def idle_connections(host: str, port: int, count: int, attack: Attack) -> None:
     for _ in range(count):
         try:
-            _, writer = await asyncio.open_connection(host, port)
-            attack.idle.append(writer)
+            attack.idle.append(await asyncio.open_connection(host, port))
         except OSError:
             attack.idle_refused += 1
     await attack.stop.wait()
@@ -254,8 +253,9 @@ async def attacked_phase(url: str, model: str, p: Params, frontend_pid: int) -> 
 
 
 def _attack_stats(a: Attack) -> AttackStats:
-    still_open = sum(1 for w in a.idle if not w.is_closing() and not w.transport.is_closing())
-    for writer in a.idle:
+    # The reader sees EOF once the server closed its side (e.g. after the header timeout).
+    still_open = sum(1 for reader, _ in a.idle if not reader.at_eof())
+    for _, writer in a.idle:
         writer.close()
     lat = sorted(a.big_latencies)
     return AttackStats(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 
 from aiohttp import web
 
-from lightspeed.config import ConfigError, FrontendConfig
+from lightspeed.config import FrontendConfig
 from lightspeed.frontend.connections import ConnectionGuard, GuardedSite, HttpLimits, fit_to_fd_limit
 from lightspeed.frontend.drain import CUT_GRACE_S, drain_http
 from lightspeed.frontend.metrics import FrontendMetrics
@@ -28,6 +26,7 @@ from lightspeed.router.replica_sync import TOPIC_ROUTER_SYNC, ReplicaSync
 from lightspeed.router.selector import WorkerSelector
 from lightspeed.router.session import SessionAffinity
 from lightspeed.runtime.discovery import Discovery
+from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
 from lightspeed.runtime.planes import (
     discovery_from_config,
     publisher_from_config,
@@ -144,15 +143,9 @@ def http_limits(cfg: FrontendConfig) -> HttpLimits:
 
 async def run_frontend(cfg: FrontendConfig) -> None:
     """Run until SIGINT/SIGTERM, then shut down cleanly."""
-    try:
+    with startup_config_errors():
         frontend = Frontend(cfg)
         await frontend.start()
-    except ValueError as err:  # everything here is set up from the config: nothing runs yet
-        raise ConfigError(str(err)) from err
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     log.info("frontend shutting down")
     await frontend.stop()

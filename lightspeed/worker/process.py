@@ -14,14 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import signal
 import time
 import uuid
 from collections.abc import AsyncIterator
 
 import msgspec
 
-from lightspeed.config import ConfigError, WorkerConfig
+from lightspeed.config import WorkerConfig
 from lightspeed.engine.core import EngineCore, StepInfo
 from lightspeed.engine.types import EngineCoreOutput
 from lightspeed.protocol import (
@@ -40,6 +39,7 @@ from lightspeed.protocol import (
     WorkerRole,
 )
 from lightspeed.runtime.discovery import Discovery
+from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
 from lightspeed.runtime.planes import discovery_from_config, publisher_from_config
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
 from lightspeed.worker.factory import BuiltEngine, build_engine
@@ -215,15 +215,9 @@ class Worker:
 
 async def run_worker(cfg: WorkerConfig) -> None:
     """Run until SIGINT/SIGTERM, then drain and exit."""
-    try:
+    with startup_config_errors():
         worker = Worker(cfg)
         await worker.start()
-    except ValueError as err:  # everything here is set up from the config: nothing runs yet
-        raise ConfigError(str(err)) from err
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await until_signalled()
     log.info("worker %s draining (up to %.1fs)", worker.instance_id, cfg.drain_timeout)
     await worker.stop(cfg.drain_timeout)
