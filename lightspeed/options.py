@@ -101,8 +101,8 @@ def _leaf_specs(cls: type, prefix: FieldPath, hidden: set[FieldPath]) -> Iterabl
         if path in hidden:
             continue
         hint = hints[f.name]
-        if is_dataclass(hint):
-            yield from _leaf_specs(hint, path, hidden)  # type: ignore[arg-type]
+        if isinstance(hint, type) and is_dataclass(hint):
+            yield from _leaf_specs(hint, path, hidden)
             continue
         if "help" not in f.metadata:
             raise TypeError(f"{cls.__name__}.{f.name} is not declared with config.opt()")
