@@ -16,31 +16,10 @@ from lightspeed.frontend.preprocess import (
     TokenizerSettings,
     normalize_messages,
 )
+from tests.smollm2 import SYSTEM_TURN, SYSTEM_TURN_IDS
 
-SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-SYSTEM_IDS = [
-    1,
-    9690,
-    198,
-    2683,
-    359,
-    253,
-    5356,
-    5646,
-    11173,
-    3365,
-    3511,
-    308,
-    34519,
-    28,
-    7018,
-    411,
-    407,
-    19712,
-    8182,
-    2,
-    198,
-]
+SYSTEM = SYSTEM_TURN
+SYSTEM_IDS = SYSTEM_TURN_IDS
 
 
 @pytest.fixture(scope="module")

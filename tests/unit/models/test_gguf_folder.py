@@ -23,32 +23,8 @@ from lightspeed.models.gguf_folder import (
     read_gguf_info,
 )
 from lightspeed.models.registry import packaged_gguf_path
+from tests.smollm2 import SYSTEM_TURN, SYSTEM_TURN_IDS
 
-# SmolLM2's default system turn, as token ids of the HF tokenizer (<|im_start|>=1, <|im_end|>=2).
-SYSTEM_TURN = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
-SYSTEM_TURN_IDS = [
-    1,
-    9690,
-    198,
-    2683,
-    359,
-    253,
-    5356,
-    5646,
-    11173,
-    3365,
-    3511,
-    308,
-    34519,
-    28,
-    7018,
-    411,
-    407,
-    19712,
-    8182,
-    2,
-    198,
-]
 CONTROL_TOKENS = [
     "<|endoftext|>",
     "<|im_start|>",

