@@ -13,6 +13,12 @@ the copy in the process), so its parallel loop runs on torch's own OpenMP team: 
 runtime would bring a second set of spinning threads onto the same cores (see
 native/executor.py for what oversubscription costs here). No compiler, a failed build or
 LIGHTSPEED_PAGED_ATTENTION=0: a warning once, and the model keeps its torch path.
+
+The SIMD path is picked at compile time from the compiler's predefined macros (csrc/isa.h):
+AVX-512, else AVX2 + FMA, else the portable scalar code. LIGHTSPEED_KERNEL_ISA=avx512|avx2|scalar
+forces one (avx2 on an AVX-512 CPU compiles with -mno-avx512f: an AVX2-only CPU, emulated), for
+tests and benchmarks; the default, auto, is whatever -march=native gives. The ISA is part of the
+cache key, and the library reports the one it was built with (`ls_kernel_isa`, logged at load).
 """
 
 from __future__ import annotations
@@ -36,6 +42,17 @@ logger = logging.getLogger(__name__)
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.c"
 DISABLE_ENV = "LIGHTSPEED_PAGED_ATTENTION"  # "0": never build or use the kernel
 CACHE_ENV = "LIGHTSPEED_KERNEL_CACHE"  # directory for built kernels (default ~/.cache/lightspeed)
+ISA_ENV = "LIGHTSPEED_KERNEL_ISA"  # auto (default) | avx512 | avx2 | scalar
+# Flags on top of -march=native per requested ISA. scalar also defines LS_PA_SCALAR: without
+# AVX2 gcc still auto-vectorizes the plain C with SSE/AVX, but no intrinsics path is compiled.
+ISA_FLAGS: dict[str, tuple[str, ...]] = {
+    "auto": (),
+    "avx512": (),
+    "avx2": ("-mno-avx512f",),
+    "scalar": ("-mno-avx512f", "-mno-avx2", "-mno-fma", "-DLS_PA_SCALAR"),
+}
+# /proc/cpuinfo flags an ISA needs to run (the build would succeed without them, the code not).
+ISA_CPU_FLAGS: dict[str, tuple[str, ...]] = {"avx512": ("avx512f",), "avx2": ("avx2", "fma")}
 BASE_FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-fopenmp")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_GROUP = 16  # query heads per KV head; must match csrc
@@ -64,15 +81,21 @@ class _Args(ctypes.Structure):
 
 @dataclass(frozen=True, slots=True)
 class BuildSpec:
-    """How to build the kernel: the compiler and any extra flags (tests force the scalar path
-    with `-DLS_PA_SCALAR`)."""
+    """How to build the kernel: the compiler, the SIMD path (a key of ISA_FLAGS) and any extra
+    flags."""
 
     compiler: str = "gcc"
     extra_flags: tuple[str, ...] = ()
+    isa: str = "auto"
 
     @property
     def flags(self) -> tuple[str, ...]:
-        return (*BASE_FLAGS, *self.extra_flags)
+        return (*BASE_FLAGS, *ISA_FLAGS.get(self.isa, ()), *self.extra_flags)
+
+
+def default_spec() -> BuildSpec:
+    """The spec the model loads: gcc, the ISA LIGHTSPEED_KERNEL_ISA names (auto when unset)."""
+    return BuildSpec(isa=os.environ.get(ISA_ENV, "auto").strip().lower() or "auto")
 
 
 class PagedDecodeAttention:
@@ -84,6 +107,9 @@ class PagedDecodeAttention:
         self._fn.argtypes = [ctypes.POINTER(_Args)]
         self._fn.restype = ctypes.c_int
         self.simd = bool(lib.ls_pa_simd())
+        isa_fn = lib.ls_kernel_isa
+        isa_fn.restype = ctypes.c_char_p
+        self.isa: str = isa_fn().decode()  # the path compiled in: avx512, avx2 or scalar
 
     @staticmethod
     def supports(num_heads: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -185,6 +211,22 @@ def _cpu_fingerprint() -> str:
     return f"{platform.machine()}:{flags}"
 
 
+def _check_isa(isa: str) -> None:
+    """Refuse an unknown ISA, or one this CPU cannot run (it would die of SIGILL, not fall back)."""
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"{ISA_ENV}={isa!r}: expected one of {', '.join(ISA_FLAGS)}")
+    cpu_flags = set(_cpu_fingerprint().split(":", 1)[1].split())
+    missing = [f for f in ISA_CPU_FLAGS.get(isa, ()) if f not in cpu_flags]
+    if missing:
+        raise ValueError(f"{ISA_ENV}={isa}: this CPU lacks {', '.join(missing)}")
+
+
+def runnable_isas() -> list[str]:
+    """The forced ISAs this CPU can run, widest first (tests and benchmarks build each)."""
+    cpu_flags = set(_cpu_fingerprint().split(":", 1)[1].split())
+    return [isa for isa in ("avx512", "avx2", "scalar") if set(ISA_CPU_FLAGS.get(isa, ())) <= cpu_flags]
+
+
 def _compiler_id(compiler: str) -> str:
     out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30, check=True)
     return out.stdout.splitlines()[0] if out.stdout else compiler
@@ -192,13 +234,20 @@ def _compiler_id(compiler: str) -> str:
 
 def _build(spec: BuildSpec) -> Path:
     """Compile (or reuse) the shared object; raises on any failure."""
+    _check_isa(spec.isa)
     compiler = shutil.which(spec.compiler)
     if compiler is None:
         raise FileNotFoundError(f"C compiler {spec.compiler!r} not found")
     sources = [f.read_bytes() for f in sorted(SOURCE.parent.iterdir()) if f.suffix in (".c", ".h")]
     key = hashlib.sha256(
         b"\0".join(
-            [*sources, " ".join(spec.flags).encode(), _compiler_id(compiler).encode(), _cpu_fingerprint().encode()]
+            [
+                *sources,
+                " ".join(spec.flags).encode(),
+                spec.isa.encode(),
+                _compiler_id(compiler).encode(),
+                _cpu_fingerprint().encode(),
+            ]
         )
     ).hexdigest()[:20]
     target = cache_dir() / f"paged_attention-{key}.so"
@@ -218,32 +267,48 @@ def _build(spec: BuildSpec) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("built paged attention kernel %s", target)
+    logger.info("built paged attention kernel %s (requested isa: %s)", target, spec.isa)
     return target
 
 
 def build_kernel(spec: BuildSpec = BuildSpec()) -> PagedDecodeAttention:
     """Build and load the kernel now; raises if that fails. (torch, imported above, has already
     loaded its libgomp, so the kernel's libgomp.so.1 dependency resolves to that same copy.)"""
-    return PagedDecodeAttention(ctypes.CDLL(str(_build(spec))))
+    path = _build(spec)
+    kernel = PagedDecodeAttention(ctypes.CDLL(str(path)))
+    # The ISA read back from the library, not the one asked for: the two can differ (e.g. a
+    # compiler that ignores -march=native), and which path runs is what timings depend on.
+    logger.info("CPU kernels (%s): %s SIMD path, %s=%s", path.name, kernel.isa, ISA_ENV, spec.isa)
+    if spec.isa not in ("auto", kernel.isa):
+        logger.warning("CPU kernels: asked for the %s path, the compiler gave %s", spec.isa, kernel.isa)
+    return kernel
 
 
 _lock = threading.Lock()
 _loaded: dict[BuildSpec, PagedDecodeAttention | None] = {}
 
 
-def load_kernel(spec: BuildSpec = BuildSpec()) -> PagedDecodeAttention | None:
-    """The kernel, built once per process; None (after one warning) when it cannot be had."""
+def load_kernel(spec: BuildSpec | None = None) -> PagedDecodeAttention | None:
+    """The kernel, built once per process and spec (default: `default_spec()`); None (after one
+    warning) when it cannot be had."""
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return None
+    spec = spec or default_spec()
     with _lock:
         if spec not in _loaded:
             try:
                 _loaded[spec] = build_kernel(spec)
-            except (OSError, subprocess.SubprocessError, AttributeError) as exc:
+            except (OSError, subprocess.SubprocessError, AttributeError, ValueError) as exc:
                 detail = getattr(exc, "stderr", "") or ""
                 logger.warning(
                     "paged attention kernel unavailable, using the torch path: %s %s", exc, detail.strip()[-2000:]
                 )
                 _loaded[spec] = None
         return _loaded[spec]
+
+
+def kernel_isa() -> str:
+    """The SIMD path the model's CPU kernels run with ("avx512", "avx2", "scalar"), or "torch"
+    when the kernels are disabled or unavailable (the model then runs its torch path)."""
+    kernel = load_kernel()
+    return kernel.isa if kernel is not None else "torch"

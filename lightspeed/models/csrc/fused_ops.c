@@ -140,10 +140,9 @@ int ls_rms_norm(const void *x, void *out, int64_t rows, int64_t dim, int64_t x_s
 /* ls_silu_mul: out = silu(gate) * up for rows of a fused [gate | up] projection ([T, 2F] in,
  * [T, F] out), math in fp32. One wide matmul plus this pass is cheaper than two matmuls with
  * oneDNN's swish and mul epilogues (at 2,048 rows: ~2.8 ms against ~3.4 ms per layer). */
-#if defined(__AVX512F__) && !defined(LS_PA_SCALAR)
-#include <immintrin.h>
-
 #include "simd_exp.h"
+
+#if LS_ISA_AVX512
 
 /* exp(x), clamped into the range the polynomial covers. */
 static inline __m512 exp512_full(__m512 x) {
@@ -168,19 +167,35 @@ static inline void store16(void *p, __m512 v, int is_bf16) {
     bits = _mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF)));
     _mm256_storeu_si256((__m256i *)p, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bits, 16)));
 }
-#define LS_SILU_SIMD 1
-#else
-#define LS_SILU_SIMD 0
 #endif
 
 static inline float load1(const void *p, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
 }
 
-static void silu_mul_row(const void *gate, const void *up, void *out, int64_t f, int is_bf16) {
-    const int64_t esize = is_bf16 ? 2 : 4;
+#if LS_ISA_AVX2 && !LS_ISA_AVX512
+/* The AVX-512 loop below on 8 lanes; the reciprocal estimate is 12-bit here, so the Newton
+ * step leaves ~22 bits (the fp32 tests hold it to 1e-6 relative). */
+static inline int64_t silu_mul_avx2(const void *gate, const void *up, void *out, int64_t f, int is_bf16) {
     int64_t i = 0;
-#if LS_SILU_SIMD
+    for (; i + 8 <= f; i += 8) {
+        __m256 g = load8(gate, i, is_bf16), u = load8(up, i, is_bf16);
+        __m256 den = _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g)));
+        __m256 r = _mm256_rcp_ps(den);
+        r = _mm256_mul_ps(r, _mm256_fnmadd_ps(den, r, _mm256_set1_ps(2.0f)));
+        store8(out, i, _mm256_mul_ps(_mm256_mul_ps(g, r), u), is_bf16);
+    }
+    return i;
+}
+#endif
+
+static void silu_mul_row(const void *gate, const void *up, void *out, int64_t f, int is_bf16) {
+    int64_t i = 0;
+#if LS_ISA_AVX2 && !LS_ISA_AVX512
+    i = silu_mul_avx2(gate, up, out, f, is_bf16);
+#endif
+#if LS_ISA_AVX512
+    const int64_t esize = is_bf16 ? 2 : 4;
     for (; i + 16 <= f; i += 16) {
         __m512 g = load16((const char *)gate + i * esize, is_bf16);
         __m512 u = load16((const char *)up + i * esize, is_bf16);

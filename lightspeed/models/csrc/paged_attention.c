@@ -18,7 +18,11 @@
  * vector holding the 16 scores. bf16 is widened with one shift (even elements) and one mask
  * (odd elements) per 32 values, so lanes hold the head dims in even/odd order; q is loaded the
  * same way (the dot product does not care) and the V accumulators are re-interleaved when the
- * output is written. Other shapes or CPUs use the scalar path (same math, one token at a time).
+ * output is written. AVX2 path (AVX2 + FMA, any head_dim that is a multiple of 8; also used by
+ * AVX-512 builds for dims like 40, 72, 80): 8-lane vectors, one (sequence, KV head) at a time,
+ * chunks of 8 tokens, each token's score reduced horizontally, head_dim a runtime value. Other
+ * shapes or CPUs use the scalar path (same math, one token at a time). csrc/isa.h picks the
+ * paths from the compiler's macros; ls_kernel_isa() reports the result.
  * At 32 sequences x ~320 tokens the kernel is bound by reading the cache from DRAM, not by
  * arithmetic: software prefetching and vdpbf16ps dot products were measured and gained nothing.
  */
@@ -28,15 +32,10 @@
 #include <string.h>
 
 #include "bf16.h"
-
-#if defined(__AVX512F__) && !defined(LS_PA_SCALAR)
-#include <immintrin.h>
-
+#include "isa.h"
 #include "simd_exp.h"
-#define LS_PA_SIMD 1
-#else
-#define LS_PA_SIMD 0
-#endif
+
+#define LS_PA_SIMD (LS_ISA_AVX512 || LS_ISA_AVX2)
 
 #define CHUNK 16
 #define MAX_GROUP 16   /* query heads per KV head */
@@ -129,8 +128,106 @@ static void item_scalar(const pa_args *a, int64_t s, int64_t kv_lo, int64_t kv_h
     for (int64_t kvh = kv_lo; kvh < kv_hi; kvh++) head_scalar(a, s, kvh);
 }
 
+/* ------------------------------------------------------------------ AVX2 path */
+#if LS_ISA_AVX2
+#define CHUNK8 8
+
+/* Per-head state of the AVX2 path; rows of head_dim / 8 vectors (head_dim a multiple of 8). */
+typedef struct {
+    __m256 q[MAX_GROUP][MAX_DIM / 8], acc[MAX_GROUP][MAX_DIM / 8];
+    float m[MAX_GROUP], l[MAX_GROUP];
+    int64_t G, V;
+} avx2_state;
+
+static void avx2_init(const pa_args *a, avx2_state *st, int64_t s, int64_t kvh) {
+    st->G = a->num_heads / a->num_kv_heads;
+    st->V = a->head_dim / 8;
+    const __m256 scale = _mm256_set1_ps(a->scale);
+    for (int64_t g = 0; g < st->G; g++) {
+        int64_t row = s * a->q_stride + (kvh * st->G + g) * a->head_dim;
+        for (int64_t c = 0; c < st->V; c++) {
+            st->q[g][c] = _mm256_mul_ps(load8(a->query, row + 8 * c, a->is_bf16), scale);
+            st->acc[g][c] = _mm256_setzero_ps();
+        }
+        st->m[g] = -INFINITY;
+        st->l[g] = 0.0f;
+    }
+}
+
+/* q.k of `n` (<= 8) tokens for every query head of the group, one K row load per token;
+ * lanes past n hold -inf. */
+static inline void avx2_scores(const pa_args *a, const avx2_state *st, const int64_t *off, int n,
+                               float scores[][CHUNK8]) {
+    for (int64_t g = 0; g < st->G; g++)
+        for (int j = n; j < CHUNK8; j++) scores[g][j] = -INFINITY;
+    for (int j = 0; j < n; j++) {
+        __m256 k[MAX_DIM / 8];
+        for (int64_t c = 0; c < st->V; c++) k[c] = load8(a->k_cache, off[j] + 8 * c, a->is_bf16);
+        for (int64_t g = 0; g < st->G; g++) {
+            __m256 sum = _mm256_mul_ps(st->q[g][0], k[0]);
+            for (int64_t c = 1; c < st->V; c++) sum = _mm256_fmadd_ps(st->q[g][c], k[c], sum);
+            scores[g][j] = hsum8(sum);
+        }
+    }
+}
+
+/* Online softmax over one chunk of 8 tokens (rescale on a new max), then acc += p * v. */
+static void avx2_update(const pa_args *a, avx2_state *st, const int64_t *off, int n) {
+    float scores[MAX_GROUP][CHUNK8], p[MAX_GROUP][CHUNK8];
+    avx2_scores(a, st, off, n, scores);
+    for (int64_t g = 0; g < st->G; g++) {
+        __m256 sc = _mm256_loadu_ps(scores[g]);
+        __m128 mx = _mm_max_ps(_mm256_castps256_ps128(sc), _mm256_extractf128_ps(sc, 1));
+        mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
+        float m_new = fmaxf(st->m[g], _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx))));
+        if (m_new > st->m[g]) {
+            __m256 alpha = _mm256_set1_ps(expf(st->m[g] - m_new));
+            for (int64_t c = 0; c < st->V; c++) st->acc[g][c] = _mm256_mul_ps(st->acc[g][c], alpha);
+            st->l[g] *= expf(st->m[g] - m_new);
+            st->m[g] = m_new;
+        }
+        /* -inf lanes clamp to exp(-87) inside exp256: zero them explicitly */
+        __m256 valid = _mm256_cmp_ps(sc, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
+        __m256 e = _mm256_and_ps(valid, exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))));
+        st->l[g] += hsum8(e);
+        _mm256_storeu_ps(p[g], e);
+    }
+    for (int j = 0; j < n; j++) {
+        __m256 v[MAX_DIM / 8];
+        for (int64_t c = 0; c < st->V; c++) v[c] = load8(a->v_cache, off[j] + 8 * c, a->is_bf16);
+        for (int64_t g = 0; g < st->G; g++) {
+            __m256 pj = _mm256_set1_ps(p[g][j]);
+            for (int64_t c = 0; c < st->V; c++) st->acc[g][c] = _mm256_fmadd_ps(pj, v[c], st->acc[g][c]);
+        }
+    }
+}
+
+/* One (sequence, KV head) at a time, 8 tokens per chunk: head dims are runtime values here (no
+ * per-shape specialisation), so this path also covers dims like 40, 72 or 80 in AVX-512 builds. */
+static void item_avx2(const pa_args *a, int64_t s, int64_t kv_lo, int64_t kv_hi) {
+    const int64_t D = a->head_dim, ctx = a->context_lens[s];
+    avx2_state st;
+    for (int64_t kvh = kv_lo; kvh < kv_hi; kvh++) {
+        avx2_init(a, &st, s, kvh);
+        token_cursor cur = cursor_start(a, a->block_tables + s * a->table_stride);
+        int64_t off[CHUNK8];
+        for (int64_t t0 = 0; t0 < ctx; t0 += CHUNK8) {
+            int n = ctx - t0 < CHUNK8 ? (int)(ctx - t0) : CHUNK8;
+            for (int j = 0; j < n; j++) off[j] = cursor_next(a, &cur) + kvh * D;
+            avx2_update(a, &st, off, n);
+        }
+        for (int64_t g = 0; g < st.G; g++) {
+            int64_t row = (s * a->num_heads + kvh * st.G + g) * D;
+            __m256 inv = _mm256_set1_ps(st.l[g] > 0.0f ? 1.0f / st.l[g] : 0.0f);
+            for (int64_t c = 0; c < st.V; c++)
+                store8(a->out, row + 8 * c, _mm256_mul_ps(st.acc[g][c], inv), a->is_bf16);
+        }
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------ AVX-512 path */
-#if LS_PA_SIMD
+#if LS_ISA_AVX512
 
 
 /* 16 values as fp32: 16 floats, or (bf16) the even or odd half of 32 values. */
@@ -288,17 +385,28 @@ static item_fn simd_item(const pa_args *a) {
 
 int ls_pa_simd(void) { return LS_PA_SIMD; }
 
+/* The SIMD path this library was compiled with: "avx512", "avx2" or "scalar". */
+const char *ls_kernel_isa(void) { return LS_ISA_NAME; }
+
+/* The widest path that handles this shape; the scalar one handles every shape. */
+static item_fn pick_item(const pa_args *a) {
+    item_fn item = 0;
+    (void)a;  /* unused in scalar builds */
+#if LS_ISA_AVX512
+    item = simd_item(a);
+#endif
+#if LS_ISA_AVX2
+    if (!item && a->head_dim % 8 == 0) item = item_avx2;
+#endif
+    return item ? item : item_scalar;
+}
+
 /* 0 on success, -1 for shapes this kernel does not handle (the caller falls back). */
 int ls_paged_decode_attention(const pa_args *a) {
     if (a->num_kv_heads < 1 || a->num_heads % a->num_kv_heads != 0
         || a->num_heads / a->num_kv_heads > MAX_GROUP || a->head_dim > MAX_DIM || a->head_dim < 1)
         return -1;
-#if LS_PA_SIMD
-    item_fn item = simd_item(a);
-#else
-    item_fn item = 0;
-#endif
-    if (!item) item = item_scalar;
+    item_fn item = pick_item(a);
     /* Whole sequences (dense reads) when there are enough of them to keep every thread busy;
      * else one KV head per item, so a few long sequences still spread over the cores. */
     const int64_t per_item = a->num_seqs >= 4 * omp_get_max_threads() ? a->num_kv_heads : 1;

@@ -15,7 +15,7 @@ from lightspeed.models import paged_attention
 from lightspeed.models.attention_metadata import build_attention_metadata
 from lightspeed.models.fused_ops import FusedOps
 from lightspeed.models.llama import PagedLlama, apply_rope
-from lightspeed.models.paged_attention import BuildSpec, build_kernel
+from lightspeed.models.paged_attention import BuildSpec, build_kernel, runnable_isas
 from lightspeed.models.weights import load_gguf
 
 CPU = torch.device("cpu")
@@ -30,13 +30,29 @@ FRANCE = [504, 3575, 282, 4649, 314]
 BF16_ONE_ROUNDING = {"atol": 1e-6, "rtol": 2**-8}
 
 
-@pytest.fixture(scope="module")
-def fused(tmp_path_factory: pytest.TempPathFactory) -> FusedOps:
+ISAS = runnable_isas()  # avx512 / avx2 / scalar, as far as this CPU runs them
+
+
+def _build_isa(isa: str, tmp_path_factory: pytest.TempPathFactory) -> FusedOps:
     if shutil.which("gcc") is None:
         pytest.skip("no C compiler")
+    # The session-wide directory test_paged_attention.py builds into: each ISA compiles once.
+    kernel_dir = tmp_path_factory.getbasetemp() / "kernels"
+    kernel_dir.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(paged_attention.CACHE_ENV, str(tmp_path_factory.mktemp("kernels")))
-        return FusedOps(build_kernel(BuildSpec()).lib)
+        mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
+        return FusedOps(build_kernel(BuildSpec(isa=isa)).lib)
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def fused(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> FusedOps:
+    """Every SIMD path this CPU can run (AVX2 emulated with -mno-avx512f on AVX-512 CPUs)."""
+    return _build_isa(request.param, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def all_fused(tmp_path_factory: pytest.TempPathFactory) -> dict[str, FusedOps]:
+    return {isa: _build_isa(isa, tmp_path_factory) for isa in ISAS}
 
 
 def _tables(positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +123,7 @@ def test_fused_ops_are_batch_invariant(fused: FusedOps, tokens: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("dim", [576, 40, 7])  # SmolLM2's hidden; a tail past 16 lanes; tiny
+@pytest.mark.parametrize("dim", [576, 40, 72, 7])  # SmolLM2's hidden; tails past 16 / 8 lanes; tiny
 def test_rms_norm_matches_reference(fused: FusedOps, dtype: torch.dtype, dim: int) -> None:
     gen = torch.Generator().manual_seed(dim)
     x = (torch.randn(70, dim, generator=gen) * torch.logspace(-2, 2, 70)[:, None]).to(dtype)
@@ -154,7 +170,7 @@ def _greedy(model: PagedLlama, prompts: list[list[int]], steps: int) -> tuple[li
     return outs, logits
 
 
-def test_bf16_model_with_fused_ops_follows_fp32(fused: FusedOps) -> None:
+def test_bf16_model_with_fused_ops_follows_fp32(all_fused: dict[str, FusedOps]) -> None:
     """The bf16 serving configuration, fused kernels on, greedy-decodes these prompts exactly
     as the fp32 model does (which tests/unit/engine checks against HF transformers). The bf16
     torch path drifts off on FRANCE at step 6 (a near-tie; bf16 rotary tables and double
@@ -171,7 +187,7 @@ def test_bf16_model_with_fused_ops_follows_fp32(fused: FusedOps) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("width", [1536, 40])  # SmolLM2's FFN; a tail past the 16-lane loop
+@pytest.mark.parametrize("width", [1536, 40, 13, 3])  # SmolLM2's FFN; tails past 16 and 8 lanes
 def test_silu_mul_matches_reference(fused: FusedOps, dtype: torch.dtype, width: int) -> None:
     gen = torch.Generator().manual_seed(width)
     gate_up = (torch.randn(50, 2 * width, generator=gen) * 6).to(dtype)
@@ -185,3 +201,42 @@ def test_silu_mul_matches_reference(fused: FusedOps, dtype: torch.dtype, width: 
     assert torch.equal(fused.silu_mul(gate_up[:3].clone()), out[:3])  # batch invariant
     with pytest.raises(ValueError):
         fused.silu_mul(gate_up[:, 1:])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_isas_agree(all_fused: dict[str, FusedOps], dtype: torch.dtype) -> None:
+    """scalar, AVX2 and AVX-512 builds of the fused ops: fp32 within ~1 ulp of each other
+    (different exp polynomials and reciprocals), bf16 at most one rounding step apart."""
+    gen = torch.Generator().manual_seed(7)
+    gate_up, x = (torch.randn(33, 2 * 200, generator=gen) * 4).to(dtype), torch.randn(9, 576, generator=gen).to(dtype)
+    qkv, positions, slots, cache = _rope_case(dtype)
+    cos, sin = _tables(512)
+    outs = {}
+    for isa, ops in all_fused.items():
+        rotated, written = qkv.clone(), cache.clone()
+        ops.rope_write_kv(rotated, positions, cos, sin, written, slots, HEADS)
+        outs[isa] = (ops.silu_mul(gate_up), ops.rms_norm(x, 1e-5), rotated, written)
+    # atol: rotary's a*c - b*s can cancel to near zero, where FMA contraction (AVX2/AVX-512
+    # builds, not the -mno-fma scalar one) shows as a large relative but tiny absolute change.
+    tol = {"atol": 1e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-3, "rtol": 2**-8}
+    for isa, got in outs.items():
+        for name, a, b in zip(("silu_mul", "rms_norm", "rope", "kv write"), got, outs["scalar"]):
+            torch.testing.assert_close(a, b, **tol, msg=lambda m, n=f"{isa} {name}": f"{n}: {m}")
+
+
+@pytest.mark.slow
+def test_fp32_greedy_tokens_identical_across_isas(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real model, fp32, 16 greedy steps per kernel ISA (LIGHTSPEED_KERNEL_ISA, as a
+    deployment would set it): the same tokens from the scalar, AVX2 and AVX-512 kernels."""
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    cfg, state = load_gguf(SMOLLM2)
+    tokens = {}
+    for isa in ISAS:
+        monkeypatch.setenv(paged_attention.ISA_ENV, isa)
+        monkeypatch.setattr(paged_attention, "_loaded", {})
+        assert paged_attention.kernel_isa() == isa
+        model = PagedLlama(cfg, state, torch.float32, CPU)
+        assert model.fused_ops is not None and model.paged_kernel is not None
+        tokens[isa], _ = _greedy(model, [STORY, FRANCE], 16)
+    assert all(t == tokens["scalar"] for t in tokens.values()), tokens

@@ -22,6 +22,7 @@ from lightspeed.models.paged_attention import (
     BuildSpec,
     PagedDecodeAttention,
     build_kernel,
+    runnable_isas,
 )
 from lightspeed.models.weights import ModelConfig, StateDict
 
@@ -32,20 +33,36 @@ CONTEXTS = [1, 17, 64, 65, 130, 5, 200]  # one token; block edges for 16 and 64;
 MANY = [40 + 7 * i for i in range(24)]
 
 
+ISAS = runnable_isas()  # avx512 / avx2 / scalar, as far as this CPU runs them
+
+
 @pytest.fixture(scope="module")
 def kernel_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("kernels")
+    # One directory for the whole session (test_fused_ops.py uses it too): each ISA's library
+    # is compiled once, later builds are cache hits.
+    path = tmp_path_factory.getbasetemp() / "kernels"
+    path.mkdir(exist_ok=True)
+    return path
 
 
-@pytest.fixture(scope="module", params=["simd", "scalar"])
-def kernel(request: pytest.FixtureRequest, kernel_dir: Path) -> PagedDecodeAttention:
-    """Both code paths: the AVX-512 one (where the CPU has it) and the portable one."""
-    extra = ("-DLS_PA_SCALAR",) if request.param == "scalar" else ()
+def _build_isa(isa: str, kernel_dir: Path) -> PagedDecodeAttention:
     if shutil.which("gcc") is None:  # CI without a compiler: only the fallback tests run
         pytest.skip("no C compiler")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
-        return build_kernel(BuildSpec(extra_flags=extra))
+        return build_kernel(BuildSpec(isa=isa))
+
+
+@pytest.fixture(scope="module", params=ISAS)
+def kernel(request: pytest.FixtureRequest, kernel_dir: Path) -> PagedDecodeAttention:
+    """Every code path this CPU can run: AVX-512, AVX2 (emulated with -mno-avx512f on an
+    AVX-512 CPU) and the portable scalar one."""
+    return _build_isa(request.param, kernel_dir)
+
+
+@pytest.fixture(scope="module")
+def all_kernels(kernel_dir: Path) -> dict[str, PagedDecodeAttention]:
+    return {isa: _build_isa(isa, kernel_dir) for isa in ISAS}
 
 
 def _model(dtype: torch.dtype, heads: int = HEADS, kv_heads: int = KV_HEADS, dim: int = DIM) -> PagedLlama:
@@ -175,6 +192,35 @@ def test_kernel_other_shapes(
     torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[torch.float32])
 
 
+# Head dims the AVX-512 specialisations do not cover (40, 72, 80: the AVX2 path in both SIMD
+# builds; 20: scalar everywhere) and ones they do, against block sizes down to one token.
+ODD_SHAPES = [(40, 1), (72, 3), (80, 16), (64, 64), (128, 3), (20, 16), (40, 64), (80, 1)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dim", "block_size"), ODD_SHAPES)
+def test_kernel_head_dims_and_block_sizes(
+    kernel: PagedDecodeAttention, dtype: torch.dtype, dim: int, block_size: int
+) -> None:
+    case = Case(dtype, block_size, [3, 40, 1, 17, 9], dim=dim)
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("dim", "block_size"), [(64, 16), (40, 3), (128, 1)])
+def test_isas_agree(
+    all_kernels: dict[str, PagedDecodeAttention], dtype: torch.dtype, dim: int, block_size: int
+) -> None:
+    """scalar, AVX2 and AVX-512 differ only in summation order: fp32 outputs within ~1e-6,
+    bf16 outputs at most one bf16 rounding step apart."""
+    case = Case(dtype, block_size, [1, 33, 130], dim=dim)
+    outs = {isa: case.run_kernel(k) for isa, k in all_kernels.items()}
+    assert {isa: k.isa for isa, k in all_kernels.items()} == {isa: isa for isa in ISAS}
+    tol = {"atol": 2e-6, "rtol": 2e-6} if dtype == torch.float32 else TOLERANCE[dtype]
+    for isa, out in outs.items():
+        torch.testing.assert_close(out, outs["scalar"], **tol, msg=lambda m, isa=isa: f"{isa}: {m}")
+
+
 def test_kernel_ignores_table_padding_and_other_blocks(kernel: PagedDecodeAttention) -> None:
     """Only the first `context` tokens are read: poisoning every other cache slot with NaN
     (including block 0, which pads short tables) leaves the output unchanged."""
@@ -230,6 +276,38 @@ def test_missing_compiler_falls_back(monkeypatch: pytest.MonkeyPatch, caplog: py
         assert paged_attention.load_kernel(spec) is None
     warnings = [r for r in caplog.records if "torch path" in r.getMessage()]
     assert len(warnings) == 1  # once per process, not once per call
+
+
+def test_unknown_or_unrunnable_isa_falls_back_with_a_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A mistyped LIGHTSPEED_KERNEL_ISA, or AVX-512 forced on a CPU without it (the code would
+    die of SIGILL): a warning, the torch path, never a crash or a silent downgrade."""
+    monkeypatch.setattr(paged_attention, "_loaded", {})
+    monkeypatch.setenv(paged_attention.ISA_ENV, "avx1024")
+    with caplog.at_level(logging.WARNING, logger=paged_attention.__name__):
+        assert paged_attention.load_kernel() is None
+        assert paged_attention.kernel_isa() == "torch"
+        monkeypatch.setattr(paged_attention, "_cpu_fingerprint", lambda: "x86_64:flags : fpu sse2 avx2 fma")
+        assert paged_attention.load_kernel(BuildSpec(isa="avx512")) is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "avx1024" in warnings[0] and "lacks avx512f" in warnings[1]
+
+
+def test_kernel_isa_follows_the_environment(
+    kernel_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    if shutil.which("gcc") is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setattr(paged_attention, "_loaded", {})
+    monkeypatch.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
+    for isa in ISAS:
+        monkeypatch.setenv(paged_attention.ISA_ENV, isa)
+        with caplog.at_level(logging.INFO, logger=paged_attention.__name__):
+            assert paged_attention.kernel_isa() == isa
+        assert f"{isa} SIMD path" in caplog.text  # the load log names the compiled path
+    monkeypatch.delenv(paged_attention.ISA_ENV)
+    assert paged_attention.kernel_isa() == ISAS[0]  # auto: the widest the CPU has
 
 
 def test_disabled_kernel_uses_torch_path(monkeypatch: pytest.MonkeyPatch) -> None:
