@@ -20,9 +20,12 @@
  * same way (the dot product does not care) and the V accumulators are re-interleaved when the
  * output is written. AVX2 path (AVX2 + FMA, any head_dim that is a multiple of 8; also used by
  * AVX-512 builds for dims like 40, 72, 80): 8-lane vectors, one (sequence, KV head) at a time,
- * chunks of 8 tokens, each token's score reduced horizontally, head_dim a runtime value. Other
- * shapes or CPUs use the scalar path (same math, one token at a time). csrc/isa.h picks the
- * paths from the compiler's macros; ls_kernel_isa() reports the result.
+ * chunks of 8 tokens whose partial sums a hadd tree reduces to one vector of 8 scores; bf16 is
+ * widened in natural order (zero-extend + shift). AVX2-only builds get compile-time
+ * specialisations (paged_attention_item_avx2.h) for 1-4 query heads per KV head and head_dim
+ * 32, 64, 128; a runtime-size version covers the rest (~2x slower per byte: no unrolling, and
+ * q / accumulators in memory). Other shapes or CPUs use the scalar path (same math, one token at
+ * a time). csrc/isa.h picks the paths from the compiler's macros; ls_kernel_isa() reports it.
  * At 32 sequences x ~320 tokens the kernel is bound by reading the cache from DRAM, not by
  * arithmetic: software prefetching and vdpbf16ps dot products were measured and gained nothing.
  */
@@ -132,97 +135,123 @@ static void item_scalar(const pa_args *a, int64_t s, int64_t kv_lo, int64_t kv_h
 #if LS_ISA_AVX2
 #define CHUNK8 8
 
-/* Per-head state of the AVX2 path; rows of head_dim / 8 vectors (head_dim a multiple of 8). */
-typedef struct {
-    __m256 q[MAX_GROUP][MAX_DIM / 8], acc[MAX_GROUP][MAX_DIM / 8];
-    float m[MAX_GROUP], l[MAX_GROUP];
-    int64_t G, V;
-} avx2_state;
-
-static void avx2_init(const pa_args *a, avx2_state *st, int64_t s, int64_t kvh) {
-    st->G = a->num_heads / a->num_kv_heads;
-    st->V = a->head_dim / 8;
-    const __m256 scale = _mm256_set1_ps(a->scale);
-    for (int64_t g = 0; g < st->G; g++) {
-        int64_t row = s * a->q_stride + (kvh * st->G + g) * a->head_dim;
-        for (int64_t c = 0; c < st->V; c++) {
-            st->q[g][c] = _mm256_mul_ps(load8(a->query, row + 8 * c, a->is_bf16), scale);
-            st->acc[g][c] = _mm256_setzero_ps();
-        }
-        st->m[g] = -INFINITY;
-        st->l[g] = 0.0f;
-    }
+/* r[i] = sum of the lanes of v[i], for 8 vectors (scores of 8 tokens, in token order). */
+static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *v) {
+    __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+    __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+    t0 = _mm256_hadd_ps(t0, t1); /* [v0..v3 low-lane sums | v0..v3 high-lane sums] */
+    t2 = _mm256_hadd_ps(t2, t3);
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20), _mm256_permute2f128_ps(t0, t2, 0x31));
 }
 
-/* q.k of `n` (<= 8) tokens for every query head of the group, one K row load per token;
- * lanes past n hold -inf. */
-static inline void avx2_scores(const pa_args *a, const avx2_state *st, const int64_t *off, int n,
-                               float scores[][CHUNK8]) {
-    for (int64_t g = 0; g < st->G; g++)
-        for (int j = n; j < CHUNK8; j++) scores[g][j] = -INFINITY;
-    for (int j = 0; j < n; j++) {
-        __m256 k[MAX_DIM / 8];
-        for (int64_t c = 0; c < st->V; c++) k[c] = load8(a->k_cache, off[j] + 8 * c, a->is_bf16);
-        for (int64_t g = 0; g < st->G; g++) {
-            __m256 sum = _mm256_mul_ps(st->q[g][0], k[0]);
-            for (int64_t c = 1; c < st->V; c++) sum = _mm256_fmadd_ps(st->q[g][c], k[c], sum);
-            scores[g][j] = hsum8(sum);
-        }
-    }
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
-/* Online softmax over one chunk of 8 tokens (rescale on a new max), then acc += p * v. */
-static void avx2_update(const pa_args *a, avx2_state *st, const int64_t *off, int n) {
-    float scores[MAX_GROUP][CHUNK8], p[MAX_GROUP][CHUNK8];
-    avx2_scores(a, st, off, n, scores);
-    for (int64_t g = 0; g < st->G; g++) {
-        __m256 sc = _mm256_loadu_ps(scores[g]);
-        __m128 mx = _mm_max_ps(_mm256_castps256_ps128(sc), _mm256_extractf128_ps(sc, 1));
-        mx = _mm_max_ps(mx, _mm_movehl_ps(mx, mx));
-        float m_new = fmaxf(st->m[g], _mm_cvtss_f32(_mm_max_ss(mx, _mm_movehdup_ps(mx))));
-        if (m_new > st->m[g]) {
-            __m256 alpha = _mm256_set1_ps(expf(st->m[g] - m_new));
-            for (int64_t c = 0; c < st->V; c++) st->acc[g][c] = _mm256_mul_ps(st->acc[g][c], alpha);
-            st->l[g] *= expf(st->m[g] - m_new);
-            st->m[g] = m_new;
-        }
-        /* -inf lanes clamp to exp(-87) inside exp256: zero them explicitly */
-        __m256 valid = _mm256_cmp_ps(sc, _mm256_set1_ps(-INFINITY), _CMP_NEQ_OQ);
-        __m256 e = _mm256_and_ps(valid, exp256(_mm256_sub_ps(sc, _mm256_set1_ps(m_new))));
-        st->l[g] += hsum8(e);
-        _mm256_storeu_ps(p[g], e);
-    }
-    for (int j = 0; j < n; j++) {
-        __m256 v[MAX_DIM / 8];
-        for (int64_t c = 0; c < st->V; c++) v[c] = load8(a->v_cache, off[j] + 8 * c, a->is_bf16);
-        for (int64_t g = 0; g < st->G; g++) {
-            __m256 pj = _mm256_set1_ps(p[g][j]);
-            for (int64_t c = 0; c < st->V; c++) st->acc[g][c] = _mm256_fmadd_ps(pj, v[c], st->acc[g][c]);
-        }
-    }
-}
+/* The generic version: any group size and head_dim a multiple of 8 (runtime values). */
+#define A2_NAME any
+#define A2_G ((int64_t)(a->num_heads / a->num_kv_heads))
+#define A2_V (a->head_dim / 8)
+#define A2_GMAX MAX_GROUP
+#define A2_VMAX (MAX_DIM / 8)
+#include "paged_attention_item_avx2.h"
 
-/* One (sequence, KV head) at a time, 8 tokens per chunk: head dims are runtime values here (no
- * per-shape specialisation), so this path also covers dims like 40, 72 or 80 in AVX-512 builds. */
-static void item_avx2(const pa_args *a, int64_t s, int64_t kv_lo, int64_t kv_hi) {
-    const int64_t D = a->head_dim, ctx = a->context_lens[s];
-    avx2_state st;
-    for (int64_t kvh = kv_lo; kvh < kv_hi; kvh++) {
-        avx2_init(a, &st, s, kvh);
-        token_cursor cur = cursor_start(a, a->block_tables + s * a->table_stride);
-        int64_t off[CHUNK8];
-        for (int64_t t0 = 0; t0 < ctx; t0 += CHUNK8) {
-            int n = ctx - t0 < CHUNK8 ? (int)(ctx - t0) : CHUNK8;
-            for (int j = 0; j < n; j++) off[j] = cursor_next(a, &cur) + kvh * D;
-            avx2_update(a, &st, off, n);
-        }
-        for (int64_t g = 0; g < st.G; g++) {
-            int64_t row = (s * a->num_heads + kvh * st.G + g) * D;
-            __m256 inv = _mm256_set1_ps(st.l[g] > 0.0f ? 1.0f / st.l[g] : 0.0f);
-            for (int64_t c = 0; c < st.V; c++)
-                store8(a->out, row + 8 * c, _mm256_mul_ps(st.acc[g][c], inv), a->is_bf16);
-        }
-    }
+/* AVX2-only builds: compile-time sizes for 1-4 query heads per KV head and head_dim 32, 64 or
+ * 128 (AVX-512 builds have their own specialisations for these). */
+#if !LS_ISA_AVX512
+#define A2_NAME 1_4
+#define A2_G 1
+#define A2_V 4
+#define A2_GMAX 1
+#define A2_VMAX 4
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 1_8
+#define A2_G 1
+#define A2_V 8
+#define A2_GMAX 1
+#define A2_VMAX 8
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 1_16
+#define A2_G 1
+#define A2_V 16
+#define A2_GMAX 1
+#define A2_VMAX 16
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 2_4
+#define A2_G 2
+#define A2_V 4
+#define A2_GMAX 2
+#define A2_VMAX 4
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 2_8
+#define A2_G 2
+#define A2_V 8
+#define A2_GMAX 2
+#define A2_VMAX 8
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 2_16
+#define A2_G 2
+#define A2_V 16
+#define A2_GMAX 2
+#define A2_VMAX 16
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 3_4
+#define A2_G 3
+#define A2_V 4
+#define A2_GMAX 3
+#define A2_VMAX 4
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 3_8
+#define A2_G 3
+#define A2_V 8
+#define A2_GMAX 3
+#define A2_VMAX 8
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 3_16
+#define A2_G 3
+#define A2_V 16
+#define A2_GMAX 3
+#define A2_VMAX 16
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 4_4
+#define A2_G 4
+#define A2_V 4
+#define A2_GMAX 4
+#define A2_VMAX 4
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 4_8
+#define A2_G 4
+#define A2_V 8
+#define A2_GMAX 4
+#define A2_VMAX 8
+#include "paged_attention_item_avx2.h"
+#define A2_NAME 4_16
+#define A2_G 4
+#define A2_V 16
+#define A2_GMAX 4
+#define A2_VMAX 16
+#include "paged_attention_item_avx2.h"
+
+/* [G - 1][log2(D / 32)] for D in 32, 64, 128 */
+static const item_fn avx2_items[4][3] = {
+    {item_avx2_1_4, item_avx2_1_8, item_avx2_1_16},
+    {item_avx2_2_4, item_avx2_2_8, item_avx2_2_16},
+    {item_avx2_3_4, item_avx2_3_8, item_avx2_3_16},
+    {item_avx2_4_4, item_avx2_4_8, item_avx2_4_16},
+};
+#endif
+
+static item_fn avx2_item(const pa_args *a) {
+    const int64_t G = a->num_heads / a->num_kv_heads, D = a->head_dim;
+    if (D % 8 != 0) return 0;
+#if !LS_ISA_AVX512
+    if (G <= 4 && (D == 32 || D == 64 || D == 128))
+        return avx2_items[G - 1][D == 32 ? 0 : D == 64 ? 1 : 2];
+#endif
+    (void)G;
+    return item_avx2_any;
 }
 #endif
 
@@ -396,7 +425,7 @@ static item_fn pick_item(const pa_args *a) {
     item = simd_item(a);
 #endif
 #if LS_ISA_AVX2
-    if (!item && a->head_dim % 8 == 0) item = item_avx2;
+    if (!item) item = avx2_item(a);
 #endif
     return item ? item : item_scalar;
 }

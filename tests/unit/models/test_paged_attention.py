@@ -182,12 +182,14 @@ def test_kernel_many_sequences(kernel: PagedDecodeAttention, dtype: torch.dtype)
 
 
 @pytest.mark.parametrize(
-    ("heads", "kv_heads", "dim", "block_size"), [(4, 4, 32, 16), (8, 1, 128, 5), (4, 2, 8, 3), (6, 2, 48, 64)]
+    ("heads", "kv_heads", "dim", "block_size"),
+    [(4, 4, 32, 16), (8, 1, 128, 5), (4, 2, 8, 3), (6, 2, 48, 64), (8, 2, 64, 16), (4, 2, 128, 3), (10, 2, 40, 7)],
 )
 def test_kernel_other_shapes(
     kernel: PagedDecodeAttention, heads: int, kv_heads: int, dim: int, block_size: int
 ) -> None:
-    """No GQA, one KV head, head dims that are not multiples of 32 (scalar path), odd blocks."""
+    """No GQA, one KV head, 2 and 4 query heads per KV head (AVX2 specialisations), 5 (the
+    generic AVX2 version), head dims that are not multiples of 32, odd blocks."""
     case = Case(torch.float32, block_size, [3, 40, 1], heads, kv_heads, dim)
     torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[torch.float32])
 
