@@ -192,7 +192,12 @@ class WorkerConfig:
     max_model_len: int = opt(0, "context length (0 = the model's)")
     speedup_ratio: float = opt(1.0, "mocker: divide modelled step times by this")
     kv_cache_gb: float = opt(0.0, "native engine: KV cache size in GB when --num-gpu-blocks is 0 (0 = 2 GB)")
-    dtype: Dtype = opt("auto", "native engine weights/KV dtype (auto: float32 on CPU, bfloat16 on CUDA)")
+    dtype: Dtype = opt(
+        "auto",
+        "native engine weights/KV dtype (auto: bfloat16 on CUDA; on CPU the faster of float32 and "
+        "bfloat16 for this CPU: bfloat16 with AMX, float32 without native bf16, else a short probe "
+        "timing both; bfloat16 asked on a CPU without native bf16 is converted to float32)",
+    )
     enable_prefix_caching: bool = opt(True, "reuse KV blocks of shared prefixes")
     metrics_interval: float = opt(0.5, "seconds between load-metrics publications")
     seed: int = opt(0, "engine random seed")

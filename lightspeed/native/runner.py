@@ -11,6 +11,7 @@ import itertools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -20,8 +21,12 @@ from lightspeed.models.attention_metadata import (
     batch_order_key,
     build_attention_metadata,
 )
+from lightspeed.models.linear_ops import OneDnnOps
 from lightspeed.models.llama import PagedLlama
 from lightspeed.models.weights import ModelConfig, load_weights
+from lightspeed.native.cpu_caps import CpuCaps, detect
+from lightspeed.native.dtype_choice import DtypeChoice, choose_dtype, dtype_name
+from lightspeed.native.dtype_probe import probe_dtypes
 from lightspeed.native.sampler import Sampler, SamplingRow
 
 logger = logging.getLogger(__name__)
@@ -46,6 +51,30 @@ def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, 
     return num_blocks
 
 
+def compute_backend(model: PagedLlama) -> tuple[str, bool]:
+    """The matmul and attention paths in use, and whether one is a slow fallback."""
+    onednn = isinstance(model.ops, OneDnnOps)
+    linears = "oneDNN packed linears + fused epilogues" if onednn else "aten linears"
+    kernel = model.paged_kernel
+    attention = "torch attention (gather + SDPA)" if kernel is None else f"C kernels ({kernel.isa} SIMD path)"
+    # bf16 on CPU is fast only through oneDNN's packed weights; without the C paged kernel each
+    # decode step gathers every sequence's whole context into a padded batch.
+    slow_linears = model.dtype == torch.bfloat16 and not onednn
+    slow = model.device.type == "cpu" and (slow_linears or kernel is None or kernel.isa == "scalar")
+    return f"{linears}, {attention}", slow
+
+
+def log_compute_setup(model: PagedLlama, choice: DtypeChoice) -> None:
+    """One line for the dtype and why, one for the compute backend; slow paths as warnings."""
+    level = logging.WARNING if choice.warn else logging.INFO
+    logger.log(level, "compute dtype %s: %s", dtype_name(choice.dtype), choice.reason)
+    backend, slow = compute_backend(model)
+    if slow:
+        logger.warning("compute backend: %s (a slow fallback on this CPU / dtype)", backend)
+    else:
+        logger.info("compute backend: %s", backend)
+
+
 @dataclass(frozen=True, slots=True)
 class StepBatch:
     """One step's device inputs (scheduled seqs reordered decodes-first)."""
@@ -64,9 +93,12 @@ class ModelRunner:
         num_blocks: int | None = None,
         kv_cache_gb: float | None = None,
         device: str | torch.device | None = None,
-        dtype: torch.dtype | None = None,
+        dtype: torch.dtype | Literal["auto"] | None = None,
         num_threads: int | None = None,
+        caps: CpuCaps | None = None,
     ) -> None:
+        """`dtype`: see dtype_choice.choose_dtype; `caps`: the CPU to decide it for (default:
+        this one, cpu_caps.detect)."""
         if block_size < 1:
             raise ValueError("block_size must be >= 1")
         if (num_blocks is None) == (kv_cache_gb is None):
@@ -76,11 +108,8 @@ class ModelRunner:
         if num_threads is not None:
             torch.set_num_threads(num_threads)
         self.device = resolve_device(device)
-        # fp32 on CPU keeps results comparable with reference implementations; bf16 on GPUs.
-        self.dtype = dtype or (torch.float32 if self.device.type == "cpu" else torch.bfloat16)
-        self.config, state = load_weights(model_path)
-        self.model = PagedLlama(self.config, state, self.dtype, self.device)
-        del state
+        self.config, self.model = self._load(model_path, dtype, caps or detect())
+        self.dtype = self.model.dtype
         self.block_size = block_size
         self.num_blocks = num_blocks or blocks_for_budget(self.config, block_size, self.dtype, kv_cache_gb or 0.0)
         self.kv_caches = self.model.allocate_kv_cache(self.num_blocks, block_size)
@@ -94,6 +123,17 @@ class ModelRunner:
             self.num_blocks,
             block_size,
         )
+
+    def _load(
+        self, model_path: str | Path, dtype: torch.dtype | Literal["auto"] | None, caps: CpuCaps
+    ) -> tuple[ModelConfig, PagedLlama]:
+        """The weights in the chosen compute dtype (the load-time state is dropped after)."""
+        config, state = load_weights(model_path)
+        # None: fp32 on CPU (comparable with reference implementations), bf16 on GPUs.
+        choice = choose_dtype(dtype, self.device, caps, lambda: probe_dtypes(config, state, self.device))
+        model = PagedLlama(config, state, choice.dtype, self.device)
+        log_compute_setup(model, choice)
+        return config, model
 
     @property
     def vocab_size(self) -> int:

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from lightspeed.config import WorkerConfig
 from lightspeed.engine.config import EngineConfig
@@ -82,7 +83,8 @@ def _build_native(cfg: WorkerConfig, model: ResolvedModel) -> ExecutorBuild:
     from lightspeed.native.runner import ModelRunner
 
     source = model.gguf_path if model.gguf_path is not None else model.folder
-    dtype = None if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
+    # "auto" is decided by the runner: it knows the CPU and can time the loaded model.
+    dtype: torch.dtype | Literal["auto"] = "auto" if cfg.dtype == "auto" else getattr(torch, cfg.dtype)
 
     def make_runner() -> ModelRunner:
         if cfg.num_gpu_blocks:

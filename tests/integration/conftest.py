@@ -86,7 +86,9 @@ def mocker_server() -> Iterator[Server]:
     assert stop_serve(server) == 0
 
 
-NATIVE_ARGS = ["--engine", "native", "--kv-cache-gb", "0.5"]
+# float32: the expected texts are fp32 greedy outputs, and `--dtype auto` picks bf16 on CPUs
+# where it is faster (native/dtype_choice.py).
+NATIVE_ARGS = ["--engine", "native", "--kv-cache-gb", "0.5", "--dtype", "float32"]
 
 
 @pytest.fixture(scope="session")
