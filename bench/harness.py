@@ -75,6 +75,7 @@ ISA_ENV = (
     "GOMP_CPU_AFFINITY",
     "KMP_AFFINITY",
     "LIGHTSPEED_PAGED_ATTENTION",
+    "LIGHTSPEED_KERNEL_ISA",
 )
 LIBRARIES = ("msgspec", "xxhash", "aiohttp", "uvloop", "numpy", "torch")
 
