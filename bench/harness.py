@@ -41,6 +41,8 @@ RESULTS = ROOT / "bench" / "results"
 if str(ROOT) not in sys.path:  # the lightspeed package, without installing it
     sys.path.insert(0, str(ROOT))
 
+from lightspeed.native.cpu_caps import cpuinfo_fields  # noqa: E402 -- needs the path set just above
+
 logger = logging.getLogger("bench.harness")
 
 T = TypeVar("T")
@@ -368,19 +370,11 @@ def now_iso() -> str:
 
 def cpu_info(path: Path = Path("/proc/cpuinfo")) -> dict[str, str]:
     """`model name` and `flags` of the first processor (all cores of a VM report the same)."""
-    info = {"model": "unknown", "flags": ""}
     try:
-        lines = path.read_text().splitlines()
+        model, flags = cpuinfo_fields(path.read_text())
     except OSError:
-        return info
-    for line in lines:
-        key, _, value = line.partition(":")
-        key = key.strip()
-        if key == "model name" and info["model"] == "unknown":
-            info["model"] = value.strip()
-        elif key == "flags" and not info["flags"]:
-            info["flags"] = value.strip()
-    return info
+        model, flags = "", ""
+    return {"model": model or "unknown", "flags": flags}
 
 
 def _library_versions() -> dict[str, str]:

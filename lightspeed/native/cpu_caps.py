@@ -58,17 +58,24 @@ class CpuCaps:
         return f"{self.model} ({' '.join(have)}{capped})"
 
 
-def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
-    """`model name` and `flags` of the first processor (every core of a VM reports the same)."""
-    model, flags = "unknown CPU", ""
+def cpuinfo_fields(text: str) -> tuple[str, str]:
+    """`model name` and `flags` lines of the first processor, as written ("" when absent);
+    every core of a VM reports the same. The bench harness records them verbatim."""
+    model, flags = "", ""
     for line in text.splitlines():
         key, _, value = line.partition(":")
         key = key.strip()
-        if key == "model name" and model == "unknown CPU":
+        if key == "model name" and not model:
             model = value.strip()
         elif key == "flags" and not flags:
-            flags = value
-    return model, frozenset(flags.split())
+            flags = value.strip()
+    return model, flags
+
+
+def parse_cpuinfo(text: str) -> tuple[str, frozenset[str]]:
+    """The CPU model and its flag set."""
+    model, flags = cpuinfo_fields(text)
+    return model or "unknown CPU", frozenset(flags.split())
 
 
 def _onednn_level(value: str) -> int:
