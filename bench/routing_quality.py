@@ -46,7 +46,7 @@ from lightspeed.bench.report import BenchReport
 from lightspeed.bench.stats import BenchSummary, Distribution, percentile
 from lightspeed.bench.traces import TraceWindow, load_mooncake
 from lightspeed.config import ROUTER_MODES
-from lightspeed.mocker.timing import decode_ms, prefill_ms
+from lightspeed.protocol import DEFAULT_PERF_MODEL
 
 logger = logging.getLogger("routing_quality")
 
@@ -405,9 +405,9 @@ def modelled_ttft_ms(uncached: int, total_tokens: int, p: Params) -> float:
     """One request alone on an idle worker: its uncached tokens in token-budget chunks, the
     last chunk also paying the decode phase that emits the first token."""
     full, rest = divmod(max(uncached, 1), p.max_num_batched_tokens)
-    ms = full * prefill_ms(p.max_num_batched_tokens) + prefill_ms(rest)
+    ms = full * DEFAULT_PERF_MODEL.prefill_ms(p.max_num_batched_tokens) + DEFAULT_PERF_MODEL.prefill_ms(rest)
     usage = -(-total_tokens // p.block_size) / p.num_gpu_blocks
-    return (ms + decode_ms(usage)) / p.speedup_ratio
+    return (ms + DEFAULT_PERF_MODEL.decode_ms(usage)) / p.speedup_ratio
 
 
 def _quantiles(values: list[float]) -> dict[str, float]:

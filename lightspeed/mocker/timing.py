@@ -30,17 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
-
-
-def prefill_ms(num_tokens: int) -> float:
-    """Modelled prefill time of `num_tokens` uncached prompt tokens (0 when there are none)."""
-    return DEFAULT_PERF_MODEL.prefill_ms(num_tokens)
-
-
-def decode_ms(kv_usage: float) -> float:
-    """Modelled decode time of one step at `kv_usage` = active KV blocks / total blocks."""
-    return DEFAULT_PERF_MODEL.decode_ms(kv_usage)
+from lightspeed.protocol import PerfModel
 
 
 @dataclass(frozen=True, slots=True)

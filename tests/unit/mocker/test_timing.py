@@ -1,21 +1,21 @@
 import pytest
 
-from lightspeed.mocker.timing import MockerTiming, decode_ms, prefill_ms
+from lightspeed.mocker.timing import MockerTiming
 from lightspeed.protocol import DEFAULT_PERF_MODEL, PerfModel
 
 
 def test_prefill_polynomial_values() -> None:
-    assert prefill_ms(0) == 0.0
-    assert prefill_ms(1) == pytest.approx(4.209989e-7 + 1.518344e-2 + 16.50142)
-    assert prefill_ms(1000) == pytest.approx(32.1058589)
-    assert prefill_ms(8192) == pytest.approx(4.209989e-7 * 8192**2 + 1.518344e-2 * 8192 + 16.50142)
+    assert DEFAULT_PERF_MODEL.prefill_ms(0) == 0.0
+    assert DEFAULT_PERF_MODEL.prefill_ms(1) == pytest.approx(4.209989e-7 + 1.518344e-2 + 16.50142)
+    assert DEFAULT_PERF_MODEL.prefill_ms(1000) == pytest.approx(32.1058589)
+    assert DEFAULT_PERF_MODEL.prefill_ms(8192) == pytest.approx(4.209989e-7 * 8192**2 + 1.518344e-2 * 8192 + 16.50142)
 
 
 def test_decode_polynomial_values_and_floor() -> None:
-    assert decode_ms(0.0) == pytest.approx(5.74)
-    assert decode_ms(0.5) == pytest.approx(26.31)
-    assert decode_ms(1.0) == pytest.approx(34.01)
-    assert decode_ms(-1.0) == 1.0  # floor: -25.74 - 54.01 + 5.74 < 1
+    assert DEFAULT_PERF_MODEL.decode_ms(0.0) == pytest.approx(5.74)
+    assert DEFAULT_PERF_MODEL.decode_ms(0.5) == pytest.approx(26.31)
+    assert DEFAULT_PERF_MODEL.decode_ms(1.0) == pytest.approx(34.01)
+    assert DEFAULT_PERF_MODEL.decode_ms(-1.0) == 1.0  # floor: -25.74 - 54.01 + 5.74 < 1
 
 
 def test_step_combines_prefill_then_decode() -> None:
@@ -46,5 +46,3 @@ def test_the_mocker_runs_the_shared_perf_model() -> None:
     assert timing.perf == PerfModel.dynamo_default(4.0)
     for t, p, dec in ((0, 0.3, True), (777, 0.9, False), (5000, 0.1, True)):
         assert timing.step_seconds(t, p, dec) == timing.perf.wall_seconds(timing.perf.step_ms(t, p, dec))
-    assert prefill_ms(1234) == DEFAULT_PERF_MODEL.prefill_ms(1234)
-    assert decode_ms(0.42) == DEFAULT_PERF_MODEL.decode_ms(0.42)
