@@ -269,6 +269,26 @@ def params_from(args: argparse.Namespace, params_type: Callable[..., P]) -> P:
 
 
 @dataclass(frozen=True)
+class Smoke:
+    """A `--smoke` flag: tiny scale (`overrides` of the Params fields, whatever else is given)
+    and a result under bench/.work/ (`NAME_smoke.json`) instead of bench/results/`NAME.json`."""
+
+    name: str
+    overrides: dict[str, Any]
+
+    def add_flags(self, ap: argparse.ArgumentParser) -> None:
+        ap.add_argument(
+            "--smoke", action="store_true", help=f"tiny scale ({self.overrides}), writes under bench/.work/"
+        )
+
+    def check(self, args: argparse.Namespace, p: P) -> P:
+        return dataclasses.replace(p, **self.overrides) if args.smoke else p  # type: ignore[type-var]  # P is a Params dataclass
+
+    def result_path(self, args: argparse.Namespace) -> Path:
+        return WORK / f"{self.name}_smoke.json" if args.smoke else RESULTS / f"{self.name}.json"
+
+
+@dataclass(frozen=True)
 class Script(Generic[P, R]):
     """What a bench script declares; `main` does the rest."""
 

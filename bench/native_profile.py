@@ -30,11 +30,10 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass
 from typing import Any
 
-from harness import RESULTS, ROOT, WORK, Script, cpu_info, main
+from harness import ROOT, Script, Smoke, cpu_info, main
 
 logger = logging.getLogger("native_profile")
 
@@ -47,7 +46,7 @@ PROFILES: dict[str, dict[str, str]] = {
 }
 DTYPES = ("float32", "bfloat16")
 CHILD = "--child"  # internal: measure one configuration in this process
-SMOKE = {"prefill_tokens": 32, "decode_seqs": 4, "context": 32, "repeats": 1, "rounds": 1}
+SMOKE = Smoke("native_profile_isa", {"prefill_tokens": 32, "decode_seqs": 4, "context": 32, "repeats": 1, "rounds": 1})
 
 
 @dataclass(frozen=True)
@@ -219,18 +218,6 @@ def measure(args: argparse.Namespace, p: Params) -> dict[str, object]:
     }
 
 
-def add_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--smoke", action="store_true", help=f"tiny scale ({SMOKE}), writes under bench/.work/")
-
-
-def check(args: argparse.Namespace, p: Params) -> Params:
-    return replace(p, **SMOKE) if args.smoke else p
-
-
-def result_path(args: argparse.Namespace) -> Path:
-    return WORK / "native_profile_isa_smoke.json" if args.smoke else RESULTS / "native_profile_isa.json"
-
-
 def summarize(doc: dict[str, object]) -> None:
     for run in doc["runs"]:  # type: ignore[attr-defined]
         logger.info(
@@ -249,9 +236,9 @@ SCRIPT = Script(
     doc=__doc__,
     params=Params,
     run=measure,
-    result_path=result_path,
-    add_flags=add_flags,
-    check=check,
+    result_path=SMOKE.result_path,
+    add_flags=SMOKE.add_flags,
+    check=SMOKE.check,
     summarize=summarize,
 )
 

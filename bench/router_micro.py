@@ -26,12 +26,11 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
+from dataclasses import asdict, dataclass, field
 
 import msgspec
 import numpy as np
-from harness import RESULTS, WORK, Script, main
+from harness import Script, Smoke, main
 
 from lightspeed.kv_hashing import (
     compute_block_hashes,
@@ -376,7 +375,7 @@ MACHINE_NOTE = (
     "one Python thread on a shared 2-core dev VM (other helpers' tests may run concurrently; "
     "the bench lock only excludes other benchmarks)"
 )
-SMOKE = {"blocks": 20_000, "decisions": 300, "churn_prompts": 200, "workers": 8}
+SMOKE = Smoke("router_micro", {"blocks": 20_000, "decisions": 300, "churn_prompts": 200, "workers": 8})
 
 
 def report(p: Params, results: dict[str, object]) -> dict[str, object]:
@@ -397,19 +396,6 @@ def measure(args: argparse.Namespace, p: Params) -> dict[str, object]:
     return report(p, run(p))
 
 
-def add_flags(ap: argparse.ArgumentParser) -> None:
-    ap.add_argument("--smoke", action="store_true", help=f"tiny scale ({SMOKE}), writes under bench/.work/")
-
-
-def check(args: argparse.Namespace, p: Params) -> Params:
-    """--smoke overrides the scale flags (so a smoke run stays small whatever else is given)."""
-    return replace(p, **SMOKE) if args.smoke else p
-
-
-def result_path(args: argparse.Namespace) -> Path:
-    return WORK / "router_micro_smoke.json" if args.smoke else RESULTS / "router_micro.json"
-
-
 def summarize(doc: dict[str, object]) -> None:
     logger.info("results: %s", msgspec.json.encode(doc["results"]).decode()[:2000])
 
@@ -419,9 +405,9 @@ SCRIPT = Script(
     doc=__doc__,
     params=Params,
     run=measure,
-    result_path=result_path,
-    add_flags=add_flags,
-    check=check,
+    result_path=SMOKE.result_path,
+    add_flags=SMOKE.add_flags,
+    check=SMOKE.check,
     summarize=summarize,
 )
 
