@@ -267,7 +267,7 @@ class Report(msgspec.Struct):
 
 NOTE = (
     "One server at a time on the 2-core machine; the load client runs in this process. "
-    "Closed loop, random token-id prompts, stream=true, ignore_eos=true, bf16 weights on both. "
+    "Closed loop, random token-id prompts, stream=true, ignore_eos=true, dtypes as in params (native_dtype, vllm_dtype). "
     "vllm: vLLM's CPU defaults (VLLM_CPU_OMP_THREADS_BIND=auto: on 2 cores it binds its model "
     "to 1 core and reserves 1 for its API server). vllm-allcores: VLLM_CPU_OMP_THREADS_BIND=0-1, "
     "VLLM_CPU_NUM_OF_RESERVED_CPU=0 (model on both cores; vLLM's best setting here). Both use "

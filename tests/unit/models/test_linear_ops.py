@@ -67,11 +67,23 @@ def test_linear_with_bias(operands: tuple[torch.Tensor, ...]) -> None:
     torch.testing.assert_close(fused, AtenOps().linear(x, w, bias), **BF16_TWO_ROUNDINGS)
 
 
+@pytest.mark.skipif(not _onednn_works(torch.float32), reason="oneDNN fp32 linears unavailable")
+@pytest.mark.parametrize("op", ["linear", "linear_add", "linear_mul", "linear_silu"])
+def test_fp32_ops_match_aten(op: str) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x, w = torch.randn(7, 96, generator=gen), torch.randn(40, 96, generator=gen) / 8
+    other = torch.randn(7, 40, generator=gen)
+    args = () if op in ("linear", "linear_silu") else (other,)
+    fused = getattr(OneDnnOps(), op)(x, OneDnnOps().pack(w), *args)
+    # Both accumulate 96 fp32 products, in different orders: a few ulps of the row's magnitude.
+    torch.testing.assert_close(fused, getattr(AtenOps(), op)(x, w, *args), atol=1e-5, rtol=1e-5)
+
+
 def test_select_linear_ops() -> None:
-    assert type(select_linear_ops(CPU, torch.float32)) is AtenOps  # reference comparisons
     assert type(select_linear_ops(CPU, torch.float64)) is AtenOps
-    expected = OneDnnOps if _onednn_works(torch.bfloat16) else AtenOps
-    assert type(select_linear_ops(CPU, torch.bfloat16)) is expected
+    for dtype in (torch.float32, torch.bfloat16):
+        expected = OneDnnOps if _onednn_works(dtype) else AtenOps
+        assert type(select_linear_ops(CPU, dtype)) is expected
     assert type(select_linear_ops(torch.device("meta"), torch.bfloat16)) is AtenOps
 
 

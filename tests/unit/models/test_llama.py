@@ -168,7 +168,9 @@ def test_single_chunk_matches_reference(smollm2: tuple[ModelConfig, StateDict], 
     expected = reference_logits(*smollm2, STORY)
     got = Paged(model).prefill(STORY, list(range(5)), chunk=len(STORY))
     assert got.shape == (19, 49152)
-    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+    # fp32 through 30 layers: oneDNN's packed matmuls sum in another order than aten's (up to
+    # ~2e-4 on logits of magnitude ~20, i.e. 1e-5 relative; a wrong mask or rotary is > 1e-1).
+    torch.testing.assert_close(got, expected, atol=5e-4, rtol=0)
 
 
 def test_chunked_prefill_matches_single_chunk(model64: PagedLlama) -> None:
