@@ -143,6 +143,12 @@ class LoadMetrics(msgspec.Struct, frozen=True):
     kv_cached_blocks: int = 0
     prefix_hit_rate: float = 0.0
     timestamp: float = 0.0
+    # Step clock (engine/step_clock.py): busy wall and modelled seconds since start, the current
+    # busy period's lag (wall - modelled) and the largest lag since the previous snapshot.
+    step_wall_seconds: float = 0.0
+    step_modelled_seconds: float = 0.0
+    step_lag_seconds: float = 0.0
+    step_lag_max_seconds: float = 0.0
 
 
 class ForwardPassMetrics(msgspec.Struct, frozen=True):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,8 +19,10 @@ from lightspeed.engine.config import EngineConfig
 from lightspeed.engine.kv_cache_manager import KVCacheManager
 from lightspeed.engine.request import Request
 from lightspeed.engine.scheduler import Scheduler, SchedulerStats
+from lightspeed.engine.step_clock import StepClock
 from lightspeed.engine.types import EngineCoreOutput, Executor, SchedulerOutput
 from lightspeed.protocol import FinishReason, KvEventData, KvStored, PreprocessedRequest
+from lightspeed.runtime.clock import WALL_CLOCK, Clock
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,8 @@ class StepInfo:
     num_seqs: int
     step_seconds: float  # wall time of schedule + execute + update
     kv_usage: float
+    modelled_seconds: float | None = None  # the executor's timing model, where it has one
+    lag_seconds: float = 0.0  # wall - modelled over the current busy period (step_clock.py)
 
 
 KvEventsCallback = Callable[[list[KvEventData]], None]
@@ -117,8 +120,10 @@ class EngineCore:
         *,
         on_kv_events: KvEventsCallback | None = None,
         on_step: StepCallback | None = None,
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         self.config = config
+        self._now = clock.now
         self.executor = executor
         self.kv = KVCacheManager(config.num_gpu_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(config, self.kv)
@@ -131,6 +136,7 @@ class EngineCore:
         self._stopping = False
         self._pending_events: list[KvEventData] = []
         self._dropped: list[str] = []
+        self.clock = StepClock()
 
     # ------------------------------------------------------------------ requests
 
@@ -193,6 +199,7 @@ class EngineCore:
         try:
             while not self._stopping:
                 if not self.scheduler.has_unfinished():
+                    self.clock.idle()
                     self._wakeup.clear()
                     await self._wakeup.wait()
                     continue
@@ -206,12 +213,14 @@ class EngineCore:
 
     async def step(self) -> None:
         """One schedule -> execute -> update round; a failing executor fails the whole batch."""
-        started = time.perf_counter()
+        started = self._now()
+        self.clock.begin(started)
         if self._dropped:
             self._reap_dropped()
         sched = self.scheduler.schedule()
         self._drain_kv_events()
         if sched.is_empty:
+            self.clock.idle()  # waiting on arrivals or aborts is not falling behind the model
             await asyncio.sleep(0)  # nothing fits now; let aborts/arrivals run before retrying
             return
         try:
@@ -219,11 +228,14 @@ class EngineCore:
             outputs = self.scheduler.update_from_output(sched, result)
         except Exception:
             logger.exception("engine step failed; failing %d requests", len(self.scheduler.requests))
+            self.clock.idle()
             self._finish_all(FinishReason.ERROR)
             return
         self._drain_kv_events()
         self._dispatch(outputs)
-        self._report_step(sched, time.perf_counter() - started)
+        ended = self._now()
+        self.clock.end(ended, result.modelled_seconds)
+        self._report_step(sched, ended - started, result.modelled_seconds)
 
     def _dispatch(self, outputs: list[EngineCoreOutput]) -> None:
         streams = self._streams
@@ -236,7 +248,7 @@ class EngineCore:
             if stream is not None:
                 stream.push(output)
 
-    def _report_step(self, sched: SchedulerOutput, seconds: float) -> None:
+    def _report_step(self, sched: SchedulerOutput, seconds: float, modelled: float | None) -> None:
         if self.on_step is None:
             return
         info = StepInfo(
@@ -245,6 +257,8 @@ class EngineCore:
             num_seqs=len(sched.seqs),
             step_seconds=seconds,
             kv_usage=sched.kv_usage,
+            modelled_seconds=modelled,
+            lag_seconds=self.clock.lag,
         )
         try:
             self.on_step(info)

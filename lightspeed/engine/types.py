@@ -53,6 +53,9 @@ class SchedulerOutput:
 class ModelRunnerOutput:
     sampled: dict[str, int]  # request_id -> next token id (only for seqs with sample=True)
     logprobs: dict[str, TokenLogprob] = field(default_factory=dict)
+    # Executors with a timing model (the mocker): modelled seconds from the previous step's
+    # outputs to this step's (engine/step_clock.py). None: no model, wall time only.
+    modelled_seconds: float | None = None
 
 
 class Executor(Protocol):

@@ -34,7 +34,38 @@ class WorkerMetricsWatcher:
         )
         self._running = Gauge("lightspeed_worker_requests_running", "Requests running", labels, registry=registry)
         self._waiting = Gauge("lightspeed_worker_requests_waiting", "Requests waiting", labels, registry=registry)
-        self._gauges = (self._active, self._total, self._cached, self._running, self._waiting)
+        self._wall = Gauge(
+            "lightspeed_worker_step_wall_seconds", "Busy wall-clock seconds of engine steps", labels, registry=registry
+        )
+        self._modelled = Gauge(
+            "lightspeed_worker_step_modelled_seconds",
+            "Seconds the timing model gave those steps (mocker workers)",
+            labels,
+            registry=registry,
+        )
+        self._lag = Gauge(
+            "lightspeed_worker_step_lag_seconds",
+            "Wall minus modelled time over the current busy period: how far a mocker worker is behind its model",
+            labels,
+            registry=registry,
+        )
+        self._lag_max = Gauge(
+            "lightspeed_worker_step_lag_max_seconds",
+            "Largest step lag within the last metrics interval",
+            labels,
+            registry=registry,
+        )
+        self._gauges = (
+            self._active,
+            self._total,
+            self._cached,
+            self._running,
+            self._waiting,
+            self._wall,
+            self._modelled,
+            self._lag,
+            self._lag_max,
+        )
 
     def worker_added(self, card: WorkerCard) -> None:
         if card.events_address and card.instance_id not in self._addresses:
@@ -71,3 +102,7 @@ class WorkerMetricsWatcher:
         self._cached.labels(m.worker_id).set(m.kv_cached_blocks)
         self._running.labels(m.worker_id).set(m.num_running)
         self._waiting.labels(m.worker_id).set(m.num_waiting)
+        self._wall.labels(m.worker_id).set(m.step_wall_seconds)
+        self._modelled.labels(m.worker_id).set(m.step_modelled_seconds)
+        self._lag.labels(m.worker_id).set(m.step_lag_seconds)
+        self._lag_max.labels(m.worker_id).set(m.step_lag_max_seconds)

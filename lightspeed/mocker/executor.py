@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import struct
-import time
 from collections.abc import Iterable
 
 import xxhash
@@ -17,6 +16,7 @@ import xxhash
 from lightspeed.engine.config import EngineConfig
 from lightspeed.engine.types import ModelRunnerOutput, SchedulerOutput
 from lightspeed.mocker.timing import MockerTiming
+from lightspeed.runtime.clock import WALL_CLOCK, Clock
 
 # Below this a real sleep costs more than it models (timer resolution, loop wake-up); such
 # steps only yield to the event loop, and the unslept time is carried as a deficit instead.
@@ -42,8 +42,10 @@ class MockerExecutor:
         vocab_size: int = 32000,
         seed: int | None = None,
         avoid_token_ids: Iterable[int] = (),
+        clock: Clock = WALL_CLOCK,
     ) -> None:
         self.config = config
+        self.clock = clock
         self.timing = MockerTiming(speedup_ratio)
         self.vocab_size = vocab_size
         self.avoid_token_ids = frozenset(avoid_token_ids)
@@ -63,7 +65,9 @@ class MockerExecutor:
         self.modelled_seconds = 0.0
 
     async def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
-        step_start = self._step_start()
+        now = self.clock.now()
+        reference = self._last_end if self._last_end is not None and not self._yielded else now
+        step_start = self._step_start(now)
         has_decode = False
         sampled: dict[str, int] = {}
         for seq in output.seqs:
@@ -82,23 +86,24 @@ class MockerExecutor:
         # timing.py), so it is left pending and delays the next step instead.
         await self._sleep_until(step_start, prefill_s)
         self._mark_step_end(decode_s)
-        return ModelRunnerOutput(sampled=sampled)
+        # Modelled time since the previous outputs (back to back: its decode phase) or since
+        # this call (after a yield), to this step's outputs: what the step clock compares.
+        return ModelRunnerOutput(sampled=sampled, modelled_seconds=step_start - reference + prefill_s)
 
-    def _step_start(self) -> float:
+    def _step_start(self, now: float) -> float:
         """When this step's prefill phase begins: once the previous decode phase is over, and
         no later than when the previous step returned if the engine stayed busy. A busy engine
         runs update -> schedule -> execute without yielding to the event loop, so that
         bookkeeping is part of the step, as in a real engine (and in Dynamo's mocker, which
         sleeps until phase start + modelled time): it is charged against the modelled time
         instead of being added to it. After an idle wait the step starts now at the earliest."""
-        now = time.perf_counter()
         if self._last_end is None:
             return now
         anchor = now if self._yielded else self._last_end
         return max(anchor, self._last_end + self._pending_s)
 
     def _mark_step_end(self, pending_s: float) -> None:
-        self._last_end = time.perf_counter()
+        self._last_end = self.clock.now()
         self._pending_s = pending_s
         self._yielded = False
         # Runs only once the engine yields to the loop, i.e. not before a back-to-back step.
@@ -111,15 +116,15 @@ class MockerExecutor:
         """Sleep so the step lasts `seconds` from `step_start`, plus the carried timer error.
         Bookkeeping longer than the modelled step is not repaid later (nor is it by a deadline
         sleep): only sleep error and sub-timer deficits are carried."""
-        budget = max(0.0, seconds + step_start - time.perf_counter())  # start may be ahead
+        budget = max(0.0, seconds + step_start - self.clock.now())  # start may be ahead
         target = self._carry + budget
         if target < MIN_SLEEP_S:
             self._carry = max(target, -MAX_CARRY_S)
             await asyncio.sleep(0)
             return
-        started = time.perf_counter()
-        await asyncio.sleep(target)
-        slept = time.perf_counter() - started
+        started = self.clock.now()
+        await self.clock.sleep(target)
+        slept = self.clock.now() - started
         self._carry = min(max(target - slept, -MAX_CARRY_S), MAX_CARRY_S)
 
     def _sample_seeded(self, seed: int, position: int, banned: tuple[int, ...]) -> int:

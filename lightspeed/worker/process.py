@@ -186,7 +186,7 @@ class Worker:
 
     async def _metrics_loop(self) -> None:
         while True:
-            s = self.core.stats()
+            s, clock = self.core.stats(), self.core.clock.reading()
             msg = LoadMetrics(
                 self.instance_id,
                 s.num_running,
@@ -196,6 +196,10 @@ class Worker:
                 s.cached_blocks,
                 s.prefix_hit_rate,
                 time.time(),
+                step_wall_seconds=clock.wall_seconds,
+                step_modelled_seconds=clock.modelled_seconds,
+                step_lag_seconds=clock.lag_seconds,
+                step_lag_max_seconds=self.core.clock.take_max_lag(),
             )
             self.publisher.publish(TOPIC_LOAD_METRICS, _encode(msg))
             await asyncio.sleep(self.cfg.metrics_interval)

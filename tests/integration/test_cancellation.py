@@ -75,3 +75,20 @@ async def test_many_disconnects_leave_nothing_behind(mocker_server: Server) -> N
 
     await asyncio.gather(*(one(i) for i in range(16)))
     await wait_for(mocker_server, lambda r, a: sum(r.values()) == 0 and sum(a.values()) == 0)
+
+
+async def test_workers_report_their_step_clock(mocker_server: Server) -> None:
+    """Every mocker worker's modelled vs wall step time and lag reach the frontend's /metrics."""
+    async with aiohttp.ClientSession() as session:
+        body = {"model": MODEL, "prompt": "hello there", "max_tokens": 8}
+        async with session.post(f"{mocker_server.url}/v1/completions", json=body) as resp:
+            assert resp.status == 200
+
+    async def reported() -> bool:
+        text = await asyncio.to_thread(mocker_server.metrics)
+        modelled = worker_gauge(text, "lightspeed_worker_step_modelled_seconds")
+        wall = worker_gauge(text, "lightspeed_worker_step_wall_seconds")
+        lag = worker_gauge(text, "lightspeed_worker_step_lag_max_seconds")
+        return bool(modelled) and sum(modelled.values()) > 0 and wall.keys() == modelled.keys() == lag.keys()
+
+    await until(reported, timeout=10.0, interval=0.1, what="step clock gauges")

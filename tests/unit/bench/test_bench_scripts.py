@@ -17,6 +17,7 @@ import pytest
 
 BENCH = Path(__file__).resolve().parents[3] / "bench"
 SCRIPTS = (
+    "calibration_matrix",
     "frontend_overhead",
     "native_vs_vllm",
     "prefix_cache_ttft",
@@ -26,6 +27,7 @@ SCRIPTS = (
 )
 # One flag of each script's own (not a Params field), to see its add_flags ran.
 OWN_FLAG = {
+    "calibration_matrix": "--kv-workloads",
     "frontend_overhead": "--connections",
     "native_vs_vllm": "--vllm-venv",
     "prefix_cache_ttft": "--prompt-len",
@@ -86,6 +88,9 @@ def test_usage_errors_exit_2(bench_path: None) -> None:
     for name, argv in (
         ("frontend_overhead", ["--connections", "pigeon"]),
         ("routing_quality", ["--policies", "nope"]),
+        ("calibration_matrix", ["--policies", "ls-rr,nope"]),
+        ("calibration_matrix", ["--design", "diagonal"]),
+        ("calibration_matrix", ["--workloads", "sharegpt"]),
         ("router_micro", ["--workers", "0"]),
     ):
         with pytest.raises(SystemExit) as exit_info:
@@ -138,3 +143,24 @@ def test_cpu_info(bench_path: None, tmp_path: Path) -> None:
     )
     assert harness.cpu_info(cpuinfo) == {"model": "Test CPU", "flags": "fpu avx512f amx_tile"}
     assert harness.cpu_info(tmp_path / "missing") == {"model": "unknown", "flags": ""}
+
+
+def test_calibration_star_design(bench_path: None) -> None:
+    harness = _load("harness")
+    module = _load("calibration_matrix")
+    _, params = harness.parse(module.SCRIPT, ["--workloads", "mooncake,azure-conv"])
+    got = [(c.workload, c.workers, c.speedup, c.load) for c in module.cells(params)]
+    star = [(4, 2.0, 0.3), (4, 2.0, 0.6), (4, 2.0, 0.9), (2, 2.0, 0.6), (8, 2.0, 0.6), (4, 1.0, 0.6), (4, 4.0, 0.6)]
+    assert got == [("mooncake", *c) for c in star] + [("azure-conv", *c) for c in star]
+    _, full = harness.parse(module.SCRIPT, ["--workloads", "mooncake", "--design", "full"])
+    assert len(module.cells(full)) == 27
+
+
+def test_calibration_capacity_arithmetic(bench_path: None) -> None:
+    module = _load("calibration_matrix")
+    params = module.Params()
+    step_s = (4.209989e-7 * 8192**2 + 1.518344e-2 * 8192 + 16.50142 + (-25.74 * 0.09 + 54.01 * 0.3 + 5.74)) / 1000
+    long_prompts = module.WorkloadStats(100, 50.0, 16384.0, 10.0, 2.0)  # prefill-bound
+    assert module.capacity_rps(params, long_prompts, 2, 4.0) == pytest.approx(8192 / step_s / 16384 * 8)
+    long_outputs = module.WorkloadStats(100, 50.0, 100.0, 500.0, 2.0)  # bound by 256 sequences
+    assert module.capacity_rps(params, long_outputs, 1, 1.0) == pytest.approx(256 / (500 * step_s))

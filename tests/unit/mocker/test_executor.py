@@ -172,3 +172,31 @@ async def test_ban_covering_the_whole_vocabulary_does_not_hang(seeded: bool) -> 
     # Everything banned: the ban yields (the request then stops) rather than the worker hanging.
     s = ScheduledSeq("a", [5], 0, [0], True, opts, banned_token_ids=tuple(range(50)))
     assert 0 <= (await ex.execute(SchedulerOutput(seqs=[s]))).sampled["a"] < 50
+
+
+async def test_an_engine_starved_of_cpu_reports_its_lag() -> None:
+    """Wall clock: every step is followed by 2 ms of CPU work the model does not know about
+    (another process on the core, heavy bookkeeping); the engine's step clock shows the debt."""
+    import asyncio
+
+    from lightspeed.engine.core import EngineCore, StepInfo
+    from lightspeed.protocol import PreprocessedRequest, StopConditions
+
+    ex = MockerExecutor(CONFIG, speedup_ratio=100.0, seed=0)  # decode phase ~0.06 ms
+    modelled: list[float] = []
+
+    def hog(info: StepInfo) -> None:
+        modelled.append(info.modelled_seconds or 0.0)
+        _busy_wait(0.002)
+
+    core = EngineCore(CONFIG, ex, on_step=hog)
+    task = asyncio.create_task(core.run())
+    stop = StopConditions(max_tokens=20, ignore_eos=True)
+    stream = core.add_request(PreprocessedRequest(request_id="a", model="m", token_ids=[5] * 8, stop=stop))
+    _ = [out async for out in stream]
+    lag = core.clock.take_max_lag()  # the current lag is reset once the engine idles
+    core.stop()
+    await task
+    # The wall time of steps 2..20 includes 19 hogs of >= 2 ms; the model gave them ~0.06 ms each.
+    assert lag >= 19 * 0.002 - sum(modelled[1:]) - 1e-3
+    assert core.clock.reading().modelled_seconds == pytest.approx(sum(modelled))
