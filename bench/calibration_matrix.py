@@ -262,6 +262,7 @@ def bench_config(url: str, p: Params, cell: Cell, rate: float, stats: WorkloadSt
         seed=p.seed,
         timeout_s=p.timeout,
         keepalive=False,  # as routing_quality: Dynamo delays first chunks on reused connections
+        session_ids=False,  # Dynamo 1.6.1 ignores x-session-id; ours would pin sessions, even in rr
         progress=False,
         label=cell.label,
         out_dir=str(out_dir),
@@ -423,7 +424,15 @@ NOTE = (
 
 def multiturn_trace(p: Params) -> None:
     """(Re)write the multi-turn trace the `multiturn` workload replays (deterministic)."""
-    write_trace(MultiTurnSpec(sessions=max(40, p.requests // 3), seed=p.seed), WORKLOADS["multiturn"][0])
+    spec = MultiTurnSpec(
+        sessions=max(40, p.requests // 3),
+        turns=(2, 10),
+        system_tokens=2048,
+        opening_tokens=(512, 16384),  # a document, a code base, a long instruction
+        user_tokens=(64, 2048),
+        seed=p.seed,
+    )
+    write_trace(spec, WORKLOADS["multiturn"][0])
 
 
 async def run(args: argparse.Namespace, p: Params) -> MatrixReport:

@@ -127,6 +127,7 @@ class OpenAIClient:
         model: str,
         api_key: str | None = None,
         ignore_eos: bool = True,
+        session_ids: bool = True,
     ) -> None:
         self._session = session
         self._url = url
@@ -138,6 +139,7 @@ class OpenAIClient:
         # False turns ignore_eos off for every request (natural lengths); True keeps each
         # spec's own setting.
         self._ignore_eos = ignore_eos
+        self._session_ids = session_ids
         self.t0 = perf_counter()
 
     def _body(self, spec: RequestSpec) -> bytes:
@@ -146,7 +148,7 @@ class OpenAIClient:
         return self._encoder.encode(body)
 
     def _request_headers(self, spec: RequestSpec) -> dict[str, str]:
-        if spec.session_id is None:
+        if spec.session_id is None or not self._session_ids:
             return self._headers
         return {**self._headers, "x-session-id": spec.session_id}
 

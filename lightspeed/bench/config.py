@@ -46,6 +46,9 @@ class BenchConfig:
     timeout_s: float = 600.0
     api_key: str | None = None
     keepalive: bool = True
+    # Send a trace's session ids as `x-session-id` (our router keeps a session on one worker).
+    # Off where routers must be compared without it, e.g. against one that ignores the header.
+    session_ids: bool = True
     out_dir: str | None = None
     label: str = ""
     progress: bool = True

@@ -151,7 +151,7 @@ async def run_bench(cfg: BenchConfig) -> BenchReport:
     async with make_session(cfg.concurrency, cfg.timeout_s, cfg.keepalive) as session:
         model = await _resolve_model(cfg, session)
         url = completions_url(cfg.url, cfg.endpoint)
-        client = OpenAIClient(session, url, model, cfg.api_key, cfg.ignore_eos)
+        client = OpenAIClient(session, url, model, cfg.api_key, cfg.ignore_eos, cfg.session_ids)
         specs = iter(workload)
         if cfg.warmup:
             logger.info("warmup: %d requests", cfg.warmup)

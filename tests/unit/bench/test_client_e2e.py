@@ -27,7 +27,7 @@ def _sse(obj: object) -> bytes:
 
 async def _completions(request: web.Request) -> web.StreamResponse:
     body = await request.json()
-    request.app[BODIES].append(body)
+    request.app[BODIES].append({**body, "_session": request.headers.get("x-session-id")})
     if body["model"] == "busy":
         return web.json_response({"error": {"message": "all workers busy"}}, status=503)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -134,3 +134,13 @@ async def test_open_loop_follows_arrivals_with_speedup(server: tuple[str, list[d
     assert len(results) == 3 and lag < 0.05
     assert starts[1] - starts[0] == pytest.approx(0.1, abs=0.03)
     assert starts[2] - starts[0] == pytest.approx(0.2, abs=0.03)
+
+
+@pytest.mark.parametrize("send", [True, False])
+async def test_session_ids_are_sent_as_a_header_unless_turned_off(server: tuple[str, list[dict]], send: bool) -> None:
+    url, bodies = server
+    async with make_session(1, 10.0) as session:
+        client = OpenAIClient(session, url + "/v1/completions", "fake-model", session_ids=send)
+        await client.send(RequestSpec((1, 2, 3), 2, session_id="s7"))
+        await client.send(RequestSpec((1, 2, 3), 2))
+    assert [b["_session"] for b in bodies] == (["s7", None] if send else [None, None])
