@@ -59,7 +59,8 @@ WORKLOADS: dict[str, tuple[Path, str, float]] = {
     "azure-conv": (TRACES / "azure_llm_inference_conv_2023.csv", "azure", 0.0),
     "multiturn": (WORK / "multiturn_trace.jsonl", "mooncake", 0.0),
 }
-POLICIES = ("ls-rr", "dyn-rr", "ls-kv", "dyn-kv")
+POLICIES = ("ls-rr", "dyn-rr", "ls-kv", "dyn-kv", "ls-kv-latency")
+DEFAULT_POLICIES = "ls-rr,dyn-rr,ls-kv,dyn-kv"
 
 
 @dataclass(frozen=True, slots=True)
@@ -339,6 +340,7 @@ class CellResult(msgspec.Struct):
     runs: list[RunResult]
     rr: Ratios | None  # ls-rr / dyn-rr
     kv: Ratios | None  # ls-kv / dyn-kv
+    kv_latency: Ratios | None  # ls-kv-latency / dyn-kv
     calibrated: bool | None  # rr within tolerance at TTFT p50 and p90
 
 
@@ -385,6 +387,7 @@ async def run_cell(cell: Cell, p: Params, args: argparse.Namespace, stats: Workl
             )
     rr = ratios(runs.get("ls-rr"), runs.get("dyn-rr"))
     kv = ratios(runs.get("ls-kv"), runs.get("dyn-kv"))
+    kv_latency = ratios(runs.get("ls-kv-latency"), runs.get("dyn-kv"))
     return CellResult(
         cell.workload,
         cell.workers,
@@ -395,6 +398,7 @@ async def run_cell(cell: Cell, p: Params, args: argparse.Namespace, stats: Workl
         list(runs.values()),
         rr,
         kv,
+        kv_latency,
         within(rr, p.tolerance),
     )
 
@@ -460,18 +464,19 @@ def plot(report: MatrixReport, path: Path) -> None:
     plt = pyplot()
     if plt is None or not report.cells:
         return
-    columns = ["rr TTFT p50", "rr TTFT p90", "rr ITL p50", "kv TTFT p50", "kv TTFT p90"]
+    columns = ["rr TTFT p50", "rr TTFT p90", "rr ITL p50", "kv TTFT p50", "kv TTFT p90", "kv-latency TTFT p90"]
     rows = [f"{c.workload} w{c.workers} s{c.speedup:g} load {c.load:g}" for c in report.cells]
     nan = float("nan")
 
     def values(c: CellResult) -> list[float]:
         rr = c.rr or Ratios(None, None, None, None)
         kv = c.kv or Ratios(None, None, None, None)
-        picked = [rr.ttft_p50, rr.ttft_p90, rr.itl_p50, kv.ttft_p50, kv.ttft_p90]
+        kv_latency = c.kv_latency or Ratios(None, None, None, None)
+        picked = [rr.ttft_p50, rr.ttft_p90, rr.itl_p50, kv.ttft_p50, kv.ttft_p90, kv_latency.ttft_p90]
         return [nan if v is None else v for v in picked]
 
     grid = [values(c) for c in report.cells]
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(rows) + 1.8))
+    fig, ax = plt.subplots(figsize=(9, 0.35 * len(rows) + 1.8))
     image = ax.imshow(grid, cmap="RdBu_r", vmin=0.7, vmax=1.3, aspect="auto")
     ax.set_xticks(range(len(columns)), columns, rotation=30, ha="right")
     ax.set_yticks(range(len(rows)), rows, fontsize=8)
@@ -507,7 +512,7 @@ def _fmt(v: float | None) -> str:
 
 def add_flags(ap: argparse.ArgumentParser) -> None:
     rq.add_flags(ap)  # --policies, --dynamo-venv, --dynamo-model-dir, --model-name, --work-dir
-    ap.set_defaults(policies=",".join(POLICIES), work_dir=str(WORK / "calibration-matrix"))
+    ap.set_defaults(policies=DEFAULT_POLICIES, work_dir=str(WORK / "calibration-matrix"))
 
 
 SMOKE = Smoke(
