@@ -43,6 +43,7 @@ FRONTEND = {
     "--router-queue-policy": ("router.queue_policy", "fcfs"),
     "--router-max-queue": ("router.max_queue", 1024),
     "--router-queue-timeout": ("router.queue_timeout", 60.0),
+    "--session-affinity": ("router.session_affinity", True),
     "--session-ttl": ("router.session_ttl", 600.0),
     "--router-replica-sync": ("router.replica_sync", True),
 }
