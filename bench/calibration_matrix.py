@@ -202,6 +202,10 @@ class StepClockStats(msgspec.Struct):
     modelled_seconds: float
     lag_fraction: float  # (wall - modelled) / wall over all busy steps of all workers
     max_lag_seconds: float  # the largest busy-period lag any worker reported
+    # Our frontend's event loop: the largest timer delay seen, and the delay per request
+    # summed over the run (a CPU-bound frontend delays every first token).
+    frontend_loop_lag_max_seconds: float | None = None
+    frontend_loop_lag_sum_seconds: float | None = None
 
 
 class RunResult(msgspec.Struct):
@@ -228,11 +232,14 @@ async def _metrics(url: str) -> str:
         return await resp.text()
 
 
-async def watch_lag(url: str, worst: list[float]) -> None:
-    """Poll our workers' lag gauge (largest lag per metrics interval) until cancelled."""
+async def watch_lag(url: str, worst: list[float], loop: list[float]) -> None:
+    """Poll our workers' lag gauge (largest lag per metrics interval) and the frontend's
+    event-loop lag (largest since the previous scrape) until cancelled."""
     while True:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError, ValueError):
-            worst += _gauge_values(await _metrics(url), "lightspeed_worker_step_lag_max_seconds")
+            text = await _metrics(url)
+            worst += _gauge_values(text, "lightspeed_worker_step_lag_max_seconds")
+            loop += _gauge_values(text, "lightspeed_frontend_event_loop_lag_seconds")
         await asyncio.sleep(1.0)
 
 
@@ -240,13 +247,15 @@ def _gauge_values(text: str, name: str) -> list[float]:
     return [float(v) for n, _labels, v in rq._SAMPLE_LINE.findall(text) if n == name]
 
 
-async def step_clock(url: str, worst: list[float]) -> StepClockStats | None:
+async def step_clock(url: str, worst: list[float], loop: list[float]) -> StepClockStats | None:
     text = await _metrics(url)
     wall = rq.gauge_sum(text, "lightspeed_worker_step_wall_seconds")
     modelled = rq.gauge_sum(text, "lightspeed_worker_step_modelled_seconds")
     if wall is None or modelled is None:
         return None
-    return StepClockStats(wall, modelled, (wall - modelled) / wall if wall > 0 else 0.0, max(worst, default=0.0))
+    lag_sum = rq.gauge_sum(text, "lightspeed_frontend_event_loop_lag_total_seconds")
+    fraction = (wall - modelled) / wall if wall > 0 else 0.0
+    return StepClockStats(wall, modelled, fraction, max(worst, default=0.0), max(loop, default=None), lag_sum)
 
 
 def bench_config(url: str, p: Params, cell: Cell, rate: float, stats: WorkloadStats, out_dir: Path) -> BenchConfig:
@@ -291,17 +300,18 @@ async def run_one(
     log_dir.mkdir(parents=True, exist_ok=True)
     service: Service = rq.build_service(policy, fleet_params(p, cell), log_dir, tmp, args)
     worst: list[float] = []
+    loop: list[float] = []
     clock = None
     try:
         service.start()
         await rq.wait_ready(service, system, cell.workers)
-        watcher = asyncio.create_task(watch_lag(service.url, worst)) if system == "lightspeed" else None
+        watcher = asyncio.create_task(watch_lag(service.url, worst, loop)) if system == "lightspeed" else None
         report = await run_bench(dataclasses.replace(cfg, url=service.url, label=f"{cell.label} {policy}"))
         if watcher is not None:
             watcher.cancel()
             await asyncio.gather(watcher, return_exceptions=True)
             await asyncio.sleep(1.5)  # one more metrics interval: the last steps' totals
-            clock = await step_clock(service.url, worst)
+            clock = await step_clock(service.url, worst, loop)
     finally:
         service.stop()
     s = report.summary

@@ -14,6 +14,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from lightspeed.runtime.loop_lag import LoopLagMonitor
+
 _TTFT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _ITL_BUCKETS = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2)
 _LEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 131072)
@@ -73,6 +75,17 @@ class FrontendMetrics:
         self.migrations = Counter(
             "lightspeed_frontend_migrations", "Requests migrated to another worker", ["model"], registry=r
         )
+        self.loop_lag = Gauge(
+            "lightspeed_frontend_event_loop_lag_seconds",
+            "Largest delay of the frontend's event loop timers since the previous scrape (CPU-bound when high)",
+            registry=r,
+        )
+        self.loop_lag_total = Gauge(
+            "lightspeed_frontend_event_loop_lag_total_seconds", "Event loop timer delay summed since start", registry=r
+        )
+        self.loop_monitor = LoopLagMonitor()
 
     def render(self) -> bytes:
+        self.loop_lag.set(self.loop_monitor.take_max())
+        self.loop_lag_total.set(self.loop_monitor.total_lag)
         return generate_latest(self.registry)

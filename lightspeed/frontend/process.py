@@ -102,6 +102,7 @@ class Frontend:
         if self.replicas is not None:
             await self.replicas.start()
         await self.worker_metrics.start()
+        self.http.metrics.loop_monitor.start()
         await self.models.start()
         self._runner = web.AppRunner(
             self.http.app,
@@ -134,6 +135,7 @@ class Frontend:
         if self.kv_feed is not None:
             await self.kv_feed.stop()
         await self.worker_metrics.stop()
+        await self.http.metrics.loop_monitor.stop()
         self.pipeline.cpu.shutdown()
         await self.client.close()
         await self.discovery.close()

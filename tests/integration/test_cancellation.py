@@ -89,6 +89,9 @@ async def test_workers_report_their_step_clock(mocker_server: Server) -> None:
         modelled = worker_gauge(text, "lightspeed_worker_step_modelled_seconds")
         wall = worker_gauge(text, "lightspeed_worker_step_wall_seconds")
         lag = worker_gauge(text, "lightspeed_worker_step_lag_max_seconds")
-        return bool(modelled) and sum(modelled.values()) > 0 and wall.keys() == modelled.keys() == lag.keys()
+        loop_lag = "lightspeed_frontend_event_loop_lag_seconds " in text
+        return (
+            loop_lag and bool(modelled) and sum(modelled.values()) > 0 and wall.keys() == modelled.keys() == lag.keys()
+        )
 
     await until(reported, timeout=10.0, interval=0.1, what="step clock gauges")
