@@ -71,6 +71,8 @@ class Params:
     speedups: str = "1,2,4"
     loads: str = "0.3,0.6,0.9"
     design: str = "star"  # star | full
+    # Explicit cells instead of a design: "workload:workers:speedup:load" separated by commas.
+    cells: str = ""
     requests: int = 240  # per cell and policy
     max_output_tokens: int = 128  # cap on the traces' output lengths
     block_size: int = 64
@@ -92,6 +94,7 @@ class Params:
             raise ValueError("workers, speedups and loads must be non-empty comma lists")
         if min(self.worker_list) < 1 or min(self.speedup_list) <= 0 or not all(x > 0 for x in self.load_list):
             raise ValueError("workers >= 1, speedups > 0 and loads > 0 required")
+        explicit_cells(self.cells)  # a malformed list is a usage error before anything runs
         if self.requests < 1 or self.max_output_tokens < 1 or self.tolerance <= 0:
             raise ValueError("requests, max_output_tokens and tolerance must be positive")
 
@@ -132,8 +135,20 @@ class Cell:
         return f"{self.workload} w{self.workers} s{self.speedup:g} l{self.load:g}"
 
 
+def explicit_cells(text: str) -> list[Cell]:
+    out = []
+    for item in _split(text):
+        parts = item.split(":")
+        if len(parts) != 4 or parts[0] not in WORKLOADS:
+            raise ValueError(f"a cell is workload:workers:speedup:load, got {item!r}")
+        out.append(Cell(parts[0], int(parts[1]), float(parts[2]), float(parts[3])))
+    return out
+
+
 def cells(p: Params) -> list[Cell]:
     """The cells to run, per workload: the full cross product, or a star around the centre."""
+    if p.cells:
+        return explicit_cells(p.cells)
     out: list[Cell] = []
     for wl in p.workload_list:
         if p.design == "full":
@@ -451,9 +466,10 @@ def multiturn_trace(p: Params) -> None:
 
 async def run(args: argparse.Namespace, p: Params) -> MatrixReport:
     started = time.monotonic()
-    if "multiturn" in p.workload_list:
+    names = sorted({c.workload for c in cells(p)})
+    if "multiturn" in names:
         multiturn_trace(p)
-    stats = {name: workload_stats(p, name) for name in p.workload_list}
+    stats = {name: workload_stats(p, name) for name in names}
     results = []
     for cell in cells(p):
         results.append(await run_cell(cell, p, args, stats[cell.workload]))

@@ -90,6 +90,7 @@ def test_usage_errors_exit_2(bench_path: None) -> None:
         ("routing_quality", ["--policies", "nope"]),
         ("calibration_matrix", ["--policies", "ls-rr,nope"]),
         ("calibration_matrix", ["--design", "diagonal"]),
+        ("calibration_matrix", ["--cells", "mooncake:4:2"]),
         ("calibration_matrix", ["--workloads", "sharegpt"]),
         ("router_micro", ["--workers", "0"]),
     ):
@@ -154,6 +155,8 @@ def test_calibration_star_design(bench_path: None) -> None:
     assert got == [("mooncake", *c) for c in star] + [("azure-conv", *c) for c in star]
     _, full = harness.parse(module.SCRIPT, ["--workloads", "mooncake", "--design", "full"])
     assert len(module.cells(full)) == 27
+    _, picked = harness.parse(module.SCRIPT, ["--cells", "azure-conv:8:2:0.6,multiturn:4:4:0.6"])
+    assert [c.label for c in module.cells(picked)] == ["azure-conv w8 s2 l0.6", "multiturn w4 s4 l0.6"]
 
 
 def test_calibration_capacity_arithmetic(bench_path: None) -> None:
