@@ -365,8 +365,8 @@ class CellResult(msgspec.Struct):
     runs: list[RunResult]
     rr: Ratios | None  # ls-rr / dyn-rr
     kv: Ratios | None  # ls-kv / dyn-kv
-    kv_latency: Ratios | None  # ls-kv-latency / dyn-kv
     calibrated: bool | None  # rr within tolerance at TTFT p50 and p90
+    kv_latency: Ratios | None = None  # ls-kv-latency / dyn-kv
 
 
 def _ratio(a: float | None, b: float | None) -> float | None:
@@ -423,8 +423,8 @@ async def run_cell(cell: Cell, p: Params, args: argparse.Namespace, stats: Workl
         list(runs.values()),
         rr,
         kv,
-        kv_latency,
         within(rr, p.tolerance),
+        kv_latency,
     )
 
 
@@ -509,12 +509,19 @@ def plot(report: MatrixReport, path: Path) -> None:
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             if v == v:  # not NaN
-                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+                color = "white" if abs(v - 1) > 0.2 else "black"  # readable on the saturated ends
+                ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
     fig.colorbar(image, ax=ax, label="Lightspeed / Dynamo (1 = equal)")
     ax.set_title(f"Mocker calibration: {report.calibrated_cells}/{report.compared_cells} cells within 10% (rr)")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(json_path: Path) -> None:
+    """Redraw the heat map of a result file (e.g. after a change to `plot`)."""
+    report = msgspec.json.decode(json_path.read_bytes(), type=MatrixReport)
+    plot(report, json_path.with_suffix(".png"))
 
 
 def summarize(report: MatrixReport) -> None:
