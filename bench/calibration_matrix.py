@@ -81,6 +81,7 @@ class Params:
     max_num_batched_tokens: int = 8192
     max_model_len: int = 200000
     tolerance: float = 0.10
+    frontend_processes: int = 1  # ours; Dynamo's frontend is one multi-threaded process
     seed: int = 0
     timeout: float = 600.0
 
@@ -304,6 +305,7 @@ def fleet_params(p: Params, cell: Cell) -> rq.Params:
         max_num_batched_tokens=p.max_num_batched_tokens,
         max_model_len=p.max_model_len,
         seed=p.seed,
+        frontend_processes=p.frontend_processes,
     )
 
 

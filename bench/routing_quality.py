@@ -95,6 +95,7 @@ class Params:
     # chunk by up to ~40 ms (Nagle vs delayed ACK, see bench/README.md), which is no part of
     # routing quality.
     keepalive: bool = False
+    frontend_processes: int = 1  # ours: `--frontend-processes` (SO_REUSEPORT frontends)
 
     def __post_init__(self) -> None:
         for name in ("workers", "block_size", "num_gpu_blocks", "max_num_seqs", "num_requests"):
@@ -132,6 +133,7 @@ def lightspeed_service(policy: str, mode: str, p: Params, log_dir: Path, tmp: Pa
         "--num-gpu-blocks": p.num_gpu_blocks,
         "--seed": p.seed,
         "--router-mode": mode,
+        "--frontend-processes": p.frontend_processes,
         "--host": "127.0.0.1",
         "--port": port,
         "--discovery-path": discovery,
