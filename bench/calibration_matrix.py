@@ -32,6 +32,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import shlex
 import tempfile
 import time
@@ -82,6 +83,10 @@ class Params:
     max_model_len: int = 200000
     tolerance: float = 0.10
     frontend_processes: int = 1  # ours; Dynamo's frontend is one multi-threaded process
+    # High-rate cells: measure at least this many seconds (more requests than `requests`), so
+    # p90 is not decided by a 2-second burst; 0 = always `requests`.
+    min_seconds: float = 0.0
+    warmup: int = 0  # requests sent one at a time before the measured ones (not counted)
     seed: int = 0
     timeout: float = 600.0
 
@@ -96,6 +101,8 @@ class Params:
         if min(self.worker_list) < 1 or min(self.speedup_list) <= 0 or not all(x > 0 for x in self.load_list):
             raise ValueError("workers >= 1, speedups > 0 and loads > 0 required")
         explicit_cells(self.cells)  # a malformed list is a usage error before anything runs
+        if self.min_seconds < 0 or self.warmup < 0:
+            raise ValueError("min_seconds and warmup must be >= 0")
         if self.requests < 1 or self.max_output_tokens < 1 or self.tolerance <= 0:
             raise ValueError("requests, max_output_tokens and tolerance must be positive")
 
@@ -188,10 +195,12 @@ def _rows(name: str, window: TraceWindow) -> list[tuple[float, int, int]]:
     ]
 
 
-def workload_stats(p: Params, name: str) -> WorkloadStats:
-    rows = _rows(name, TraceWindow(WORKLOADS[name][2], None, p.requests, p.max_output_tokens))
-    if len(rows) < 2:
-        raise ValueError(f"workload {name} has fewer than 2 requests in its slice")
+def workload_stats(p: Params, name: str, requests: int | None = None) -> WorkloadStats:
+    """Lengths and arrival rate of the slice a run replays (warmup requests included)."""
+    count = (requests or p.requests) + p.warmup
+    rows = _rows(name, TraceWindow(WORKLOADS[name][2], None, count, p.max_output_tokens))
+    if len(rows) < p.warmup + 2:
+        raise ValueError(f"workload {name} has fewer than warmup + 2 requests in its slice")
     span = max(a for a, _i, _o in rows) - min(a for a, _i, _o in rows)
     n = len(rows)
     mean_in, mean_out = sum(i for _a, i, _o in rows) / n, sum(o for _a, _i, o in rows) / n
@@ -282,7 +291,8 @@ def bench_config(url: str, p: Params, cell: Cell, rate: float, stats: WorkloadSt
         trace_format=fmt,
         speedup=rate / stats.trace_rps,  # arrival times compressed (> 1) or stretched to the rate
         trace_start_s=start,
-        num_requests=p.requests,
+        num_requests=stats.requests - p.warmup,
+        warmup=p.warmup,
         max_output_tokens=p.max_output_tokens,
         concurrency=0,
         seed=p.seed,
@@ -395,6 +405,9 @@ def within(r: Ratios | None, tolerance: float) -> bool | None:
 async def run_cell(cell: Cell, p: Params, args: argparse.Namespace, stats: WorkloadStats) -> CellResult:
     capacity = capacity_rps(p, stats, cell.workers, cell.speedup)
     rate = cell.load * capacity
+    wanted = math.ceil(rate * p.min_seconds)
+    if wanted > p.requests:  # a longer slice of the same trace, from the same start
+        stats = workload_stats(p, cell.workload, wanted)
     cfg = bench_config("http://placeholder", p, cell, rate, stats, Path(args.work_dir) / "runs")
     policies = [q for q in POLICIES if q.endswith("rr") or cell.workload in _split(p.kv_workloads)]
     policies = [q for q in policies if q in _split(args.policies)]
