@@ -135,11 +135,11 @@ class RouterConfig:
     )
     max_queue: int = opt(1024, "queued requests past this are refused with 503", flag="--router-max-queue")
     queue_timeout: float = opt(60.0, "seconds a request may wait for a free worker", flag="--router-queue-timeout")
+    session_ttl: float = opt(600.0, "seconds a session (x-session-id) stays bound to its worker")
+    replica_sync: bool = opt(True, "share active load with other frontends (event plane)", flag="--router-replica-sync")
     session_affinity: bool = opt(
         True, "keep requests with the same x-session-id on one worker (off: the header is ignored, as in Dynamo)"
     )
-    session_ttl: float = opt(600.0, "seconds a session (x-session-id) stays bound to its worker")
-    replica_sync: bool = opt(True, "share active load with other frontends (event plane)", flag="--router-replica-sync")
 
     def __post_init__(self) -> None:
         check_choices(self)

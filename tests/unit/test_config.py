@@ -109,7 +109,7 @@ NON_DEFAULT_SERVE = ServeConfig(
         processes=3,
         migration_limit=2,
         served_model_name="front",
-        router=RouterConfig(0.1, 0.3, False, 7.5, 0.9, 1.5, "wspt", 12, 0.2, 3.25, False),
+        router=RouterConfig(0.1, 0.3, False, 7.5, 0.9, 1.5, "wspt", 12, 0.2, 3.25, False, False),
         drain_timeout=3.5,
     ),
     WorkerConfig(
