@@ -231,6 +231,7 @@ class StepClockStats(msgspec.Struct):
     # summed over the run (a CPU-bound frontend delays every first token).
     frontend_loop_lag_max_seconds: float | None = None
     frontend_loop_lag_sum_seconds: float | None = None
+    preemptions: float | None = None  # requests our workers preempted (KV exhausted) in the run
 
 
 class RunResult(msgspec.Struct):
@@ -280,7 +281,10 @@ async def step_clock(url: str, worst: list[float], loop: list[float]) -> StepClo
         return None
     lag_sum = rq.gauge_sum(text, "lightspeed_frontend_event_loop_lag_total_seconds")
     fraction = (wall - modelled) / wall if wall > 0 else 0.0
-    return StepClockStats(wall, modelled, fraction, max(worst, default=0.0), max(loop, default=None), lag_sum)
+    preempted = rq.gauge_sum(text, "lightspeed_worker_preemptions")
+    return StepClockStats(
+        wall, modelled, fraction, max(worst, default=0.0), max(loop, default=None), lag_sum, preempted
+    )
 
 
 def bench_config(url: str, p: Params, cell: Cell, rate: float, stats: WorkloadStats, out_dir: Path) -> BenchConfig:

@@ -149,6 +149,7 @@ class LoadMetrics(msgspec.Struct, frozen=True):
     step_modelled_seconds: float = 0.0
     step_lag_seconds: float = 0.0
     step_lag_max_seconds: float = 0.0
+    num_preemptions: int = 0  # requests preempted (KV exhausted) since the worker started
 
 
 class ForwardPassMetrics(msgspec.Struct, frozen=True):

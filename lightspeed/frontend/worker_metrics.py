@@ -55,6 +55,12 @@ class WorkerMetricsWatcher:
             labels,
             registry=registry,
         )
+        self._preemptions = Gauge(
+            "lightspeed_worker_preemptions",
+            "Requests preempted for lack of KV blocks since the worker started",
+            labels,
+            registry=registry,
+        )
         self._gauges = (
             self._active,
             self._total,
@@ -65,6 +71,7 @@ class WorkerMetricsWatcher:
             self._modelled,
             self._lag,
             self._lag_max,
+            self._preemptions,
         )
 
     def worker_added(self, card: WorkerCard) -> None:
@@ -106,3 +113,4 @@ class WorkerMetricsWatcher:
         self._modelled.labels(m.worker_id).set(m.step_modelled_seconds)
         self._lag.labels(m.worker_id).set(m.step_lag_seconds)
         self._lag_max.labels(m.worker_id).set(m.step_lag_max_seconds)
+        self._preemptions.labels(m.worker_id).set(m.num_preemptions)

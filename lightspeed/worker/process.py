@@ -200,6 +200,7 @@ class Worker:
                 step_modelled_seconds=clock.modelled_seconds,
                 step_lag_seconds=clock.lag_seconds,
                 step_lag_max_seconds=self.core.clock.take_max_lag(),
+                num_preemptions=s.num_preemptions,
             )
             self.publisher.publish(TOPIC_LOAD_METRICS, _encode(msg))
             await asyncio.sleep(self.cfg.metrics_interval)

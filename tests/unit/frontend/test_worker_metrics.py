@@ -41,12 +41,13 @@ def test_step_clock_gauges_follow_the_latest_snapshot_and_leave_with_the_worker(
     registry = CollectorRegistry()
     watcher = WorkerMetricsWatcher(FakeSubscriber(), registry)  # type: ignore[arg-type]  # duck-typed fake
     watcher.worker_added(card("w1"))
-    snapshot = LoadMetrics("w1", 2, 1, 30, 100, 5, 0.5, 1.0, 12.5, 10.0, 0.25, 1.5)
+    snapshot = LoadMetrics("w1", 2, 1, 30, 100, 5, 0.5, 1.0, 12.5, 10.0, 0.25, 1.5, 3)
     watcher.handle(snapshot)
     text = generate_latest(registry).decode()
     assert 'lightspeed_worker_step_wall_seconds{worker="w1"} 12.5' in text
     assert 'lightspeed_worker_step_modelled_seconds{worker="w1"} 10.0' in text
     assert 'lightspeed_worker_step_lag_seconds{worker="w1"} 0.25' in text
     assert 'lightspeed_worker_step_lag_max_seconds{worker="w1"} 1.5' in text
+    assert 'lightspeed_worker_preemptions{worker="w1"} 3.0' in text
     watcher.worker_removed("w1")
     assert 'worker="w1"' not in generate_latest(registry).decode()
