@@ -26,7 +26,6 @@ class ClockReading:
     wall_seconds: float  # busy wall time, summed over steps
     modelled_seconds: float  # modelled time of the steps that have a model
     lag_seconds: float  # wall - modelled over the current busy period (0 when idle)
-    max_lag_seconds: float  # the largest lag seen since the last `take_max_lag`
 
 
 class StepClock:
@@ -67,7 +66,7 @@ class StepClock:
         self.lag = 0.0
 
     def reading(self) -> ClockReading:
-        return ClockReading(self._wall, self._modelled, self.lag, self._max_lag)
+        return ClockReading(self._wall, self._modelled, self.lag)
 
     def take_max_lag(self) -> float:
         """The largest lag since the previous call (what a periodic publisher reports)."""

@@ -65,9 +65,11 @@ class MockerExecutor:
         self.modelled_seconds = 0.0
 
     async def execute(self, output: SchedulerOutput) -> ModelRunnerOutput:
+        # Back to back the step is anchored at the previous step's end; after a yield (or the
+        # first step) at now. The step clock measures the modelled time from this anchor.
         now = self.clock.now()
-        reference = self._last_end if self._last_end is not None and not self._yielded else now
-        step_start = self._step_start(now)
+        anchor = self._last_end if self._last_end is not None and not self._yielded else now
+        step_start = self._step_start(anchor)
         has_decode = False
         sampled: dict[str, int] = {}
         for seq in output.seqs:
@@ -88,9 +90,9 @@ class MockerExecutor:
         self._mark_step_end(decode_s)
         # Modelled time since the previous outputs (back to back: its decode phase) or since
         # this call (after a yield), to this step's outputs: what the step clock compares.
-        return ModelRunnerOutput(sampled=sampled, modelled_seconds=step_start - reference + prefill_s)
+        return ModelRunnerOutput(sampled=sampled, modelled_seconds=step_start - anchor + prefill_s)
 
-    def _step_start(self, now: float) -> float:
+    def _step_start(self, anchor: float) -> float:
         """When this step's prefill phase begins: once the previous decode phase is over, and
         no later than when the previous step returned if the engine stayed busy. A busy engine
         runs update -> schedule -> execute without yielding to the event loop, so that
@@ -98,8 +100,7 @@ class MockerExecutor:
         sleeps until phase start + modelled time): it is charged against the modelled time
         instead of being added to it. After an idle wait the step starts now at the earliest."""
         if self._last_end is None:
-            return now
-        anchor = now if self._yielded else self._last_end
+            return anchor
         return max(anchor, self._last_end + self._pending_s)
 
     def _mark_step_end(self, pending_s: float) -> None:
