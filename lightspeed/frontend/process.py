@@ -47,10 +47,8 @@ class Frontend:
         metrics = FrontendMetrics()
         self.router_metrics = RouterMetrics(metrics.registry)
         selector = build_selector(cfg.router_mode, cfg.router, self.active, self.router_metrics)
-        sessions = SessionAffinity(cfg.router.session_ttl)
-        self.router = PushRouter(
-            self.client, selector, self.active, sessions, session_affinity=cfg.router.session_affinity
-        )
+        sessions = SessionAffinity(cfg.router.session_ttl, enabled=cfg.router.session_affinity)
+        self.router = PushRouter(self.client, selector, self.active, sessions)
         self.models.on_worker_removed.append(self.router.remove_worker)
         self.kv_feed = self._kv_feed(selector)
         self.replicas = self._replica_sync(selector)

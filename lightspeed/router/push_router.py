@@ -35,16 +35,11 @@ class PushRouter:
         selector: WorkerSelector,
         active: ActiveLoad,
         sessions: SessionAffinity | None = None,
-        *,
-        session_affinity: bool = True,
     ) -> None:
         self._client = client
         self.selector = selector
         self.active = active
         self.sessions = sessions if sessions is not None else SessionAffinity()
-        # Off: x-session-id is ignored and every mode routes each request on its own merits,
-        # as Dynamo 1.6.1 does (pure round-robin, or KV cost without a sticky override).
-        self.session_affinity = session_affinity
 
     async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
         """Choose a worker and record the request's load on it (release with `release`)."""
@@ -52,7 +47,7 @@ class PushRouter:
             decision = self.selector.decision_for(req, pick_pinned(req, workers))
         else:
             decision = self._session_decision(req, workers) or await self.selector.route(req, workers)
-        if req.session_id is not None and self.session_affinity:
+        if req.session_id is not None:
             self.sessions.bind(req.session_id, decision.card.instance_id)
         self.active.add(
             req.request_id, decision.card.instance_id, decision.prefill_tokens, decision.blocks, decision.hashes
@@ -88,7 +83,7 @@ class PushRouter:
                 await stream.aclose()
 
     def _session_decision(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision | None:
-        if req.session_id is None or not self.session_affinity:
+        if req.session_id is None:
             return None
         bound = self.sessions.lookup(req.session_id)
         for card in workers:

@@ -19,6 +19,9 @@ class SessionAffinity:
     ttl: float = 600.0
     max_sessions: int = 100_000
     clock: Callable[[], float] = time.monotonic
+    # Off: x-session-id is ignored (nothing is bound, nothing found) and every mode routes each
+    # request on its own merits, as Dynamo 1.6.1 does: round-robin stays round-robin.
+    enabled: bool = True
     _bound: OrderedDict[str, tuple[str, float]] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -29,6 +32,8 @@ class SessionAffinity:
 
     def lookup(self, session_id: str) -> str | None:
         """The worker bound to `session_id`, if the binding is still fresh."""
+        if not self.enabled:
+            return None
         hit = self._bound.get(session_id)
         if hit is None:
             return None
@@ -39,6 +44,8 @@ class SessionAffinity:
         return worker
 
     def bind(self, session_id: str, worker_id: str) -> None:
+        if not self.enabled:
+            return
         self._bound[session_id] = (worker_id, self.clock())
         self._bound.move_to_end(session_id)
         while len(self._bound) > self.max_sessions:  # oldest sessions go first

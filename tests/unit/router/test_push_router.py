@@ -26,12 +26,14 @@ async def test_a_removed_worker_leaves_the_active_set_the_sessions_and_the_selec
 async def test_without_session_affinity_the_header_is_ignored() -> None:
     """Round-robin stays round-robin for a client that sends x-session-id (as Dynamo's does)."""
     from lightspeed.router.selector import RoundRobinSelector
+    from lightspeed.router.session import SessionAffinity
 
     cards = [CARD, WorkerCard(instance_id="b", model="m", address="y:1", block_size=4)]
     chosen = {}
     for affinity in (True, False):
         active = ActiveLoad()
-        router = PushRouter(RequestPlaneClient(), RoundRobinSelector(active), active, session_affinity=affinity)
+        sessions = SessionAffinity(enabled=affinity)
+        router = PushRouter(RequestPlaneClient(), RoundRobinSelector(active), active, sessions)
         picks = [await router.route(RouteRequest(f"r{i}", [1, 2], session_id="s"), cards) for i in range(4)]
         chosen[affinity] = [d.card.instance_id for d in picks]
     assert chosen == {True: ["a", "a", "a", "a"], False: ["a", "b", "a", "b"]}
