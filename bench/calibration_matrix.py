@@ -264,13 +264,9 @@ async def watch_lag(url: str, worst: list[float], loop: list[float]) -> None:
     while True:
         with contextlib.suppress(TimeoutError, aiohttp.ClientError, ValueError):
             text = await _metrics(url)
-            worst += _gauge_values(text, "lightspeed_worker_step_lag_max_seconds")
-            loop += _gauge_values(text, "lightspeed_frontend_event_loop_lag_seconds")
+            worst += rq.gauge_values(text, "lightspeed_worker_step_lag_max_seconds")
+            loop += rq.gauge_values(text, "lightspeed_frontend_event_loop_lag_seconds")
         await asyncio.sleep(1.0)
-
-
-def _gauge_values(text: str, name: str) -> list[float]:
-    return [float(v) for n, _labels, v in rq._SAMPLE_LINE.findall(text) if n == name]
 
 
 async def step_clock(url: str, worst: list[float], loop: list[float]) -> StepClockStats | None:

@@ -205,9 +205,14 @@ ACTIVE_BLOCKS_GAUGE = {
 _SAMPLE_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$", re.M)
 
 
+def gauge_values(text: str, name: str) -> list[float]:
+    """Every sample of a gauge in a Prometheus text page (one per label set)."""
+    return [float(v) for n, _labels, v in _SAMPLE_LINE.findall(text) if n == name]
+
+
 def gauge_sum(text: str, name: str) -> float | None:
     """Sum of a gauge over its label sets in a Prometheus text page; None if absent."""
-    values = [float(v) for n, _labels, v in _SAMPLE_LINE.findall(text) if n == name]
+    values = gauge_values(text, name)
     return sum(values) if values else None
 
 
