@@ -1,0 +1,1 @@
+"""Disaggregated prefill/decode: conditional-disagg policy, KV transfer channel, prefill/decode handlers."""
