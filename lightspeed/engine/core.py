@@ -40,6 +40,18 @@ class StepInfo:
     lag_seconds: float = 0.0  # wall - modelled over the current busy period (step_clock.py)
 
 
+def engine_request(config: EngineConfig, request: PreprocessedRequest) -> Request:
+    """The scheduler's view of a worker request (ValueError if it can never run); shared with
+    the replay simulation, which drives a scheduler without this core's event loop."""
+    return Request(
+        request,
+        config.block_size,
+        config.max_model_len,
+        hash_blocks=config.enable_prefix_caching,
+        vocab_size=config.vocab_size,
+    )
+
+
 KvEventsCallback = Callable[[list[KvEventData]], None]
 StepCallback = Callable[[StepInfo], None]
 
@@ -144,14 +156,7 @@ class EngineCore:
         """Queue a request; returns its output stream. ValueError if it can never run."""
         if self._stopping:
             raise RuntimeError("engine core is stopping")
-        engine_request = Request(
-            request,
-            self.config.block_size,
-            self.config.max_model_len,
-            hash_blocks=self.config.enable_prefix_caching,
-            vocab_size=self.config.vocab_size,
-        )
-        self.scheduler.add_request(engine_request)
+        self.scheduler.add_request(engine_request(self.config, request))
         stream = RequestStream(request.request_id, self)
         finalizer = weakref.finalize(stream, self._stream_dropped, request.request_id)
         finalizer.atexit = False

@@ -70,18 +70,8 @@ class MockerExecutor:
         now = self.clock.now()
         anchor = self._last_end if self._last_end is not None and not self._yielded else now
         step_start = self._step_start(anchor)
-        has_decode = False
-        sampled: dict[str, int] = {}
-        for seq in output.seqs:
-            if seq.sample:
-                has_decode = True
-                seed = seq.sampling.seed
-                if seed is None:
-                    sampled[seq.request_id] = self._sample(seq.banned_token_ids)
-                else:
-                    position = seq.start_pos + len(seq.token_ids)
-                    sampled[seq.request_id] = self._sample_seeded(seed, position, seq.banned_token_ids)
-        prefill_s, decode_s = self.timing.phase_seconds(output.num_prefill_tokens, output.kv_usage, has_decode)
+        sampled = self.sample(output)
+        prefill_s, decode_s = self.timing.phase_seconds(output.num_prefill_tokens, output.kv_usage, bool(sampled))
         self.num_steps += 1
         self.modelled_seconds += prefill_s + decode_s
         # Tokens leave when the prefill phase ends; the decode phase runs on after that (see
@@ -91,6 +81,20 @@ class MockerExecutor:
         # Modelled time since the previous outputs (back to back: its decode phase) or since
         # this call (after a yield), to this step's outputs: what the step clock compares.
         return ModelRunnerOutput(sampled=sampled, modelled_seconds=step_start - anchor + prefill_s)
+
+    def sample(self, output: SchedulerOutput) -> dict[str, int]:
+        """The next token of every sequence that samples this step (none: no decode phase).
+        Public so the replay simulation draws tokens exactly as a live mocker does."""
+        sampled: dict[str, int] = {}
+        for seq in output.seqs:
+            if seq.sample:
+                seed = seq.sampling.seed
+                if seed is None:
+                    sampled[seq.request_id] = self._sample(seq.banned_token_ids)
+                else:
+                    position = seq.start_pos + len(seq.token_ids)
+                    sampled[seq.request_id] = self._sample_seeded(seed, position, seq.banned_token_ids)
+        return sampled
 
     def _step_start(self, anchor: float) -> float:
         """When this step's prefill phase begins: once the previous decode phase is over, and

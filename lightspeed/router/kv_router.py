@@ -83,10 +83,23 @@ class KvSelector(WorkerSelector):
         self.index = index if index is not None else _default_index(self.cfg)
         self.queue = AdmissionQueue(self.cfg.admission)
         self._rng = random.Random(self.cfg.seed)
-        self._last_housekeeping = time.monotonic()
+        # On the active set's clock: a simulation runs it in virtual time.
+        self._last_housekeeping = active.clock()
         active.on_release.append(self.queue.wake)
 
     async def route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision:
+        decision, prompt = self._try(req, workers)
+        if decision is None:
+            decision = await self._admit(req, prompt, workers)
+            self._record(decision, prompt)
+        return decision
+
+    def try_route(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> RouteDecision | None:
+        """`route` without waiting: the decision (recorded), or None when every worker is busy.
+        For drivers without an event loop (the replay simulation keeps its own queue)."""
+        return self._try(req, workers)[0]
+
+    def _try(self, req: RouteRequest, workers: Sequence[WorkerCard]) -> tuple[RouteDecision | None, _Prompt]:
         t0 = time.perf_counter()
         prompt = self._prompt(req, workers[0].block_size)
         t1 = time.perf_counter()
@@ -94,12 +107,11 @@ class KvSelector(WorkerSelector):
         t2 = time.perf_counter()
         decision = self._decide(req, prompt, workers, overlaps)
         t3 = time.perf_counter()
-        if decision is None:
-            decision = await self._admit(req, prompt, workers)
-        self._record(decision, prompt)
+        if decision is not None:
+            self._record(decision, prompt)
         if self.metrics is not None:
             self.metrics.observe(t1 - t0, t2 - t1, t3 - t2)
-        return decision
+        return decision, prompt
 
     def decision_for(self, req: RouteRequest, card: WorkerCard) -> RouteDecision:
         prompt = self._prompt(req, card.block_size)
@@ -229,7 +241,7 @@ class KvSelector(WorkerSelector):
             self.metrics.decisions.labels(decision.card.instance_id).inc()
 
     def _housekeeping(self) -> None:
-        now = time.monotonic()
+        now = self.active.clock()  # expire() compares against entries stamped by this clock
         if now - self._last_housekeeping < _HOUSEKEEPING_EVERY_S:
             return
         self._last_housekeeping = now
