@@ -39,6 +39,9 @@ class KVCacheManager:
         # list each step instead of rebuilding an O(context) list per sequence per step.
         self._block_ids: dict[str, list[int]] = {}
         self._num_cached: dict[str, int] = {}
+        # Blocks of finished requests kept referenced for a KV transfer (disaggregated prefill):
+        # not evictable until `release_held`, so a decode worker's pull never reads reused blocks.
+        self._held: dict[str, list[KVCacheBlock]] = {}
 
     # ------------------------------------------------------------------ queries
 
@@ -164,6 +167,28 @@ class KVCacheManager:
         if blocks:
             self.pool.free_blocks(reversed(blocks))
 
+    def hold(self, request: Request) -> list[int]:
+        """Keep a finished request's blocks referenced under its id instead of freeing them
+        (the prefill side of a KV transfer); returns their ids in block-table order."""
+        rid = request.request_id
+        blocks = self._blocks.pop(rid, [])
+        self._block_ids.pop(rid, None)
+        self._num_cached.pop(rid, None)
+        self._held[rid] = blocks
+        return [b.block_id for b in blocks]
+
+    def release_held(self, request_id: str) -> bool:
+        """Free blocks kept by `hold`; False if none are held under that id."""
+        blocks = self._held.pop(request_id, None)
+        if blocks is None:
+            return False
+        self.pool.free_blocks(reversed(blocks))
+        return True
+
+    @property
+    def held_ids(self) -> list[str]:
+        return list(self._held)
+
     # ------------------------------------------------------------------ pass-throughs
 
     def take_events(self) -> list[KvEventData]:
@@ -182,6 +207,9 @@ class KVCacheManager:
         for rid, blocks in self._blocks.items():
             if [b.block_id for b in blocks] != self._block_ids[rid]:
                 raise AssertionError(f"block ids of {rid} out of sync")
+            for block in blocks:
+                refs[block.block_id] += 1
+        for blocks in self._held.values():
             for block in blocks:
                 refs[block.block_id] += 1
         for block in self.pool.blocks:

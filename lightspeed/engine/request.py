@@ -50,6 +50,7 @@ class Request:
         "block_hashes",
         "block_size",
         "cached_reported",
+        "hold_kv",
         "local_hashes",
         "lora_name",
         "max_model_len",
@@ -97,6 +98,8 @@ class Request:
         self.block_hashes: list[int] = []
         self.local_hashes: list[int] = []
         self.num_preemptions = 0
+        # Disaggregated prefill: when the length cap ends it, keep its KV blocks for a transfer.
+        self.hold_kv = False
         self._hash_blocks = hash_blocks
         self._init_stop_ids(request)
         if hash_blocks:

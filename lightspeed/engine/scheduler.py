@@ -23,6 +23,7 @@ from lightspeed.engine.kv_cache_manager import KVCacheManager
 from lightspeed.engine.request import Request, RequestStatus, finished_status
 from lightspeed.engine.types import (
     EngineCoreOutput,
+    HeldBlocks,
     ModelRunnerOutput,
     ScheduledSeq,
     SchedulerOutput,
@@ -53,6 +54,9 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
+        # Requests whose prompt KV is arriving from a prefill worker: blocks allocated, not
+        # scheduled (and not in `requests`, so an engine waiting only on them sleeps).
+        self.loading: dict[str, tuple[Request, int]] = {}
         self._finished_ids: list[str] = []
         self._preempted_in_step = False
         self._num_preemptions = 0
@@ -71,6 +75,11 @@ class Scheduler:
 
     def abort_request(self, request_id: str) -> bool:
         """Drop a request wherever it is and free its blocks. False if it is unknown/finished."""
+        loading = self.loading.pop(request_id, None)
+        if loading is not None:
+            self.kv.free(loading[0])
+            loading[0].status = RequestStatus.FINISHED_ABORTED
+            return True
         request = self.requests.pop(request_id, None)
         if request is None:
             return False
@@ -85,6 +94,63 @@ class Scheduler:
 
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    # ------------------------------------------------------------------ KV from elsewhere
+
+    def add_prefilled(self, request: Request, num_kv_tokens: int) -> tuple[int, list[int]] | None:
+        """Admit a request whose KV, all but its last token's, another worker computed (the
+        last token is the one that worker sampled).
+
+        Its locally cached prefix is reused; fresh blocks are allocated for the rest and
+        returned with the number of cached tokens, for the caller to fill. The request waits
+        in `loading` until `finish_loading` (or `fail_loading`: then it is prefilled here).
+        None, changing nothing, when the cache has no room for it now.
+        """
+        rid = request.request_id
+        if rid in self.requests or rid in self.loading:
+            raise ValueError(f"duplicate request id {rid!r}")
+        if num_kv_tokens != request.num_tokens - 1 or num_kv_tokens < 1:
+            raise ValueError(f"request {rid}: {num_kv_tokens} KV tokens for {request.num_tokens} tokens")
+        computed, num_hit = self.kv.get_computed_blocks(request)  # never past num_kv_tokens
+        reserve = self.config.watermark_blocks if self.running else 0
+        if not self.kv.allocate_slots(request, num_kv_tokens - num_hit, computed, reserve):
+            return None
+        request.num_cached_tokens = num_hit
+        self._record_hit(num_hit, num_kv_tokens)
+        self.loading[rid] = (request, num_kv_tokens)
+        return num_hit, list(self.kv.get_block_ids(rid)[num_hit // self.kv.block_size :])
+
+    def finish_loading(self, request_id: str) -> bool:
+        """The KV arrived: the request runs from the token after it. False if it was aborted."""
+        entry = self.loading.pop(request_id, None)
+        if entry is None:
+            return False
+        request, num_kv_tokens = entry
+        request.num_computed_tokens = num_kv_tokens
+        # The token after the imported KV was sampled remotely: computing its KV is a decode step.
+        request.num_prompt_tokens = num_kv_tokens
+        self.kv.cache_blocks(request)
+        request.status = RequestStatus.RUNNING
+        self.requests[request_id] = request
+        self.running.append(request)
+        return True
+
+    def fail_loading(self, request_id: str) -> bool:
+        """The KV will not arrive: free its blocks and prefill the request here instead."""
+        entry = self.loading.pop(request_id, None)
+        if entry is None:
+            return False
+        request = entry[0]
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.status = RequestStatus.WAITING
+        self.requests[request_id] = request
+        self.waiting.append(request)
+        return True
+
+    def release_held(self, request_id: str) -> bool:
+        """Free the blocks a finished `hold_kv` request kept for its transfer."""
+        return self.kv.release_held(request_id)
 
     # ------------------------------------------------------------------ schedule
 
@@ -223,7 +289,7 @@ class Scheduler:
             output = self._append_token(request, out.sampled[seq.request_id], out)
             outputs.append(output)
             if output.finish_reason is not None:
-                self._finish(request, output.finish_reason)
+                output.held = self._finish(request, output.finish_reason)
                 any_finished = True
         if any_finished:
             self.running = [r for r in self.running if r.status == RequestStatus.RUNNING]
@@ -244,18 +310,30 @@ class Scheduler:
             logprobs=[logprob] if logprob is not None else None,
         )
 
-    def _finish(self, request: Request, reason: FinishReason) -> None:
-        """Free a request that stopped; it leaves `running` in the caller's batch filter."""
+    def _finish(self, request: Request, reason: FinishReason) -> HeldBlocks | None:
+        """Free a request that stopped; it leaves `running` in the caller's batch filter.
+        A `hold_kv` request cut by its length cap keeps its blocks (returned) for a transfer."""
         request.status = finished_status(reason)
-        self.kv.free(request)
+        held = None
+        if request.hold_kv and reason is FinishReason.LENGTH:
+            num_tokens = request.num_computed_tokens
+            full = min(num_tokens // request.block_size, len(request.block_hashes))
+            held = HeldBlocks(self.kv.hold(request), request.block_hashes[:full], num_tokens)
+        else:
+            self.kv.free(request)
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)
+        return held
 
     def finish_all(self, reason: FinishReason) -> list[str]:
         """Stop every request (engine shutdown or a failed step); returns their ids."""
         ids = list(self.requests)
         for request in list(self.requests.values()):
             self._finish(request, reason)
+        for request_id in list(self.loading):
+            self.abort_request(request_id)
+            ids.append(request_id)
+
         self.running.clear()
         self.waiting.clear()
         return ids

@@ -64,6 +64,15 @@ class Executor(Protocol):
     async def execute(self, output: SchedulerOutput) -> ModelRunnerOutput: ...
 
 
+@dataclass(frozen=True, slots=True)
+class HeldBlocks:
+    """KV blocks a finished request left referenced for a transfer (see `KVCacheManager.hold`)."""
+
+    block_ids: list[int]  # block-table order: block i holds tokens i*block_size ..
+    block_hashes: list[int]  # sequence hashes of the full blocks among them
+    num_tokens: int  # tokens whose KV the blocks hold
+
+
 @dataclass(slots=True)
 class EngineCoreOutput:
     """What the engine core emits per request per step, towards the worker's response stream."""
@@ -73,3 +82,4 @@ class EngineCoreOutput:
     finish_reason: FinishReason | None = None
     num_cached_tokens: int | None = None  # set once, on the first output of the request
     logprobs: list[TokenLogprob] | None = None
+    held: HeldBlocks | None = None  # on the last output of a request run with `hold_kv`
