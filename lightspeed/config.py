@@ -35,8 +35,8 @@ CHILD_CONFIG_ENV = "LIGHTSPEED_CHILD_CONFIG"
 
 RouterMode = Literal["round-robin", "random", "least-loaded", "power-of-two", "direct", "kv", "kv-latency"]
 QueuePolicy = Literal["fcfs", "wspt"]
-DiscoveryKind = Literal["mem", "file"]
-EventPlaneKind = Literal["zmq"]
+DiscoveryKind = Literal["mem", "file", "etcd"]
+EventPlaneKind = Literal["zmq", "nats"]
 EngineKind = Literal["mocker", "native"]
 Role = Literal["agg", "prefill", "decode"]
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
@@ -87,6 +87,13 @@ DRAIN_TIMEOUT_S = 10.0
 DRAIN_HELP = "seconds in-flight streams may run on after SIGTERM; the rest end with an in-band error"
 
 
+# Peers on other hosts dial what a process advertises, not what it binds (0.0.0.0 is no address).
+ADVERTISE_HELP = (
+    "address peers on other hosts dial to reach this process's request/event planes ('' = the listen "
+    "address; with a wildcard listen address, this host's name resolved)"
+)
+
+
 def _check_drain(value: float) -> None:
     if value < 0:
         raise ValueError(f"drain_timeout must be >= 0; got {value}")
@@ -106,12 +113,39 @@ class PlaneConfig:
     discovery_ttl: float = opt(10.0, "seconds before a silent worker's entry expires")
     event_plane: EventPlaneKind = opt("zmq", "event plane transport")
     namespace: str = opt("lightspeed", "namespace shared by frontends and workers")
+    etcd_endpoints: str = opt("", "etcd client URLs, comma-separated (--discovery etcd), e.g. http://10.0.0.1:2379")
+    etcd_user: str = opt("", "etcd user (with --etcd-password)")
+    etcd_password: str = opt("", "etcd password (prefer the env var LIGHTSPEED_ETCD_PASSWORD)")
+    etcd_ca: str = opt("", "etcd: CA certificate file (TLS; https:// endpoints)")
+    etcd_cert: str = opt("", "etcd: client certificate file (mutual TLS; needs --etcd-key)")
+    etcd_key: str = opt("", "etcd: client private key file (mutual TLS)")
+    nats_url: str = opt("", "NATS server URLs, comma-separated (--event-plane nats), e.g. nats://10.0.0.1:4222")
+    nats_user: str = opt("", "NATS user (with --nats-password)")
+    nats_password: str = opt("", "NATS password (prefer the env var LIGHTSPEED_NATS_PASSWORD)")
+    nats_creds: str = opt("", "NATS credentials file (JWT + nkey seed)")
+    nats_ca: str = opt("", "NATS: CA certificate file (TLS; tls:// URLs)")
+    nats_cert: str = opt("", "NATS: client certificate file (mutual TLS; needs --nats-key)")
+    nats_key: str = opt("", "NATS: client private key file (mutual TLS)")
+    nats_kv_max_msgs: int = opt(
+        100_000, "KV events kept per worker on the JetStream stream; a router that missed trimmed ones asks for a dump"
+    )
+    nats_kv_max_age: float = opt(0.0, "seconds KV events stay on the JetStream stream (0 = no age limit)")
 
     def __post_init__(self) -> None:
         check_choices(self)
         _check_positive("discovery_ttl", self.discovery_ttl)
         if not self.namespace:
             raise ValueError("namespace must not be empty")
+        if self.discovery == "etcd" and not self.etcd_endpoints.strip(","):
+            raise ValueError("etcd_endpoints is required with --discovery etcd")
+        if self.event_plane == "nats" and not self.nats_url.strip(","):
+            raise ValueError("nats_url is required with --event-plane nats")
+        for name in ("etcd", "nats"):
+            if bool(getattr(self, f"{name}_cert")) != bool(getattr(self, f"{name}_key")):
+                raise ValueError(f"{name}_cert and {name}_key go together")
+        _check_positive("nats_kv_max_msgs", self.nats_kv_max_msgs)
+        if self.nats_kv_max_age < 0:
+            raise ValueError(f"nats_kv_max_age must be >= 0; got {self.nats_kv_max_age}")
 
 
 @dataclass(frozen=True)
@@ -151,6 +185,35 @@ class RouterConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    """The front door: API keys, per-key rate limits, TLS (frontend/auth.py, rate_limit.py)."""
+
+    api_key: str = opt("", "require 'Authorization: Bearer KEY' with this key ('' = no key needed)")
+    api_keys_file: str = opt("", "file of API keys, one per line: KEY [name=NAME] [rpm=N] [tpm=N]")
+    rate_limit_rpm: float = opt(0.0, "requests per minute per API key (0 = unlimited)")
+    rate_limit_tpm: float = opt(0.0, "prompt + completion tokens per minute per API key (0 = unlimited)")
+    public_health: bool = opt(False, "with API keys: /health answers without a key (for probes)")
+    public_metrics: bool = opt(False, "with API keys: /metrics answers without a key (for scrapers)")
+    tls_cert: str = opt("", "serve HTTPS with this certificate chain (PEM); needs --tls-key")
+    tls_key: str = opt("", "private key (PEM) of --tls-cert")
+
+    def __post_init__(self) -> None:
+        for name in ("rate_limit_rpm", "rate_limit_tpm"):
+            value = getattr(self, name)
+            if not value >= 0 or value == float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0; got {value}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        limited = self.rate_limit_rpm > 0 or self.rate_limit_tpm > 0
+        if limited and not self.keys_enabled:
+            raise ValueError("rate limits are per API key: give --api-key or --api-keys-file")
+
+    @property
+    def keys_enabled(self) -> bool:
+        return bool(self.api_key or self.api_keys_file)
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     host: str = opt("127.0.0.1", "HTTP listen address")
     port: int = opt(8000, "HTTP port")
@@ -166,6 +229,8 @@ class FrontendConfig:
     served_model_name: str = opt("", "name clients see for the workers' model ('' = the name workers register)")
     router: RouterConfig = RouterConfig()
     drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
+    auth: AuthConfig = AuthConfig()
+    advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -205,6 +270,7 @@ class WorkerConfig:
     metrics_interval: float = opt(0.5, "seconds between load-metrics publications")
     seed: int = opt(0, "engine random seed")
     drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
+    advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -220,6 +286,36 @@ class WorkerConfig:
             raise ValueError("max_model_len and kv_cache_gb must be >= 0")
 
 
+PlannerModeKind = Literal["throughput", "load"]
+
+
+@dataclass(frozen=True)
+class PlannerOptions:
+    """The SLA planner (DESIGN §7), in `serve --planner` or the `lightspeed planner` process."""
+
+    enabled: bool = opt(False, "serve: run the SLA planner in-process; it scales the workers", flag="--planner")
+    mode: PlannerModeKind = opt("throughput", "planner: size from the step-time model, or +-1 on latency")
+    predictor: str = opt("constant", "planner: load predictor (constant, moving-average, kalman, arima)")
+    adjustment_interval: float = opt(60.0, "planner: seconds between decisions")
+    ttft_slo: float = opt(2.0, "planner: time-to-first-token target, seconds (wall time of this fleet)")
+    itl_slo: float = opt(0.05, "planner: inter-token latency target, seconds (wall time of this fleet)")
+    min_workers: int = opt(1, "planner: fewest workers")
+    max_workers: int = opt(8, "planner: most workers (the budget)")
+    perf_model: str = opt("", "planner: PerfModel JSON file ('' = the model the workers publish)")
+    decision_log: str = opt("", "planner: append each decision as a JSON line to this file ('' = none)")
+    metrics_port: int = opt(0, "planner: serve the planner's /metrics on this port (0 = none)")
+    dry_run: bool = opt(False, "planner: log decisions only, never scale")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        _check_positive("adjustment_interval", self.adjustment_interval)
+        _check_positive("ttft_slo", self.ttft_slo)
+        _check_positive("itl_slo", self.itl_slo)
+        if not 1 <= self.min_workers <= self.max_workers:
+            raise ValueError(f"need 1 <= min_workers <= max_workers; got {self.min_workers}, {self.max_workers}")
+        _check_port("metrics_port", self.metrics_port)
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """`lightspeed serve`: one frontend plus N local workers under a supervisor."""
@@ -230,6 +326,7 @@ class ServeConfig:
     liveness_timeout: float = opt(
         30.0, "restart a child whose event loop has sent no heartbeat for this many seconds (0 = off)"
     )
+    planner: PlannerOptions = PlannerOptions()
 
     def __post_init__(self) -> None:
         _check_positive("workers", self.workers)

@@ -52,9 +52,22 @@ class UnsupportedMediaType(LightspeedError):
     error_type = "invalid_request_error"
 
 
+class Unauthorized(LightspeedError):
+    """No API key, or one the frontend does not know (OpenAI answers the same with 401)."""
+
+    status = 401
+    error_type = "invalid_request_error"
+
+
 class RateLimited(LightspeedError):
+    """A key over its request or token rate; `retry_after` (seconds) becomes the Retry-After header."""
+
     status = 429
     error_type = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float, code: str | None = None) -> None:
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
 
 
 class Overloaded(LightspeedError):

@@ -27,6 +27,7 @@ import functools
 import gc
 import logging
 import resource
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -260,14 +261,23 @@ class GuardedSite(web.BaseSite):
     """A TCP site whose connections go through a `ConnectionGuard`."""
 
     def __init__(
-        self, runner: web.BaseRunner, host: str, port: int, guard: ConnectionGuard, *, reuse_port: bool, backlog: int
+        self,
+        runner: web.BaseRunner,
+        host: str,
+        port: int,
+        guard: ConnectionGuard,
+        *,
+        reuse_port: bool,
+        backlog: int,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        super().__init__(runner, backlog=backlog)
+        super().__init__(runner, backlog=backlog, ssl_context=ssl_context)
         self._host, self._port, self._guard, self._reuse_port = host, port, guard, reuse_port
 
     @property
     def name(self) -> str:
-        return f"http://{self._host}:{self._port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{self._host}:{self._port}"
 
     async def start(self) -> None:
         await super().start()
@@ -280,6 +290,7 @@ class GuardedSite(web.BaseSite):
             self._port,
             backlog=self._backlog,
             reuse_port=self._reuse_port or None,
+            ssl=self._ssl_context,
         )
 
 

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import logging
+import ssl
 
 from aiohttp import web
 
-from lightspeed.config import FrontendConfig
+from lightspeed.config import AuthConfig, ConfigError, FrontendConfig
+from lightspeed.frontend.auth import AuthGate, KeyStore
 from lightspeed.frontend.connections import ConnectionGuard, GuardedSite, HttpLimits, fit_to_fd_limit
 from lightspeed.frontend.drain import CUT_GRACE_S, drain_http
 from lightspeed.frontend.metrics import FrontendMetrics
 from lightspeed.frontend.model_manager import ModelManager
 from lightspeed.frontend.pipeline import Pipeline
-from lightspeed.frontend.routes import FrontendApp
+from lightspeed.frontend.rate_limit import Limits, RateLimiter
+from lightspeed.frontend.routes import FrontendApp, error_response
 from lightspeed.frontend.worker_metrics import WorkerMetricsWatcher
 from lightspeed.protocol import TOPIC_KV_EVENTS, TOPIC_LOAD_METRICS
 from lightspeed.router.active import ActiveLoad
@@ -58,6 +61,10 @@ class Frontend:
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.connections = ConnectionGuard(http_limits(cfg))
         self.http.app.middlewares.insert(0, self.connections.middleware)  # outermost: every request
+        self.auth = front_door(cfg.auth)
+        if self.auth is not None:  # after the connection guard, before any route or error handling
+            self.http.app.middlewares.insert(1, self.auth.middleware)
+            self.http.charge_tokens = self.auth.charge
         self.worker_metrics = WorkerMetricsWatcher(
             subscriber_from_config(cfg.planes, [TOPIC_LOAD_METRICS]), self.http.metrics.registry
         )
@@ -117,12 +124,22 @@ class Frontend:
             self.connections,
             reuse_port=self.cfg.processes > 1,
             backlog=1024,
+            ssl_context=tls_context(self.cfg.auth),
         )
         await site.start()
         bound = self._runner.addresses  # the port actually bound, for port 0 in tests
         if bound:
             self.port = bound[0][1]
-        log.info("frontend listening on http://%s:%d (router %s)", self.cfg.host, self.port, self.cfg.router_mode)
+        scheme = "https" if self.cfg.auth.tls_cert else "http"
+        keys = "API keys required" if self.auth is not None else "no API key required"
+        log.info(
+            "frontend listening on %s://%s:%d (router %s, %s)",
+            scheme,
+            self.cfg.host,
+            self.port,
+            self.cfg.router_mode,
+            keys,
+        )
 
     async def stop(self) -> None:
         if self._runner is not None:  # in-flight streams end properly, cut or not (drain.py)
@@ -137,6 +154,31 @@ class Frontend:
         self.pipeline.cpu.shutdown()
         await self.client.close()
         await self.discovery.close()
+
+
+def front_door(cfg: AuthConfig) -> AuthGate | None:
+    """The API-key gate of `cfg` (None: the API is open). A bad keys file is a ConfigError."""
+    if not cfg.keys_enabled:
+        return None
+    defaults = Limits(cfg.rate_limit_rpm, cfg.rate_limit_tpm)
+    try:
+        store = KeyStore.load(cfg.api_key, cfg.api_keys_file, defaults)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    public = {"/live"} | ({"/health"} if cfg.public_health else set()) | ({"/metrics"} if cfg.public_metrics else set())
+    return AuthGate(store, RateLimiter(store.limits()), public, error_response)
+
+
+def tls_context(cfg: AuthConfig) -> ssl.SSLContext | None:
+    """A server TLS context from --tls-cert / --tls-key (None: plain HTTP)."""
+    if not cfg.tls_cert:
+        return None
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        ctx.load_cert_chain(cfg.tls_cert, cfg.tls_key)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"cannot load TLS certificate {cfg.tls_cert} / key {cfg.tls_key}: {err}") from None
+    return ctx
 
 
 def http_limits(cfg: FrontendConfig) -> HttpLimits:

@@ -8,12 +8,13 @@ unexpected exception is logged and answered with a 500 body, and the server keep
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 
 import msgspec
 from aiohttp import web
 
-from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge
+from lightspeed.errors import InvalidRequest, LightspeedError, PayloadTooLarge, RateLimited
 from lightspeed.frontend.body import read_body
 from lightspeed.frontend.drain import ActiveStreams
 from lightspeed.frontend.metrics import FrontendMetrics
@@ -40,7 +41,12 @@ SESSION_HEADER = "x-session-id"
 
 
 def error_response(err: LightspeedError) -> web.Response:
-    return web.Response(status=err.status, body=msgspec.json.encode(err.to_openai()), content_type="application/json")
+    headers = {}
+    if isinstance(err, RateLimited):  # whole seconds, rounded up: waiting that long lets the client in
+        headers["Retry-After"] = str(max(1, math.ceil(err.retry_after)))
+    return web.Response(
+        status=err.status, body=msgspec.json.encode(err.to_openai()), content_type="application/json", headers=headers
+    )
 
 
 @web.middleware
@@ -74,6 +80,9 @@ class FrontendApp:
         self._token_text: dict[str, TokenText] = {}
         self.streams = ActiveStreams()  # in-flight generations, for the drain on shutdown
         self.max_body_bytes = max_body_bytes
+        # Called with (request, prompt + completion tokens) after each generation: the per-key
+        # token-rate limit (auth.AuthGate.charge) when API keys are on.
+        self.charge_tokens: Callable[[web.Request, int], None] = lambda request, tokens: None
         # Bodies are decompressed by `body.read_body`, bounded by the same limit (not by aiohttp).
         self.app = web.Application(
             client_max_size=max_body_bytes,
@@ -124,6 +133,7 @@ class FrontendApp:
     async def _generate(self, request: web.Request, req: AnyRequest, model: str, chat: bool) -> web.StreamResponse:
         rid = new_request_id("chatcmpl" if chat else "cmpl")
         self.metrics.inflight.labels(model).inc()
+        gen = None
         try:
             gen = await self.pipeline.prepare(
                 req,
@@ -142,6 +152,8 @@ class FrontendApp:
             return resp
         finally:
             self.metrics.inflight.labels(model).dec()
+            if gen is not None:  # also a cut or failed stream: its tokens were computed
+                self.charge_tokens(request, gen.prompt_tokens + gen.completion_tokens)
 
     def _token_text_for(self, model: str) -> TokenText:
         tt = self._token_text.get(model)

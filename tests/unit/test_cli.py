@@ -46,6 +46,14 @@ FRONTEND = {
     "--session-affinity": ("router.session_affinity", True),
     "--session-ttl": ("router.session_ttl", 600.0),
     "--router-replica-sync": ("router.replica_sync", True),
+    "--api-key": ("auth.api_key", ""),
+    "--api-keys-file": ("auth.api_keys_file", ""),
+    "--rate-limit-rpm": ("auth.rate_limit_rpm", 0.0),
+    "--rate-limit-tpm": ("auth.rate_limit_tpm", 0.0),
+    "--public-health": ("auth.public_health", False),
+    "--public-metrics": ("auth.public_metrics", False),
+    "--tls-cert": ("auth.tls_cert", ""),
+    "--tls-key": ("auth.tls_key", ""),
 }
 WORKER = {
     "--engine": ("engine", "native"),
@@ -100,6 +108,15 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
 }
 
 
+# Flags whose other value is refused on its own: rate limits need an API key, TLS a cert and a key.
+NEEDS = {
+    "--rate-limit-rpm": ["--api-key", "sk-some-key"],
+    "--rate-limit-tpm": ["--api-key", "sk-some-key"],
+    "--tls-cert": ["--tls-key", "k.pem"],
+    "--tls-key": ["--tls-cert", "c.pem"],
+}
+
+
 def specs(command: str) -> dict[str, FlagSpec]:
     return {s.flag: s for s in COMMANDS[command].specs()}
 
@@ -147,8 +164,9 @@ def test_each_flag_and_its_env_var_set_their_fields(command: str, flag: str) -> 
     spec = specs(command)[flag]
     value = other_value(spec)
     assert spec.env == "LIGHTSPEED_" + flag[2:].replace("-", "_").upper()
-    from_flag = parse_invocation([command, flag, as_text(value)], environ={}).config
-    from_env = parse_invocation([command], environ={spec.env: as_text(value)}).config
+    needs = NEEDS.get(flag, [])  # flags valid only together with another
+    from_flag = parse_invocation([command, *needs, flag, as_text(value)], environ={}).config
+    from_env = parse_invocation([command, *needs], environ={spec.env: as_text(value)}).config
     for path in EXPECTED[command][flag][0]:
         assert field_at(from_flag, path) == value
         assert field_at(from_env, path) == value
