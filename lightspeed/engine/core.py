@@ -152,15 +152,51 @@ class EngineCore:
 
     # ------------------------------------------------------------------ requests
 
-    def add_request(self, request: PreprocessedRequest) -> RequestStream:
-        """Queue a request; returns its output stream. ValueError if it can never run."""
+    def add_request(self, request: PreprocessedRequest, *, hold_kv: bool = False) -> RequestStream:
+        """Queue a request; returns its output stream. ValueError if it can never run.
+
+        `hold_kv`: when the length cap ends it, its KV blocks stay referenced and the last
+        output names them (`held`) until `release_held` (disaggregated prefill)."""
         if self._stopping:
             raise RuntimeError("engine core is stopping")
-        self.scheduler.add_request(engine_request(self.config, request))
-        stream = RequestStream(request.request_id, self)
-        finalizer = weakref.finalize(stream, self._stream_dropped, request.request_id)
+        engine_req = engine_request(self.config, request)
+        engine_req.hold_kv = hold_kv
+        self.scheduler.add_request(engine_req)
+        return self._open_stream(request.request_id)
+
+    def add_prefilled_request(self, request: PreprocessedRequest) -> tuple[RequestStream, int, list[int]] | None:
+        """Admit a request whose KV for all but its last token arrives from another worker:
+        returns its stream, the tokens already cached here, and the fresh block ids to fill;
+        then call `finish_loading` (or `fail_loading`). None when the cache has no room now."""
+        if self._stopping:
+            raise RuntimeError("engine core is stopping")
+        engine_req = engine_request(self.config, request)
+        admitted = self.scheduler.add_prefilled(engine_req, engine_req.num_tokens - 1)
+        if admitted is None:
+            return None
+        return self._open_stream(request.request_id), admitted[0], admitted[1]
+
+    def finish_loading(self, request_id: str) -> bool:
+        """The KV arrived: the request decodes from its last token on."""
+        done = self.scheduler.finish_loading(request_id)
+        self._drain_kv_events()
+        self._wakeup.set()
+        return done
+
+    def fail_loading(self, request_id: str) -> bool:
+        """The KV will not arrive: the request is prefilled here instead."""
+        done = self.scheduler.fail_loading(request_id)
+        self._wakeup.set()
+        return done
+
+    def release_held(self, request_id: str) -> bool:
+        return self.scheduler.release_held(request_id)
+
+    def _open_stream(self, request_id: str) -> RequestStream:
+        stream = RequestStream(request_id, self)
+        finalizer = weakref.finalize(stream, self._stream_dropped, request_id)
         finalizer.atexit = False
-        self._streams[request.request_id] = (weakref.ref(stream), finalizer)
+        self._streams[request_id] = (weakref.ref(stream), finalizer)
         self._wakeup.set()
         return stream
 
