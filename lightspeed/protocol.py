@@ -49,6 +49,35 @@ class StopConditions(msgspec.Struct, frozen=True, omit_defaults=True):
     min_tokens: int = 0
 
 
+class KvTransferParams(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Disaggregated prefill -> decode hand-off (DESIGN §6).
+
+    Frontend -> prefill worker: `do_remote_decode` (compute the prompt, sample the first token,
+    keep the prompt's KV blocks pinned). Prefill worker -> frontend -> decode worker: where the
+    pinned blocks are, which they are and what they hold, so the decode worker pulls only the
+    blocks it does not cache and then releases them (`kv_release` on `control_address`).
+    """
+
+    do_remote_decode: bool = False
+    transfer_id: str = ""  # the prefill worker's key for the pinned blocks
+    prefill_worker: str = ""  # its instance id
+    control_address: str = ""  # its request plane ("host:port"): kv_release
+    # The KV byte channel's own coordinates, msgpack-encoded by the channel for the channel
+    # (b"" = mocker: the transfer is a modelled delay); opaque to the frontend.
+    channel: bytes = b""
+    block_ids: list[int] = []  # block-table order
+    block_hashes: list[int] = []  # sequence hashes of the full blocks among them
+    num_tokens: int = 0  # prompt tokens whose KV the blocks hold
+    block_size: int = 0
+    kv_bytes_per_token: int = 0  # K+V bytes of one token across all layers
+
+
+class KvRelease(msgspec.Struct, frozen=True):
+    """Decode worker -> prefill worker (`kv_release`): the pinned blocks may be freed."""
+
+    transfer_id: str
+
+
 class PreprocessedRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     """A tokenized request as the frontend sends it to a worker's `generate` endpoint."""
 
@@ -60,7 +89,7 @@ class PreprocessedRequest(msgspec.Struct, frozen=True, omit_defaults=True):
     eos_token_ids: list[int] = []
     lora_name: str | None = None
     # Disaggregation hand-off (filled by a prefill worker, consumed by a decode worker).
-    kv_transfer_params: dict[str, object] | None = None
+    kv_transfer_params: KvTransferParams | None = None
 
 
 class TopLogprob(msgspec.Struct, frozen=True, array_like=True):
@@ -88,7 +117,7 @@ class LLMEngineOutput(msgspec.Struct, frozen=True, omit_defaults=True):
     num_cached_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None
     error: str | None = None
-    kv_transfer_params: dict[str, object] | None = None
+    kv_transfer_params: KvTransferParams | None = None
 
 
 # ---------------------------------------------------------------- KV events (event plane)
