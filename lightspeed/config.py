@@ -11,10 +11,13 @@ of deep inside a running server; `check_choices` validates every `Literal` field
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, TypeVar, get_args, get_origin, get_type_hints
 
 import msgspec
+
+from lightspeed.runtime.cluster_auth import check_secret
 
 _T = TypeVar("_T")
 
@@ -130,9 +133,15 @@ class PlaneConfig:
         100_000, "KV events kept per worker on the JetStream stream; a router that missed trimmed ones asks for a dump"
     )
     nats_kv_max_age: float = opt(0.0, "seconds KV events stay on the JetStream stream (0 = no age limit)")
+    cluster_secret: str = opt(
+        "",
+        "shared secret of the fleet: request-plane peers must prove it, discovery cards are signed with it "
+        "('' = planes open; `serve` makes one per run; prefer the env var LIGHTSPEED_CLUSTER_SECRET)",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_secret(self.cluster_secret)
         _check_positive("discovery_ttl", self.discovery_ttl)
         if not self.namespace:
             raise ValueError("namespace must not be empty")
@@ -214,6 +223,70 @@ class AuthConfig:
 
 
 @dataclass(frozen=True)
+class DisaggOptions:
+    """Frontend: disaggregated prefill (DESIGN §6), in effect while prefill workers exist."""
+
+    conditional: bool = opt(
+        True,
+        "prefill on the decode worker when the uncached prompt is small or every prefill worker is busy "
+        "(off: on a prefill worker whenever one exists)",
+        flag="--conditional-disagg",
+    )
+    max_local_prefill_tokens: int = opt(
+        2048,
+        "conditional disagg: prefill locally when fewer prompt tokens than this are uncached on the decode worker",
+        flag="--max-local-prefill-tokens",
+    )
+    max_local_prefill_frac: float = opt(
+        0.7,
+        "conditional disagg: ... and when less than this fraction of the prompt is uncached there",
+        flag="--max-local-prefill-frac",
+    )
+    prefill_busy_frac: float = opt(
+        2.0,
+        "conditional disagg: a prefill worker is busy with more than this multiple of its max_num_batched_tokens "
+        "queued (0 = never busy)",
+        flag="--prefill-busy-frac",
+    )
+
+    def __post_init__(self) -> None:
+        if self.max_local_prefill_tokens < 0:
+            raise ValueError(f"max_local_prefill_tokens must be >= 0; got {self.max_local_prefill_tokens}")
+        if not 0.0 <= self.max_local_prefill_frac <= 1.0:
+            raise ValueError(f"max_local_prefill_frac must be in [0, 1]; got {self.max_local_prefill_frac}")
+        if self.prefill_busy_frac < 0:
+            raise ValueError(f"prefill_busy_frac must be >= 0; got {self.prefill_busy_frac}")
+
+
+@dataclass(frozen=True)
+class KvTransferOptions:
+    """Worker: disaggregated KV hand-off. The mocker models a transfer as bytes / bandwidth with
+    bytes per token = 2 (K, V) x layers x KV heads x head dim x dtype bytes (defaults: an 8B
+    Llama in bf16, 128 KiB per token)."""
+
+    bandwidth: float = opt(
+        25e9, "mocker: modelled KV transfer bandwidth, bytes per second", flag="--kv-transfer-bandwidth"
+    )
+    timeout: float = opt(
+        30.0,
+        "prefill worker: seconds pinned KV blocks wait for their pull before they are freed",
+        flag="--kv-transfer-timeout",
+    )
+    num_layers: int = opt(32, "mocker: model layers, for KV bytes per token", flag="--mocker-num-layers")
+    num_kv_heads: int = opt(8, "mocker: KV heads, for KV bytes per token", flag="--mocker-num-kv-heads")
+    head_dim: int = opt(128, "mocker: head dimension, for KV bytes per token", flag="--mocker-head-dim")
+    dtype_bytes: int = opt(2, "mocker: bytes per KV element, for KV bytes per token", flag="--mocker-kv-dtype-bytes")
+
+    def __post_init__(self) -> None:
+        for name in ("bandwidth", "timeout", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes"):
+            _check_positive(f"kv transfer {name}", getattr(self, name))
+
+    @property
+    def mocker_bytes_per_token(self) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+
+@dataclass(frozen=True)
 class FrontendConfig:
     host: str = opt("127.0.0.1", "HTTP listen address")
     port: int = opt(8000, "HTTP port")
@@ -231,6 +304,7 @@ class FrontendConfig:
     drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
     auth: AuthConfig = AuthConfig()
     advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
+    disagg: DisaggOptions = DisaggOptions()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -271,6 +345,7 @@ class WorkerConfig:
     seed: int = opt(0, "engine random seed")
     drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
     advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
+    kv_transfer: KvTransferOptions = KvTransferOptions()
 
     def __post_init__(self) -> None:
         check_choices(self)
@@ -327,13 +402,24 @@ class ServeConfig:
         30.0, "restart a child whose event loop has sent no heartbeat for this many seconds (0 = off)"
     )
     planner: PlannerOptions = PlannerOptions()
+    disagg: str = opt("", "start x prefill + y decode workers instead of --workers aggregated ones, e.g. 1P1D")
 
     def __post_init__(self) -> None:
         _check_positive("workers", self.workers)
+        if self.disagg:
+            parse_disagg(self.disagg)
         if self.liveness_timeout < 0:
             raise ValueError(f"liveness_timeout must be >= 0; got {self.liveness_timeout}")
         if self.frontend.planes != self.worker.planes:
             raise ValueError("frontend and workers must share discovery and event-plane settings")
+
+
+def parse_disagg(spec: str) -> tuple[int, int]:
+    """`xPyD` -> (x prefill workers, y decode workers); ValueError naming the flag otherwise."""
+    match = re.fullmatch(r"(\d+)[Pp](\d+)[Dd]", spec.strip())
+    if match is None or int(match[1]) < 1 or int(match[2]) < 1:
+        raise ValueError(f"disagg must look like 1P1D (x prefill, y decode workers, each >= 1); got {spec!r}")
+    return int(match[1]), int(match[2])
 
 
 AnyConfig = ServeConfig | FrontendConfig | WorkerConfig
