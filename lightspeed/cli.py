@@ -1,4 +1,4 @@
-"""`lightspeed` command line: serve | frontend | worker | bench.
+"""`lightspeed` command line: serve | frontend | worker | bench | profile.
 
 The flags of serve, frontend and worker are generated from their config dataclasses
 (config.py, options.py). A value comes from the flag, else `LIGHTSPEED_<FLAG>` in the
@@ -79,7 +79,7 @@ class Invocation:
 
     command: str
     log_level: str
-    config: AnyConfig | None  # None for bench, which keeps its own flags
+    config: AnyConfig | None  # None for bench and profile, which keep their own flags
     args: argparse.Namespace
 
 
@@ -111,6 +111,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="load client / trace replay against an OpenAI server")
     add_bench_args(bench)
     add_flags(bench, [LOG_LEVEL])
+    from lightspeed.planner.profile_cli import add_profile_args
+
+    profile = sub.add_parser(
+        "profile", help="measure an engine's step times and fit its step-time model", formatter_class=HelpFormatter
+    )
+    add_profile_args(profile)
+    add_flags(profile, [LOG_LEVEL])
+    from lightspeed.sim.cli import add_replay_args
+
+    replay = sub.add_parser("replay", help="virtual-time simulation of a fleet (router, engines, planner) on a trace")
+    add_replay_args(replay)
+    add_flags(replay, [LOG_LEVEL])
+    from lightspeed.planner.planner_cli import add_planner_args
+
+    planner = sub.add_parser(
+        "planner",
+        help="SLA planner: observe the fleet, decide replicas, act (virtual | kubernetes)",
+        formatter_class=HelpFormatter,
+    )
+    add_planner_args(planner)
+    add_flags(planner, [LOG_LEVEL])
     return parser
 
 
@@ -174,6 +195,18 @@ def _dispatch(inv: Invocation) -> int:
     from lightspeed.runtime.heartbeat import with_heartbeat  # to `serve`, when it started us
 
     cfg = inv.config
+    if inv.command == "planner":
+        from lightspeed.planner.planner_cli import planner_main
+
+        return planner_main(inv.args)
+    if inv.command == "replay":
+        from lightspeed.sim.cli import replay_main
+
+        return replay_main(inv.args)
+    if inv.command == "profile":
+        from lightspeed.planner.profile_cli import profile_main
+
+        return profile_main(inv.args)
     if cfg is None:
         from lightspeed.bench.cli import bench_main
 
