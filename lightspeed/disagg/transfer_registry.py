@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from lightspeed.disagg.transfer_blocks import KvSource
-from lightspeed.disagg.transfer_wire import ReleaseReason, TransferRelease
+from lightspeed.disagg.transfer_wire import MAX_TRANSFER_ID_CHARS, ReleaseReason, TransferRelease
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +45,17 @@ class TransferRegistry:
     def __len__(self) -> int:
         return len(self._pinned)
 
-    def add(self, source: KvSource, on_release: ReleaseCallback | None) -> str:
-        """Pin `source` under a fresh unguessable id; RuntimeError when `max_pinned` are held."""
+    def add(self, source: KvSource, on_release: ReleaseCallback | None, transfer_id: str | None = None) -> str:
+        """Pin `source` under `transfer_id` (default: a fresh unguessable one); RuntimeError when
+        `max_pinned` are held, ValueError for an id that is malformed or already pinned."""
         if len(self._pinned) >= self._max_pinned:
             raise RuntimeError(f"{self._max_pinned} KV transfers already pinned (max_pinned)")
-        transfer_id = secrets.token_urlsafe(16)
+        if transfer_id is None:
+            transfer_id = secrets.token_urlsafe(16)
+        elif not 0 < len(transfer_id) <= MAX_TRANSFER_ID_CHARS:
+            raise ValueError(f"transfer_id must have 1..{MAX_TRANSFER_ID_CHARS} characters")
+        elif transfer_id in self._pinned:
+            raise ValueError(f"transfer_id {transfer_id!r} is already pinned")
         entry = Pinned(transfer_id, source, on_release)
         entry.timer = asyncio.get_running_loop().call_later(self._timeout_s, self._expire, entry)
         self._pinned[transfer_id] = entry

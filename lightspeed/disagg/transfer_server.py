@@ -118,14 +118,23 @@ class KvTransferServer:
         logger.info("KV transfer server on %s:%d", *self.address)
 
     def register(
-        self, source: KvSource, *, on_release: ReleaseCallback | None = None, block_hashes: Sequence[int] = ()
+        self,
+        source: KvSource,
+        *,
+        on_release: ReleaseCallback | None = None,
+        block_hashes: Sequence[int] = (),
+        transfer_id: str | None = None,
     ) -> TransferParams:
-        """Pin `source` until pulled (or timed out); the params tell the decode side how to pull it."""
+        """Pin `source` until pulled (or timed out); the params tell the decode side how to pull it.
+
+        `transfer_id` defaults to a fresh unguessable token; a caller-chosen one must be unguessable
+        too (it is the only credential a pull presents) and not pinned already.
+        """
         header = source.header
         if block_hashes and len(block_hashes) != header.num_blocks:
             raise ValueError(f"block_hashes has {len(block_hashes)} hashes for {header.num_blocks} blocks")
         host, port = self.address
-        transfer_id = self._registry.add(source, on_release)
+        transfer_id = self._registry.add(source, on_release, transfer_id)
         return TransferParams(
             host=host,
             port=port,
