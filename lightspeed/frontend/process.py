@@ -91,7 +91,7 @@ class Frontend:
         planes = self.cfg.planes
         sync = ReplicaSync(
             self.active,
-            publisher_from_config(planes, self.cfg.host),
+            publisher_from_config(planes, self.cfg.host, self.cfg.advertise_host),
             subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]),
             self.discovery,
             planes.namespace,

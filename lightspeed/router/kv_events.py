@@ -6,7 +6,8 @@ notices a gap and this feed asks that worker for a snapshot (`kv_dump` on the re
 Cleared + all cached blocks, stamped with the id it reflects). Events that arrive while the
 snapshot is in flight are held and replayed after it, skipping those the snapshot already
 covers. A new worker is snapshotted at once (it may have cached blocks before we connected);
-a worker that leaves discovery has all its blocks dropped.
+a worker that leaves discovery has all its blocks dropped. On an event plane that keeps history
+(NATS JetStream) a new worker's past events are replayed instead of snapshotted.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class KvEventFeed:
         self._task: asyncio.Task[None] | None = None
         self.applied = 0
         self.resynced = 0
+        self.replayed = 0  # events a history-keeping event plane said it would replay
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._loop(), name="kv-event-feed")
@@ -59,7 +61,12 @@ class KvEventFeed:
             return
         self._cards[card.instance_id] = card
         self._sub.connect(card.events_address)
-        self._start_resync(card.instance_id)
+        if self._sub.keeps_history:
+            self._resyncs[card.instance_id] = asyncio.create_task(
+                self._replay_or_dump(card), name=f"kv-replay-{card.instance_id}"
+            )
+        else:
+            self._start_resync(card.instance_id)
 
     def worker_removed(self, instance_id: str) -> None:
         card = self._cards.pop(instance_id, None)
@@ -105,6 +112,23 @@ class KvEventFeed:
             old.cancel()
         self._held[worker_id] = [first_held] if first_held is not None else []
         self._resyncs[worker_id] = asyncio.create_task(self._resync(worker_id), name=f"kv-resync-{worker_id}")
+
+    async def _replay_or_dump(self, card: WorkerCard) -> None:
+        """A brokered stream (NATS JetStream) replays the worker's past events as ordinary ones,
+        and a trimmed history shows as a gap that resyncs. Only a worker with nothing retained is
+        asked for a dump: it may hold blocks whose events the stream no longer has."""
+        wid = card.instance_id
+        try:
+            retained = await self._sub.retained(card.events_address)
+        except Exception as err:  # the broker's own errors vary; a dump is always correct
+            log.warning("worker %s: cannot read its retained KV events (%s); asking for a dump", wid, err)
+            retained = 0
+        if self._resyncs.get(wid) is not asyncio.current_task():
+            return  # superseded by a gap's resync, or the worker left
+        del self._resyncs[wid]
+        self.replayed += retained
+        if retained == 0 and self.index.last_event_id(wid) is None:
+            self._start_resync(wid)
 
     async def _resync(self, worker_id: str) -> None:
         while worker_id in self._cards:

@@ -5,7 +5,8 @@ Backends share one contract (`Discovery`) so callers never know which is in use:
 - `file`: one msgspec-JSON file per instance in a shared folder; liveness by file mtime, which a
   heartbeat refreshes, so a crashed worker's entry expires after `ttl` (the file-system analogue of
   an etcd lease). It needs no server, which is what the embedded `lightspeed serve` wants.
-New backends (etcd with leases) plug into `make_discovery` via `register_backend`.
+New backends plug into `make_discovery` via `register_backend`: etcd (leases) lives in
+discovery_etcd.py and registers itself when imported (runtime/planes.py imports it).
 """
 
 from __future__ import annotations
@@ -356,11 +357,17 @@ def default_discovery_path() -> Path:
 
 @dataclass(frozen=True, slots=True)
 class DiscoverySpec:
-    """Backend-neutral options; each backend reads what it needs (etcd: path = endpoint URL)."""
+    """Backend-neutral options; each backend reads what it needs (etcd: path = endpoint URLs,
+    comma-separated, and the credential/TLS files)."""
 
     path: str | None = None
     name: str = "default"
     ttl: float = 10.0
+    user: str = ""
+    password: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
 
     def __post_init__(self) -> None:
         if self.ttl <= 0:
@@ -390,7 +397,11 @@ def discovery_kinds() -> tuple[str, ...]:
 
 
 def make_discovery(kind: str, *, path: str | None = None, name: str = "default", ttl: float = 10.0) -> Discovery:
+    return build_discovery(kind, DiscoverySpec(path=path, name=name, ttl=ttl))
+
+
+def build_discovery(kind: str, spec: DiscoverySpec) -> Discovery:
     factory = _BACKENDS.get(kind)
     if factory is None:
         raise ValueError(f"discovery must be one of {', '.join(_BACKENDS)}; got {kind!r}")
-    return factory(DiscoverySpec(path=path, name=name, ttl=ttl))
+    return factory(spec)

@@ -6,8 +6,9 @@ need. Delivery is best effort, which the consumers are built for: KV events carr
 
 The default backend is ZMQ PUB/SUB with no broker: each worker binds a PUB socket (its address
 goes into its `WorkerCard.events_address`) and subscribers connect to every worker they learn of
-from discovery. A brokered backend (NATS) fits the same `Publisher`/`Subscriber` contract, with
-`address` naming the server and `connect` a no-op; add it via `register_event_plane`.
+from discovery. The brokered backend (NATS, event_plane_nats.py, registered via
+`register_event_plane` when imported) fits the same contract: `address` names the publisher's
+subjects on the server, and its KV events are kept on a stream that `connect` replays.
 """
 
 from __future__ import annotations
@@ -59,6 +60,16 @@ class Subscriber(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None: ...
+
+    @property
+    def keeps_history(self) -> bool:
+        """True when `connect` replays what the publisher sent before (a brokered stream), so a
+        consumer need not fetch the publisher's state another way; zmq keeps nothing."""
+        return False
+
+    async def retained(self, address: str) -> int:
+        """How many past messages of `address` the last `connect` is replaying (0 without history)."""
+        return 0
 
     async def __aiter__(self) -> AsyncIterator[tuple[str, bytes]]:
         while True:
@@ -179,10 +190,19 @@ class EventSubscriber(Subscriber):
 @dataclass(frozen=True, slots=True)
 class EventPlaneSpec:
     """Backend-neutral options. zmq: `address` is the publisher's bind endpoint; a brokered
-    backend reads it as the server URL."""
+    backend reads it as the server URL(s), comma-separated, plus the fields below."""
 
     address: str | None = None
     hwm: int = DEFAULT_HWM
+    namespace: str = "lightspeed"
+    user: str = ""
+    password: str = ""
+    creds_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    stream_max_msgs: int = 100_000  # history kept per publisher (brokered streams)
+    stream_max_age: float = 0.0  # seconds; 0 = no age limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,7 +243,15 @@ def _backend(kind: str) -> _Backend:
 
 
 def make_publisher(kind: str = "zmq", *, address: str | None = None, hwm: int = DEFAULT_HWM) -> Publisher:
-    return _backend(kind).publisher(EventPlaneSpec(address, hwm))
+    return build_publisher(kind, EventPlaneSpec(address, hwm))
+
+
+def build_publisher(kind: str, spec: EventPlaneSpec) -> Publisher:
+    return _backend(kind).publisher(spec)
+
+
+def build_subscriber(kind: str, topics: list[str], spec: EventPlaneSpec) -> Subscriber:
+    return _backend(kind).subscriber(list(topics), spec)
 
 
 def make_subscriber(

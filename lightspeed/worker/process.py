@@ -40,7 +40,7 @@ from lightspeed.protocol import (
 )
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
-from lightspeed.runtime.planes import discovery_from_config, publisher_from_config
+from lightspeed.runtime.planes import advertise_host, advertised, discovery_from_config, publisher_from_config
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
 from lightspeed.worker.factory import BuiltEngine, build_engine
 from lightspeed.worker.perf_fit import PerfFitter, StepSample
@@ -67,7 +67,7 @@ class Worker:
         self.instance_id = f"{cfg.engine}-{uuid.uuid4().hex[:12]}"
         self.discovery = discovery if discovery is not None else discovery_from_config(cfg.planes)
         self.server = RequestPlaneServer(cfg.host, cfg.port)
-        self.publisher = publisher_from_config(cfg.planes, cfg.host)
+        self.publisher = publisher_from_config(cfg.planes, cfg.host, cfg.advertise_host)
         self.built: BuiltEngine | None = None
         self.card: WorkerCard | None = None
         self._event_id = 0
@@ -85,7 +85,8 @@ class Worker:
         self.core.on_step = self._publish_forward_pass
         self.server.register("generate", self.generate)
         self.server.register("kv_dump", self.kv_dump)
-        address = await self.server.start()
+        # Peers on other hosts dial the advertised host (the bind address may be 0.0.0.0).
+        address = advertised(await self.server.start(), advertise_host(self.cfg.host, self.cfg.advertise_host))
         self._tasks = [
             asyncio.create_task(self.core.run(), name="engine-core"),
             asyncio.create_task(self._metrics_loop(), name="load-metrics"),

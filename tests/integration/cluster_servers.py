@@ -1,0 +1,174 @@
+"""Real etcd and NATS (JetStream) servers for tests, on free ports of 127.0.0.1 (or of a network
+namespace's address). Each test that needs one asks for a fixture; a missing binary skips the
+test with the package to install (.ci/run installs both)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+START_TIMEOUT_S = 15.0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def require_binary(name: str, package: str) -> str:
+    path = shutil.which(name)
+    if path is None:
+        pytest.skip(f"{name} is not installed (apt-get install {package}; .ci/run installs it)")
+    return path
+
+
+def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path, prefix: list[str]) -> None:
+    """Until something accepts on host:port (inside the namespace of `prefix`, if any)."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    probe = [*prefix, "python3", "-c", f"import socket; socket.create_connection(({host!r}, {port}), 0.5)"]
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        if prefix:
+            if subprocess.run(probe, capture_output=True).returncode == 0:
+                return
+        else:
+            with contextlib.suppress(OSError), socket.create_connection((host, port), 0.5):
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"server on {host}:{port} did not start: {log.read_text()[-2000:]}")
+
+
+class _Server:
+    """A server process that tests may SIGKILL and start again on the same ports and data."""
+
+    name = "server"
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
+        self.workdir = workdir
+        self.host = host
+        self.prefix = prefix or []
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = workdir / f"{self.name}.log"
+        workdir.mkdir(parents=True, exist_ok=True)
+
+    def command(self) -> list[str]:
+        raise NotImplementedError
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen([*self.prefix, *self.command()], stdout=out, stderr=subprocess.STDOUT)
+        wait_port(self.host, self.port, self.proc, self.log, self.prefix)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self, wipe: bool = False) -> None:
+        self.kill()
+        if wipe:
+            shutil.rmtree(self.data_dir, ignore_errors=True)
+        self.start()
+
+    @property
+    def data_dir(self) -> Path:
+        return self.workdir / f"{self.name}-data"
+
+
+class EtcdServer(_Server):
+    name = "etcd"
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
+        super().__init__(workdir, host, prefix)
+        self.client_port = free_port() if not prefix else 2379
+        self.peer_port = free_port() if not prefix else 2380
+
+    @property
+    def port(self) -> int:
+        return self.client_port
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        peer = f"http://{self.host}:{self.peer_port}"
+        return [
+            "etcd",
+            "--name=test",
+            f"--data-dir={self.data_dir}",
+            f"--listen-client-urls={self.url}",
+            f"--advertise-client-urls={self.url}",
+            f"--listen-peer-urls={peer}",
+            f"--initial-advertise-peer-urls={peer}",
+            f"--initial-cluster=test={peer}",
+            "--log-level=warn",
+        ]
+
+
+class NatsServer(_Server):
+    name = "nats"
+
+    def __init__(self, workdir: Path, host: str = "127.0.0.1", prefix: list[str] | None = None) -> None:
+        super().__init__(workdir, host, prefix)
+        self.client_port = free_port() if not prefix else 4222
+
+    @property
+    def port(self) -> int:
+        return self.client_port
+
+    @property
+    def url(self) -> str:
+        return f"nats://{self.host}:{self.client_port}"
+
+    def command(self) -> list[str]:
+        return ["nats-server", "-js", "-a", self.host, "-p", str(self.client_port), "-sd", str(self.data_dir)]
+
+    def start(self) -> None:
+        super().start()
+        time.sleep(0.2)  # JetStream comes up just after the port opens
+
+
+@pytest.fixture
+def etcd_server(tmp_path: Path) -> Iterator[EtcdServer]:
+    require_binary("etcd", "etcd-server")
+    server = EtcdServer(tmp_path / "etcd")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    require_binary("nats-server", "nats-server")
+    server = NatsServer(tmp_path / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.kill()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The test's environment for a child `lightspeed` process, plus `extra`."""
+    env = dict(os.environ)
+    env.update(extra)
+    return env
