@@ -42,6 +42,10 @@ from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 log = logging.getLogger(__name__)
 # Past the drain timeout, time for the frontend to report cut streams and for everyone to exit.
 SHUTDOWN_MARGIN_S = 5.0
+WORKER_GROUP = "worker"
+# After removing a retiring worker's discovery entry: longer than the frontends' discovery scan
+# (0.25 s), so no new request is routed to it when it starts refusing them.
+DEREGISTER_SETTLE_S = 1.0
 
 
 def child_spec(name: str, cfg: FrontendConfig | WorkerConfig, log_level: str, private_folder: str = "") -> ChildSpec:
@@ -64,7 +68,7 @@ def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
     planes = cfg.worker.planes
     if planes.discovery == "file" and not planes.discovery_path:
         planes = replace(planes, discovery_path=folder)
-    return ServeConfig(replace(cfg.frontend, planes=planes), replace(cfg.worker, planes=planes), cfg.workers)
+    return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
 
 
 async def wait_ready(url: str, workers: int, timeout: float) -> bool:
@@ -92,15 +96,68 @@ async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    planner: asyncio.Task[None] | None = None
     try:
-        for i in range(cfg.workers):
-            await sup.spawn(child_spec(f"worker-{i}", cfg.worker, log_level, folder))
+        scaler = LocalWorkerScaler(sup, cfg, log_level, folder)
+        await scaler.scale_to(cfg.workers)
         for i in range(cfg.frontend.processes):
             await sup.spawn(child_spec(f"frontend-{i}", cfg.frontend, log_level))
+        if cfg.planner.enabled:
+            planner = asyncio.create_task(_run_planner(cfg, scaler, stop), name="planner")
         return await _until_stopped(cfg, sup, stop)
     finally:
+        if planner is not None:
+            planner.cancel()
+            await asyncio.gather(planner, return_exceptions=True)
         await sup.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+class LocalWorkerScaler:
+    """The worker group of this serve, as the planner's local connector scales it.
+
+    Scale-down never cuts a request: a retired worker is first removed from discovery (the
+    frontends stop routing to it at their next scan), then told to stop: it refuses new streams
+    (a request routed there meanwhile is re-sent elsewhere by the frontend), lets the in-flight
+    ones finish within its drain timeout and exits.
+    """
+
+    def __init__(self, sup: Supervisor, cfg: ServeConfig, log_level: str, folder: str) -> None:
+        self._sup, self._cfg, self._log_level, self._folder = sup, cfg, log_level, folder
+
+    def worker_count(self) -> int:
+        return self._sup.group_size(WORKER_GROUP)
+
+    async def scale_to(self, n: int) -> int:
+        return await self._sup.scale_to(WORKER_GROUP, n, self._spec, self._deregister)
+
+    def _spec(self, index: int) -> ChildSpec:
+        return child_spec(f"worker-{index}", self._cfg.worker, self._log_level, self._folder)
+
+    async def _deregister(self, pid: int) -> None:
+        if self._cfg.worker.planes.discovery_path == self._folder:
+            remove_entries_of(self._folder, pid)
+            await asyncio.sleep(DEREGISTER_SETTLE_S)
+
+
+async def _run_planner(cfg: ServeConfig, scaler: LocalWorkerScaler, stop: asyncio.Event) -> None:
+    """The SLA planner in-process (`serve --planner`), once the fleet is ready."""
+    from lightspeed.planner.connectors import LocalConnector
+    from lightspeed.planner.planner_cli import open_planner, run_planner_until
+
+    url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
+    if not await wait_ready(url, cfg.workers, timeout=600):
+        log.error("planner: the fleet never became ready; not planning")
+        return
+    running = await open_planner(cfg.planner, url, LocalConnector(scaler), cfg.worker.planes)
+    log.info(
+        "planner: %s mode, every %.0fs, %d..%d workers",
+        cfg.planner.mode,
+        cfg.planner.adjustment_interval,
+        cfg.planner.min_workers,
+        cfg.planner.max_workers,
+    )
+    await run_planner_until(running, stop)
 
 
 async def _until_stopped(cfg: ServeConfig, sup: Supervisor, stop: asyncio.Event) -> int:

@@ -26,7 +26,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from lightspeed.config import CONFIG_ERROR_EXIT
@@ -44,6 +44,7 @@ class ChildSpec:
     # interpreter arguments before `args`: every child is a Python process
     python_args: tuple[str, ...] = ("-m", "lightspeed")
     on_exit: Callable[[int], object] | None = None  # called with the pid of each exited process
+    group: str = ""  # children of one group are scaled together (`scale_to`)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class _Child:
     restarts: int = 0  # restarts in a row, without a stable run in between
     started_at: float = 0.0
     pulse: HeartbeatPipe | None = None  # this start's heartbeat pipe (liveness on)
+    retired: bool = False  # being stopped for good by `scale_to`: never restarted
 
 
 class Supervisor:
@@ -74,6 +76,7 @@ class Supervisor:
         self._backoff = backoff_seconds
         self._stable = stable_seconds
         self._children: list[_Child] = []
+        self._spawned: dict[str, int] = {}  # children ever spawned per group: the next fresh index
         self._watchers: list[asyncio.Task[None]] = []
         self._stopping = False
         self.failed = asyncio.Event()  # set when a child has exited for good
@@ -82,6 +85,8 @@ class Supervisor:
     async def spawn(self, spec: ChildSpec) -> None:
         child = _Child(spec)
         self._children.append(child)
+        if spec.group:
+            self._spawned[spec.group] = self._spawned.get(spec.group, 0) + 1
         await self._start(child)
         self._watchers.append(asyncio.create_task(self._watch(child), name=f"watch-{spec.name}"))
         if self._liveness > 0:
@@ -120,7 +125,7 @@ class Supervisor:
             assert child.proc is not None
             code = await child.proc.wait()
             self._exited(child)
-            if self._stopping:
+            if self._stopping or child.retired:
                 return
             if code == CONFIG_ERROR_EXIT:
                 log.error("%s exited with a configuration error (exit %d); not restarting", child.spec.name, code)
@@ -135,7 +140,7 @@ class Supervisor:
                 return
             child.restarts += 1
             await asyncio.sleep(min(2.0**child.restarts * self._backoff, 5.0))
-            if self._stopping:
+            if self._stopping or child.retired:
                 return
             await self._start(child)
 
@@ -154,6 +159,8 @@ class Supervisor:
         while True:
             await asyncio.sleep(self._liveness / 10)
             pulse, proc = child.pulse, child.proc
+            if child.retired:
+                return
             if pulse is None or proc is None or proc.returncode is not None or self._stopping:
                 continue
             silent = pulse.silent_for()
@@ -175,6 +182,61 @@ class Supervisor:
     @property
     def pids(self) -> list[int]:
         return [c.proc.pid for c in self._children if c.proc is not None and c.proc.returncode is None]
+
+    def group_size(self, group: str) -> int:
+        """Children of `group` that are not being retired (running or about to restart)."""
+        return len(self._group(group))
+
+    def _group(self, group: str) -> list[_Child]:
+        return [c for c in self._children if c.spec.group == group and not c.retired]
+
+    async def scale_to(
+        self,
+        group: str,
+        n: int,
+        make_spec: Callable[[int], ChildSpec],
+        before_retire: Callable[[int], Awaitable[object]] | None = None,
+    ) -> int:
+        """Grow or shrink `group` to `n` children; returns n.
+
+        Growing spawns `make_spec(i)` for fresh indices i. Shrinking retires the newest children:
+        each is marked retired at once (it no longer counts and is never restarted), then, in the
+        background so a long drain does not hold up the caller, `before_retire(pid)` runs (serve
+        deregisters the worker there, so routers stop sending it requests) and the child gets
+        SIGTERM: a worker then drains its in-flight streams and exits; SIGKILL only after the
+        grace period.
+        """
+        if n < 0:
+            raise ValueError(f"scale_to: n must be >= 0; got {n}")
+        live = self._group(group)
+        for child in reversed(live[n:]):
+            child.retired = True
+            self._watchers.append(
+                asyncio.create_task(self._retire(child, before_retire), name=f"retire-{child.spec.name}")
+            )
+        for _ in range(n - len(live)):
+            spec = make_spec(self._spawned.get(group, 0))
+            spec.group = group
+            await self.spawn(spec)
+        return n
+
+    async def _retire(self, child: _Child, before: Callable[[int], Awaitable[object]] | None) -> None:
+        proc = child.proc
+        if proc is not None and proc.returncode is None:
+            if before is not None:
+                try:
+                    await before(proc.pid)
+                except Exception:  # a failed hook must not leave the child running forever
+                    log.exception("before-retire hook of %s failed", child.spec.name)
+            log.info("retiring %s (pid %d): draining", child.spec.name, proc.pid)
+            _signal(proc, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), self._grace)
+            except TimeoutError:
+                log.warning("%s did not drain in %.0fs; killing", child.spec.name, self._grace)
+                _signal(proc, signal.SIGKILL)
+                await proc.wait()
+        self._children.remove(child)
 
     async def stop(self) -> None:
         """SIGTERM everyone, wait for the grace period, SIGKILL what is left."""
