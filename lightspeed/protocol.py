@@ -273,6 +273,9 @@ class WorkerCard(msgspec.Struct, frozen=True, omit_defaults=True):
     events_address: str = ""  # event-plane publisher address of this worker ("tcp://host:port")
     pid: int = 0
     perf: PerfModel | None = None  # step-time model for the predicted-latency router policy
+    # HMAC of the card's other fields under the cluster secret (runtime/signed_discovery.py);
+    # "" when the fleet runs without a secret.
+    signature: str = ""
 
 
 TOPIC_KV_EVENTS = "kv-events"

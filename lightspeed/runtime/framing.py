@@ -45,7 +45,29 @@ class Error(msgspec.Struct, frozen=True, tag_field="t", tag="error"):
     message: str
 
 
-Frame = Request | Cancel | Data | End | Error
+class Challenge(msgspec.Struct, frozen=True, tag_field="t", tag="challenge"):
+    """Server -> caller, first frame of a connection when the cluster secret is on."""
+
+    nonce: bytes
+
+
+class Auth(msgspec.Struct, frozen=True, tag_field="t", tag="auth"):
+    """Caller -> server: proof of the cluster secret over both nonces, and the caller's nonce."""
+
+    proof: bytes
+    nonce: bytes
+
+
+class AuthOk(msgspec.Struct, frozen=True, tag_field="t", tag="auth_ok"):
+    """Server -> caller: the server's own proof, so a caller never talks to an impostor."""
+
+    proof: bytes
+
+
+Frame = Request | Cancel | Data | End | Error | Challenge | Auth | AuthOk
+# Before the handshake completes a peer may send only this much per frame (an Auth is ~80
+# bytes): an unauthenticated peer cannot make the server buffer a large frame.
+HANDSHAKE_FRAME_BYTES = 256
 
 
 class FrameError(Exception):
@@ -76,6 +98,10 @@ class FrameDecoder:
     @property
     def pending_bytes(self) -> int:
         return len(self._buf)
+
+    def set_max_frame(self, max_frame: int) -> None:
+        """Change the frame size limit (raised once a peer has authenticated)."""
+        self._max_frame = max_frame
 
     def feed(self, data: bytes) -> list[Frame]:
         """Decode every complete frame; keep the trailing partial frame for the next call."""

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lightspeed.config import PlaneConfig
 from lightspeed.runtime import discovery_etcd, event_plane_nats  # noqa: F401 (they register their backends)
+from lightspeed.runtime.cluster_auth import ClusterKey
 from lightspeed.runtime.discovery import Discovery, DiscoverySpec, build_discovery
 from lightspeed.runtime.event_plane import (
     EventPlaneSpec,
@@ -17,6 +18,7 @@ from lightspeed.runtime.event_plane import (
     build_publisher,
     build_subscriber,
 )
+from lightspeed.runtime.signed_discovery import SignedDiscovery
 
 log = logging.getLogger(__name__)
 _WILDCARDS = ("", "0.0.0.0", "::", "[::]")
@@ -27,8 +29,15 @@ def default_discovery_path(namespace: str) -> Path:
     return Path(base) / "discovery" / namespace
 
 
+def cluster_key(cfg: PlaneConfig) -> ClusterKey | None:
+    """The keys of the fleet's cluster secret (None: planes open)."""
+    return ClusterKey.from_secret(cfg.cluster_secret) if cfg.cluster_secret else None
+
+
 def discovery_from_config(cfg: PlaneConfig) -> Discovery:
-    return build_discovery(cfg.discovery, discovery_spec(cfg))
+    inner = build_discovery(cfg.discovery, discovery_spec(cfg))
+    key = cluster_key(cfg)
+    return SignedDiscovery(inner, key) if key is not None else inner
 
 
 def discovery_spec(cfg: PlaneConfig) -> DiscoverySpec:

@@ -22,9 +22,14 @@ from dataclasses import dataclass
 from typing import cast
 
 from lightspeed.errors import WorkerError, WorkerLost
+from lightspeed.runtime.cluster_auth import ClusterKey, new_nonce, proofs_match
 from lightspeed.runtime.framing import (
+    HANDSHAKE_FRAME_BYTES,
     MAX_FRAME_BYTES,
+    Auth,
+    AuthOk,
     Cancel,
+    Challenge,
     Data,
     End,
     Error,
@@ -60,12 +65,14 @@ class ServerLimits:
     # Bytes of incomplete frames buffered across all connections of the server.
     max_buffered_bytes: int = 64 * 1024 * 1024
     max_connections: int = 4096
+    # With a cluster secret: seconds a new connection has to prove it before it is dropped.
+    handshake_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         if self.max_frame_bytes < 64 or self.max_buffered_bytes < self.max_frame_bytes:
             raise ValueError("max_frame_bytes must be >= 64 and <= max_buffered_bytes")
-        if self.partial_frame_timeout <= 0 or self.max_connections < 1:
-            raise ValueError("partial_frame_timeout must be > 0 and max_connections >= 1")
+        if self.partial_frame_timeout <= 0 or self.max_connections < 1 or self.handshake_timeout <= 0:
+            raise ValueError("partial_frame_timeout and handshake_timeout must be > 0, max_connections >= 1")
 
 
 class _FrameProtocol(asyncio.Protocol):
@@ -214,14 +221,51 @@ class _ServerConnection(_FrameProtocol):
         self._streams: dict[int, tuple[asyncio.Task[None], RequestContext]] = {}
         self._pending = 0  # bytes of an incomplete frame, counted in the server's total
         self._partial_timer: asyncio.TimerHandle | None = None
+        # With a cluster secret, nothing but the handshake is accepted until the peer proves it.
+        self._nonce: bytes | None = None
+        self._handshake_timer: asyncio.TimerHandle | None = None
+        self._refused = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         if len(self._server._conns) >= self._server.limits.max_connections:
             log.warning("refusing request-plane connection: %d open", len(self._server._conns))
-            self.abort()
+            self._refuse()
             return
         self._server._conns.add(self)
+        if self._server.key is not None:
+            self._nonce = new_nonce()
+            self._decoder.set_max_frame(HANDSHAKE_FRAME_BYTES)
+            timeout = self._server.limits.handshake_timeout
+            self._handshake_timer = self._loop.call_later(timeout, self._handshake_expired)
+            self.send(Challenge(self._nonce))
+
+    def _peer(self) -> str:
+        peer = self._transport.get_extra_info("peername") if self._transport is not None else None
+        return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "?"
+
+    def _refuse(self) -> None:
+        self._refused = True
+        self.abort()
+
+    def _handshake_expired(self) -> None:
+        log.warning("dropping request-plane peer %s: no cluster-secret proof within the timeout", self._peer())
+        self._refuse()
+
+    def _authenticate(self, frame: Frame) -> None:
+        key, nonce = self._server.key, self._nonce
+        assert key is not None and nonce is not None
+        ok = type(frame) is Auth and proofs_match(key.caller_proof(nonce, frame.nonce), frame.proof)
+        if not ok:
+            log.warning("dropping request-plane peer %s: it does not hold the cluster secret", self._peer())
+            self._refuse()
+            return
+        assert type(frame) is Auth
+        self._nonce = None
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        self._decoder.set_max_frame(self._server.limits.max_frame_bytes)
+        self.send(AuthOk(key.worker_proof(nonce, frame.nonce)))
 
     def _on_buffered(self, pending: int) -> None:
         self._server._buffered += pending - self._pending
@@ -243,7 +287,11 @@ class _ServerConnection(_FrameProtocol):
         self.abort()
 
     def _on_frame(self, frame: Frame) -> None:
-        if type(frame) is Request:
+        if self._refused:
+            return  # frames decoded from the same read as the one that got the peer dropped
+        if self._nonce is not None:
+            self._authenticate(frame)
+        elif type(frame) is Request:
             self._start(frame)
         elif type(frame) is Cancel:
             self._cancel(frame.id)
@@ -254,8 +302,9 @@ class _ServerConnection(_FrameProtocol):
         self._server._conns.discard(self)
         self._server._buffered -= self._pending
         self._pending = 0
-        if self._partial_timer is not None:
-            self._partial_timer.cancel()
+        for timer in (self._partial_timer, self._handshake_timer):
+            if timer is not None:
+                timer.cancel()
         self.cancel_all()
 
     def cancel_all(self) -> None:
@@ -317,12 +366,19 @@ async def _close_generator(gen: AsyncIterator[bytes] | None) -> None:
 class RequestPlaneServer:
     """Serves named endpoints; each request is streamed back by its handler."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0, limits: ServerLimits | None = None) -> None:
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: ServerLimits | None = None,
+        key: ClusterKey | None = None,
+    ) -> None:
         if not 0 <= port <= 65535:
             raise ValueError(f"port must be in 0..65535; got {port}")
         self._host = host
         self._port = port
         self.limits = limits if limits is not None else ServerLimits()
+        self.key = key  # None: open plane (anyone who can reach the port may call)
         self._buffered = 0  # partial-frame bytes held across connections
         self._handlers: dict[str, Handler] = {}
         self._server: asyncio.Server | None = None
@@ -486,12 +542,41 @@ def _error_from_frame(frame: Error) -> Exception:
 
 
 class _ClientConnection(_FrameProtocol):
-    def __init__(self, address: str, on_lost: Callable[[_ClientConnection], None]) -> None:
+    def __init__(
+        self, address: str, on_lost: Callable[[_ClientConnection], None], key: ClusterKey | None = None
+    ) -> None:
         super().__init__()
         self.address = address
         self._on_lost_cb = on_lost
         self._streams: dict[int, ResponseStream] = {}
         self._next_id = 0
+        self._key = key
+        self._nonce = new_nonce() if key is not None else b""
+        # Set once the worker proved the cluster secret (at once when this side has none).
+        self._server_nonce = b""
+        self.ready: asyncio.Future[None] = self._loop.create_future()
+        # A handshake failure nobody awaits any more (the dial timed out) is not an error to report.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        if key is None:
+            self.ready.set_result(None)
+
+    def _handshake(self, frame: Frame) -> None:
+        """Answer the worker's challenge, then check its proof."""
+        if self._key is None:
+            if type(frame) is Challenge:
+                log.error("worker %s requires the cluster secret and this process has none", self.address)
+            return
+        if type(frame) is Challenge and len(frame.nonce) == len(self._nonce) and not self._server_nonce:
+            self._server_nonce = frame.nonce
+            self.send(Auth(self._key.caller_proof(frame.nonce, self._nonce), self._nonce))
+            return
+        expected = self._key.worker_proof(self._server_nonce, self._nonce) if self._server_nonce else b""
+        if type(frame) is AuthOk and expected and proofs_match(expected, frame.proof):
+            self.ready.set_result(None)
+            return
+        log.error("worker %s failed the cluster-secret handshake: dropping it", self.address)
+        self.ready.set_exception(WorkerLost(f"worker {self.address} failed the cluster-secret handshake"))
+        self.abort()
 
     def open_stream(self, endpoint: str, payload: bytes) -> ResponseStream:
         if self.closed:
@@ -506,8 +591,10 @@ class _ClientConnection(_FrameProtocol):
         self._streams.pop(stream_id, None)
 
     def _on_frame(self, frame: Frame) -> None:
+        if not self.ready.done() or type(frame) in (Challenge, AuthOk):
+            self._handshake(frame)
         # Frames for streams we no longer track (cancelled) are dropped silently.
-        if type(frame) is Data:
+        elif type(frame) is Data:
             stream = self._streams.get(frame.id)
             if stream is not None:
                 stream._push(frame.payload)
@@ -523,6 +610,8 @@ class _ClientConnection(_FrameProtocol):
             log.warning("ignoring unexpected %s frame from server", type(frame).__name__)
 
     def _on_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(WorkerLost(f"connection to {self.address} lost during the handshake"))
         self.fail_all(f"connection to {self.address} lost" + (f": {exc}" if exc else ""))
         self._on_lost_cb(self)
 
@@ -543,10 +632,11 @@ def _split_address(address: str) -> tuple[str, int]:
 class RequestPlaneClient:
     """Opens streams to workers; keeps one lazily-dialled connection per worker address."""
 
-    def __init__(self, connect_timeout: float = 5.0) -> None:
+    def __init__(self, connect_timeout: float = 5.0, key: ClusterKey | None = None) -> None:
         if connect_timeout <= 0:
             raise ValueError(f"connect_timeout must be > 0; got {connect_timeout}")
         self._connect_timeout = connect_timeout
+        self._key = key
         self._conns: dict[str, _ClientConnection] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
@@ -569,15 +659,28 @@ class RequestPlaneClient:
             return conn
 
     async def _dial(self, address: str) -> _ClientConnection:
+        """Connect and, with a cluster secret, complete the handshake, all within the timeout.
+        Nothing has been sent on failure, so the caller may try another worker."""
         host, port = _split_address(address)
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._connect_timeout
         try:
             _, conn = await asyncio.wait_for(
-                loop.create_connection(lambda: _ClientConnection(address, self._dropped), host, port),
+                loop.create_connection(lambda: _ClientConnection(address, self._dropped, self._key), host, port),
                 self._connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
             raise WorkerLost(f"cannot connect to {address}: {exc!r}", code=CODE_CONNECT_FAILED) from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(conn.ready), max(deadline - loop.time(), 0.001))
+        except (TimeoutError, WorkerLost) as exc:
+            conn.abort()
+            why = (
+                "no cluster-secret handshake (does it run without the secret?)"
+                if isinstance(exc, TimeoutError)
+                else exc
+            )
+            raise WorkerLost(f"cannot connect to {address}: {why}", code=CODE_CONNECT_FAILED) from exc
         return conn
 
     def _dropped(self, conn: _ClientConnection) -> None:

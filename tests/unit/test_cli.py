@@ -21,6 +21,7 @@ PLANES = {
     "--discovery-ttl": ("planes.discovery_ttl", 10.0),
     "--event-plane": ("planes.event_plane", "zmq"),
     "--namespace": ("planes.namespace", "lightspeed"),
+    "--cluster-secret": ("planes.cluster_secret", ""),
 }
 DRAIN = {"--drain-timeout": ("drain_timeout", 10.0)}  # frontend and worker: serve sets both
 FRONTEND = {
@@ -134,7 +135,7 @@ def other_value(spec: FlagSpec) -> Any:
     if spec.hint is bool:
         return not spec.default
     if spec.hint is str:
-        return f"x-{spec.key}"
+        return f"x-{spec.key}-long-enough"  # secrets and keys have a minimum length
     return spec.default + (3 if spec.hint is int else 0.25)
 
 
