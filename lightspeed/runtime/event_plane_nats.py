@@ -303,9 +303,11 @@ class NatsSubscriber(Subscriber):
     async def retained(self, address: str) -> int:
         pid = self.publisher_id(address)
         task = self._subs.get(pid)
-        if task is None or TOPIC_KV_EVENTS not in self._topics:
+        if task is None:
             return 0
-        await asyncio.shield(task)
+        await asyncio.shield(task)  # subscribed once this returns
+        if TOPIC_KV_EVENTS not in self._topics:
+            return 0
         nc = await self._session.connection()
         subj = subject(self._spec.namespace, TOPIC_KV_EVENTS, pid)
         info = await nc.jetstream().stream_info(stream_name(self._spec.namespace), subjects_filter=subj)

@@ -1,0 +1,184 @@
+"""NATS event plane against a real nats-server -js on 127.0.0.1: plain topics, KV events replayed
+from JetStream into a real router feed (KvEventFeed + KvIndex), dump fallback after trimming, and
+resumption across a NATS restart."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+
+import msgspec
+import pytest
+
+from lightspeed.config import PlaneConfig
+from lightspeed.protocol import (
+    TOPIC_KV_EVENTS,
+    TOPIC_LOAD_METRICS,
+    KvCleared,
+    KvEvent,
+    KvStored,
+    StoredBlock,
+    WorkerCard,
+)
+from lightspeed.router.indexer import KvIndex
+from lightspeed.router.kv_events import KvEventFeed
+from lightspeed.runtime.event_plane import EventPlaneSpec, build_publisher, build_subscriber
+from lightspeed.runtime.event_plane_nats import NatsPublisher, NatsSubscriber, servers_of
+from lightspeed.runtime.planes import event_plane_spec
+from tests.integration.cluster_servers import NatsServer, nats_server  # noqa: F401 (fixture)
+
+_encode = msgspec.msgpack.Encoder().encode
+WID = "mocker-w1"
+
+
+def spec(server: NatsServer, **kw: int) -> EventPlaneSpec:
+    return EventPlaneSpec(server.url, namespace="t", **kw)  # type: ignore[arg-type]
+
+
+def stored(event_id: int) -> KvEvent:
+    return KvEvent(WID, event_id, KvStored([StoredBlock(1000 + event_id, event_id)]))
+
+
+class DumpingClient:
+    """The worker side of `kv_dump`: answers with Cleared + the blocks of events 1..`upto`."""
+
+    def __init__(self, upto: Callable[[], int]) -> None:
+        self.upto = upto
+        self.dumps = 0
+
+    async def stream(self, address: str, endpoint: str, payload: bytes) -> AsyncIterator[bytes]:
+        assert endpoint == "kv_dump"
+        self.dumps += 1
+        last = self.upto()
+        frames = [KvEvent(WID, last, KvCleared())] + [KvEvent(WID, last, stored(i).data) for i in range(1, last + 1)]
+
+        async def gen() -> AsyncIterator[bytes]:
+            for frame in frames:
+                yield _encode(frame)
+
+        return gen()
+
+
+class Worker:
+    """Publishes numbered KV events the way worker/process.py does."""
+
+    def __init__(self, publisher: NatsPublisher) -> None:
+        self.pub = publisher
+        self.last = 0
+        self.card = WorkerCard(instance_id=WID, model="m", address="w:1", events_address=publisher.address)
+
+    async def emit(self, n: int) -> None:
+        for _ in range(n):
+            self.last += 1
+            self.pub.publish(TOPIC_KV_EVENTS, _encode(stored(self.last)))
+        await self.pub.flush()
+
+
+async def router(server: NatsServer, worker: Worker, **kw: int) -> tuple[KvEventFeed, DumpingClient]:
+    client = DumpingClient(lambda: worker.last)
+    feed = KvEventFeed(build_subscriber("nats", [TOPIC_KV_EVENTS], spec(server, **kw)), KvIndex(), client)  # type: ignore[arg-type]
+    await feed.start()
+    feed.worker_added(worker.card)
+    return feed, client
+
+
+async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def test_validation() -> None:
+    with pytest.raises(ValueError, match="nats_url"):
+        servers_of(EventPlaneSpec(""))
+    with pytest.raises(ValueError, match="nats_url"):
+        servers_of(EventPlaneSpec("http://a:1"))
+    with pytest.raises(ValueError, match="namespace"):
+        servers_of(EventPlaneSpec("nats://a:1", namespace="a.b"))
+    with pytest.raises(ValueError, match="nats_url is required"):
+        PlaneConfig(event_plane="nats")
+    cfg = PlaneConfig(event_plane="nats", nats_url="nats://a:1,nats://b:2", nats_kv_max_msgs=7, namespace="ns")
+    got = event_plane_spec(cfg)
+    assert (got.address, got.namespace, got.stream_max_msgs) == ("nats://a:1,nats://b:2", "ns", 7)
+
+
+async def test_plain_topics_reach_connected_subscribers(nats_server: NatsServer) -> None:  # noqa: F811
+    pub = build_publisher("nats", spec(nats_server))
+    sub = build_subscriber("nats", [TOPIC_LOAD_METRICS], spec(nats_server))
+    other = build_publisher("nats", spec(nats_server))  # not connected: never heard
+    try:
+        assert not sub.keeps_history
+        sub.connect(pub.address)
+        await sub.retained(pub.address)  # subscribed once this returns
+        await asyncio.sleep(0.1)
+        other.publish(TOPIC_LOAD_METRICS, b"other")
+        pub.publish("unsubscribed-topic", b"x")
+        pub.publish(TOPIC_LOAD_METRICS, b"m1")
+        assert await asyncio.wait_for(sub.recv(), 5) == (TOPIC_LOAD_METRICS, b"m1")
+        sub.disconnect(pub.address)
+        await asyncio.sleep(0.2)
+        pub.publish(TOPIC_LOAD_METRICS, b"after")
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(sub.recv(), 0.5)
+    finally:
+        for x in (pub, sub, other):
+            x.close()
+
+
+async def test_router_replays_history_instead_of_dumping(nats_server: NatsServer) -> None:  # noqa: F811
+    worker = Worker(build_publisher("nats", spec(nats_server)))  # type: ignore[arg-type]
+    await worker.emit(5)  # before any router exists
+    feed, client = await router(nats_server, worker)
+    await until(lambda: feed.index.last_event_id(WID) == 5)
+    assert (feed.index.worker_blocks(WID), feed.replayed, client.dumps) == (5, 5, 0)
+    await feed.stop()  # the router restarts; the worker keeps publishing meanwhile
+    await worker.emit(3)
+    feed2, client2 = await router(nats_server, worker)
+    await until(lambda: feed2.index.last_event_id(WID) == 8)
+    assert (feed2.index.worker_blocks(WID), feed2.replayed, client2.dumps, feed2.resynced) == (8, 8, 0, 0)
+    await worker.emit(1)  # and live events follow the replay
+    await until(lambda: feed2.index.last_event_id(WID) == 9)
+    await feed2.stop()
+    worker.pub.close()
+
+
+async def test_trimmed_stream_falls_back_to_a_dump(nats_server: NatsServer) -> None:  # noqa: F811
+    worker = Worker(build_publisher("nats", spec(nats_server, stream_max_msgs=3)))  # type: ignore[arg-type]
+    await worker.emit(6)  # the stream keeps events 4..6 only
+    feed, client = await router(nats_server, worker, stream_max_msgs=3)
+    await until(lambda: feed.resynced == 1)
+    # Event 4 came first: a gap after nothing, so the worker was asked for its blocks (1..6).
+    assert (client.dumps, feed.index.last_event_id(WID), feed.index.worker_blocks(WID)) == (1, 6, 6)
+    await worker.emit(1)
+    await until(lambda: feed.index.last_event_id(WID) == 7)
+    assert client.dumps == 1
+    await feed.stop()
+    worker.pub.close()
+
+
+async def test_worker_without_history_is_dumped(nats_server: NatsServer) -> None:  # noqa: F811
+    worker = Worker(build_publisher("nats", spec(nats_server)))  # type: ignore[arg-type]
+    feed, client = await router(nats_server, worker)
+    await until(lambda: feed.resynced == 1)
+    assert (client.dumps, feed.replayed, feed.index.last_event_id(WID)) == (1, 0, 0)
+    await worker.emit(2)
+    await until(lambda: feed.index.last_event_id(WID) == 2)
+    await feed.stop()
+    worker.pub.close()
+
+
+async def test_router_resumes_after_nats_restart(nats_server: NatsServer) -> None:  # noqa: F811
+    worker = Worker(build_publisher("nats", spec(nats_server)))  # type: ignore[arg-type]
+    await worker.emit(3)
+    feed, client = await router(nats_server, worker)
+    await until(lambda: feed.index.last_event_id(WID) == 3)
+    await asyncio.to_thread(nats_server.restart)  # same store: the stream survives, consumers do not
+    await worker.emit(4)  # sent once the publisher has reconnected
+    await until(lambda: feed.index.last_event_id(WID) == 7, timeout=20.0)
+    assert (feed.index.worker_blocks(WID), client.dumps, feed.resynced) == (7, 0, 0)
+    sub = feed._sub
+    assert isinstance(sub, NatsSubscriber)
+    assert sub.last_stream_seq[worker.pub.publisher_id] == 7
+    await feed.stop()
+    worker.pub.close()
