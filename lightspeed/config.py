@@ -305,6 +305,10 @@ class FrontendConfig:
     auth: AuthConfig = AuthConfig()
     advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
     disagg: DisaggOptions = DisaggOptions()
+    # Not the HTTP --host: a public API address must not also expose router-sync traffic.
+    cluster_host: str = opt(
+        "127.0.0.1", "listen address of the frontend's internal planes (router replica sync publisher)"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)

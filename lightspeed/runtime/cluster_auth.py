@@ -9,6 +9,7 @@ learnt in one use is worthless in another:
   and its own nonce, the worker proves itself with HMAC(k, "worker" | caller nonce | server nonce).
   Nonces make every answer single-use; neither side ever sends the secret, and a peer that fails
   or stalls is dropped before it can send a request (or, for a worker, receive a prompt).
+* the zmq event plane's CURVE keys (encryption, and no subscriber without the secret);
 * signatures of discovery cards: HMAC over the card's canonical bytes, so a card written into a
   shared discovery folder (or an etcd prefix) by someone without the secret is ignored.
 
@@ -26,6 +27,7 @@ NONCE_BYTES = 32
 MIN_SECRET_CHARS = 16  # a short secret is guessable offline from one recorded handshake
 _LABEL_HANDSHAKE = b"lightspeed/request-plane/v1"
 _LABEL_CARDS = b"lightspeed/discovery-card/v1"
+_LABEL_EVENTS = b"lightspeed/event-plane-curve/v1"
 
 
 def generate_secret() -> str:
@@ -48,13 +50,17 @@ class ClusterKey:
 
     handshake: bytes
     cards: bytes
+    # The Curve25519 secret key every zmq event publisher of the fleet serves with. Its public
+    # half is derived from it, so only holders of the cluster secret can complete the CURVE
+    # handshake (subscribe) and the plane is encrypted.
+    events: bytes
 
     @classmethod
     def from_secret(cls, secret: str) -> ClusterKey:
         check_secret(secret)
         if not secret:
             raise ValueError("an empty cluster secret derives no key")
-        return cls(_derive(secret, _LABEL_HANDSHAKE), _derive(secret, _LABEL_CARDS))
+        return cls(_derive(secret, _LABEL_HANDSHAKE), _derive(secret, _LABEL_CARDS), _derive(secret, _LABEL_EVENTS))
 
     # -------------------------------------------------------------- request-plane handshake
 

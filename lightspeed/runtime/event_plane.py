@@ -18,11 +18,12 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 import zmq
 import zmq.asyncio
+from zmq.utils import z85
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -107,17 +108,43 @@ def _zmq_context() -> zmq.asyncio.Context:
     return _context
 
 
-class EventPublisher(Publisher):
-    """ZMQ PUB socket. `publish` is synchronous (PUB never blocks); call it from one thread."""
+def _curve_server(sock: zmq.Socket[Any], curve_secret: bytes) -> None:
+    """Serve CURVE with the fleet's key pair: peers must know its public half (derived from the
+    cluster secret) to connect, and everything on the wire is encrypted."""
+    sock.setsockopt(zmq.CURVE_SERVER, 1)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, z85.encode(curve_secret))
 
-    def __init__(self, bind: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM) -> None:
+
+def _curve_client(sock: zmq.Socket[Any], curve_secret: bytes) -> None:
+    """Dial CURVE publishers of the fleet with a throw-away client key pair of our own."""
+    public, secret = zmq.curve_keypair()
+    sock.setsockopt(zmq.CURVE_SERVERKEY, zmq.curve_public(z85.encode(curve_secret)))
+    sock.setsockopt(zmq.CURVE_PUBLICKEY, public)
+    sock.setsockopt(zmq.CURVE_SECRETKEY, secret)
+
+
+def _check_curve(curve_secret: bytes | None) -> None:
+    if curve_secret is not None and len(curve_secret) != 32:
+        raise ValueError("a CURVE secret key is 32 bytes")
+
+
+class EventPublisher(Publisher):
+    """ZMQ PUB socket. `publish` is synchronous (PUB never blocks); call it from one thread.
+    With `curve_secret` (the cluster secret's event key) only CURVE peers holding it subscribe."""
+
+    def __init__(
+        self, bind: str = "tcp://127.0.0.1:0", hwm: int = DEFAULT_HWM, curve_secret: bytes | None = None
+    ) -> None:
         if hwm <= 0:
             raise ValueError(f"hwm must be > 0; got {hwm}")
+        _check_curve(curve_secret)
         # A plain (non-asyncio) socket on the shared context: sends complete immediately, so
         # publishing needs no await and no future per message.
         self._sock = zmq.Context(_zmq_context()).socket(zmq.PUB)
         self._sock.setsockopt(zmq.SNDHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve_secret is not None:
+            _curve_server(self._sock, curve_secret)
         try:
             self._sock.bind(bind)  # port 0 picks a free port, as with "*"
         except zmq.ZMQError as exc:
@@ -144,13 +171,16 @@ class EventPublisher(Publisher):
 class EventSubscriber(Subscriber):
     """ZMQ SUB socket connected to any number of publishers."""
 
-    def __init__(self, topics: list[str], hwm: int = DEFAULT_HWM) -> None:
+    def __init__(self, topics: list[str], hwm: int = DEFAULT_HWM, curve_secret: bytes | None = None) -> None:
         if hwm <= 0:
             raise ValueError(f"hwm must be > 0; got {hwm}")
+        _check_curve(curve_secret)
         self._topics = frozenset(topics)
         self._sock = _zmq_context().socket(zmq.SUB)
         self._sock.setsockopt(zmq.RCVHWM, hwm)
         self._sock.setsockopt(zmq.LINGER, 0)
+        if curve_secret is not None:
+            _curve_client(self._sock, curve_secret)
         # ZMQ filters by prefix (on the publisher side); the exact match happens in recv.
         for topic in self._topics or {""}:
             self._sock.setsockopt(zmq.SUBSCRIBE, topic.encode())
@@ -203,6 +233,7 @@ class EventPlaneSpec:
     key_file: str = ""
     stream_max_msgs: int = 100_000  # history kept per publisher (brokered streams)
     stream_max_age: float = 0.0  # seconds; 0 = no age limit
+    curve_secret: bytes | None = None  # zmq: the cluster secret's CURVE key (None: plane open)
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,11 +243,11 @@ class _Backend:
 
 
 def _zmq_publisher(spec: EventPlaneSpec) -> Publisher:
-    return EventPublisher(spec.address or "tcp://127.0.0.1:0", hwm=spec.hwm)
+    return EventPublisher(spec.address or "tcp://127.0.0.1:0", hwm=spec.hwm, curve_secret=spec.curve_secret)
 
 
 def _zmq_subscriber(topics: list[str], spec: EventPlaneSpec) -> Subscriber:
-    return EventSubscriber(topics, hwm=spec.hwm)
+    return EventSubscriber(topics, hwm=spec.hwm, curve_secret=spec.curve_secret)
 
 
 _BACKENDS: dict[str, _Backend] = {"zmq": _Backend(_zmq_publisher, _zmq_subscriber)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -60,7 +61,8 @@ def discovery_spec(cfg: PlaneConfig) -> DiscoverySpec:
 def event_plane_spec(cfg: PlaneConfig, bind: str | None = None) -> EventPlaneSpec:
     """zmq binds `bind`; NATS reads its servers, credentials and stream limits."""
     if cfg.event_plane != "nats":
-        return EventPlaneSpec(bind)
+        key = cluster_key(cfg)
+        return EventPlaneSpec(bind, curve_secret=key.events if key is not None else None)
     return EventPlaneSpec(
         cfg.nats_url,
         namespace=cfg.namespace,
@@ -75,7 +77,29 @@ def event_plane_spec(cfg: PlaneConfig, bind: str | None = None) -> EventPlaneSpe
     )
 
 
+def warn_if_open(what: str, host: str, cfg: PlaneConfig) -> None:
+    """An internal plane on a non-loopback address with no cluster secret: anyone who can reach
+    the address may call it (prompts, KV events, request ids). Say so loudly."""
+    if cfg.cluster_secret or _is_loopback(host):
+        return
+    log.warning(
+        "SECURITY: the %s listens on %s WITHOUT a cluster secret: anyone who can reach it can use it; "
+        "set --cluster-secret (or LIGHTSPEED_CLUSTER_SECRET) on every process of the fleet",
+        what,
+        host or "all interfaces",
+    )
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 def publisher_from_config(cfg: PlaneConfig, host: str, advertise: str = "") -> Publisher:
+    if cfg.event_plane != "nats":  # a brokered plane listens on nothing of ours
+        warn_if_open("event-plane publisher", host, cfg)
     publisher = build_publisher(cfg.event_plane, event_plane_spec(cfg, f"tcp://{host}:0"))
     dial = advertised(publisher.address, advertise_host(host, advertise))
     return publisher if dial == publisher.address else AdvertisedPublisher(publisher, dial)

@@ -55,6 +55,7 @@ FRONTEND = {
     "--public-metrics": ("auth.public_metrics", False),
     "--tls-cert": ("auth.tls_cert", ""),
     "--tls-key": ("auth.tls_key", ""),
+    "--cluster-host": ("cluster_host", "127.0.0.1"),
 }
 WORKER = {
     "--engine": ("engine", "native"),
