@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -172,3 +173,47 @@ def child_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(extra)
     return env
+
+
+def lightspeed_cmd(kind: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "lightspeed", kind, *args]
+
+
+def start_process(cmd: list[str], log: Path, prefix: list[str] | None = None) -> subprocess.Popen[bytes]:
+    """A `lightspeed` process (inside a network namespace when `prefix` is `ip netns exec NS`),
+    its output in `log`; in its own session so a test can kill what it started."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [*(prefix or []), *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=child_env(PYTHONUNBUFFERED="1"),
+        )
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cluster_flags(etcd_url: str, nats_url: str, namespace: str, ttl: float = 2.0) -> list[str]:
+    return [
+        "--discovery",
+        "etcd",
+        "--etcd-endpoints",
+        etcd_url,
+        "--discovery-ttl",
+        str(ttl),
+        "--event-plane",
+        "nats",
+        "--nats-url",
+        nats_url,
+        "--namespace",
+        namespace,
+    ]
