@@ -48,6 +48,12 @@ class ModelEntry:
         cards.sort(key=lambda c: c.instance_id)
         return cards
 
+    def prefill_workers(self) -> list[WorkerCard]:
+        """Prefill-role workers (disaggregation's prefill pool), reachable, in a stable order."""
+        cards = [c for c in self.workers.values() if c.role == WorkerRole.PREFILL and not self.is_down(c.instance_id)]
+        cards.sort(key=lambda c: c.instance_id)
+        return cards
+
     def is_down(self, instance_id: str) -> bool:
         deadline = self.down_until.get(instance_id)
         if deadline is None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from lightspeed.disagg.flow import DisaggFlow
 from lightspeed.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerError, WorkerLost
 from lightspeed.frontend.cpu_pool import CpuPool
 from lightspeed.frontend.detokenize import IncrementalDetokenizer
@@ -70,6 +71,7 @@ class Generation:
     cached_tokens: int = 0
     worker_id: str = ""
     output_ids: list[int] = field(default_factory=list)
+    pinned_prefill: str | None = None  # a pinned prefill worker (disaggregation)
 
     @property
     def prompt_tokens(self) -> int:
@@ -88,8 +90,10 @@ class Pipeline:
         migration_limit: int = 0,
         on_migration: Callable[[str], None] | None = None,
         cpu: CpuPool | None = None,
+        disagg: DisaggFlow | None = None,
     ) -> None:
         self._models = models
+        self._disagg = disagg  # prefill on a prefill worker when the policy says so
         self._router = router
         self._migration_limit = migration_limit
         # Called with the model name each time a stream moves to another worker (metrics).
@@ -126,7 +130,12 @@ class Pipeline:
             ),
             eos_token_ids=eos,
         )
-        return Generation(request_id, entry, preq, req.stop_list, pinned, session, overrides)
+        pinned_prefill = None
+        if self._disagg is not None:
+            pinned, pinned_prefill = self._disagg.split_pin(entry.workers, pinned)
+        gen = Generation(request_id, entry, preq, req.stop_list, pinned, session, overrides)
+        gen.pinned_prefill = pinned_prefill
+        return gen
 
     async def _tokenize(self, entry: ModelEntry, req: AnyRequest) -> list[int]:
         """The prompt's ids, tokenized in the CPU pool; a text whose length alone proves it
@@ -173,7 +182,7 @@ class Pipeline:
         request = _continuation(gen)
         decision = await self._route(gen, request.token_ids)
         gen.worker_id = decision.card.instance_id
-        agen = self._router.generate(decision, request)
+        agen = self._outputs(gen, decision, request)
         try:
             async for out in agen:
                 delta = _apply(gen, detok, out)
@@ -184,6 +193,16 @@ class Pipeline:
         finally:
             await agen.aclose()  # a stop string ends the stream early: cancel upstream
             self._router.release(gen.request_id)  # also when the stream never started
+
+    def _outputs(
+        self, gen: Generation, decision: RouteDecision, request: PreprocessedRequest
+    ) -> AsyncGenerator[LLMEngineOutput, None]:
+        """The worker's stream; disaggregated (prefill leg + decode leg) only before any output,
+        since a continuation already has its prompt's KV to recompute wherever it lands."""
+        if self._disagg is None or gen.output_ids:
+            return self._router.generate(decision, request)
+        prefill_pool = gen.entry.prefill_workers()
+        return self._disagg.outputs(prefill_pool, decision, request, gen.pinned_prefill, gen.overrides)
 
     async def _route(self, gen: Generation, token_ids: list[int]) -> RouteDecision:
         if gen.pinned_worker is not None and gen.entry.is_down(gen.pinned_worker):

@@ -8,6 +8,7 @@ import ssl
 from aiohttp import web
 
 from lightspeed.config import AuthConfig, ConfigError, FrontendConfig
+from lightspeed.disagg.flow import DisaggFlow
 from lightspeed.frontend.auth import AuthGate, KeyStore
 from lightspeed.frontend.connections import ConnectionGuard, GuardedSite, HttpLimits, fit_to_fd_limit
 from lightspeed.frontend.drain import CUT_GRACE_S, drain_http
@@ -55,8 +56,13 @@ class Frontend:
         self.models.on_worker_removed.append(self.router.remove_worker)
         self.kv_feed = self._kv_feed(selector)
         self.replicas = self._replica_sync(selector)
+        disagg = DisaggFlow(self.router, self.client, cfg.disagg, metrics.registry, self.models.report_down)
         self.pipeline = Pipeline(
-            self.models, self.router, cfg.migration_limit, lambda model: metrics.migrations.labels(model).inc()
+            self.models,
+            self.router,
+            cfg.migration_limit,
+            lambda model: metrics.migrations.labels(model).inc(),
+            disagg=disagg,
         )
         self.http = FrontendApp(self.models, self.pipeline, metrics, cfg.max_body_bytes)
         self.connections = ConnectionGuard(http_limits(cfg))

@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 import msgspec
 
 from lightspeed.config import WorkerConfig
+from lightspeed.disagg.worker import WorkerDisagg, build_mover
 from lightspeed.engine.core import EngineCore, StepInfo
 from lightspeed.engine.types import EngineCoreOutput
 from lightspeed.protocol import (
@@ -41,7 +42,7 @@ from lightspeed.protocol import (
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
 from lightspeed.runtime.planes import advertise_host, advertised, discovery_from_config, publisher_from_config
-from lightspeed.runtime.request_plane import RequestContext, RequestPlaneServer
+from lightspeed.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
 from lightspeed.worker.factory import BuiltEngine, build_engine
 from lightspeed.worker.perf_fit import PerfFitter, StepSample
 
@@ -73,6 +74,7 @@ class Worker:
         self._event_id = 0
         self._tasks: list[asyncio.Task[None]] = []
         self.perf_fitter = PerfFitter()  # engines without an exact step model publish a fitted one
+        self.disagg: WorkerDisagg | None = None  # prefill / decode legs of disaggregated requests
 
     @property
     def core(self) -> EngineCore:
@@ -85,6 +87,14 @@ class Worker:
         self.core.on_step = self._publish_forward_pass
         self.server.register("generate", self.generate)
         self.server.register("kv_dump", self.kv_dump)
+        self.disagg = WorkerDisagg(
+            self.core,
+            build_mover(self.cfg, self.core),
+            self.instance_id,
+            self.cfg.kv_transfer.timeout,
+            RequestPlaneClient(),
+        )
+        self.server.register("kv_release", self.disagg.kv_release)
         # Peers on other hosts dial the advertised host (the bind address may be 0.0.0.0).
         address = advertised(await self.server.start(), advertise_host(self.cfg.host, self.cfg.advertise_host))
         self._tasks = [
@@ -94,6 +104,7 @@ class Worker:
         if self.built.perf is None:
             self._tasks.append(asyncio.create_task(self._perf_loop(), name="perf-fit"))
         self.card = self._make_card(address)
+        await self.disagg.start(self.card.address)
         await self.discovery.register(self.card)
         log.info(
             "worker %s serving %s at %s (%d KV blocks)",
@@ -127,6 +138,10 @@ class Worker:
 
     async def generate(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         request = _decode_request(payload)
+        if request.kv_transfer_params is not None:
+            async for frame in self._generate_disagg(request):
+                yield frame
+            return
         try:
             stream = self.core.add_request(request)
         except ValueError as err:  # the engine's own limits (prompt too long, ...): a client error
@@ -137,6 +152,18 @@ class Worker:
                 yield _encode(to_wire(out))
         finally:  # cancelled by the client: abort now so the KV blocks are freed at once
             await stream.aclose()
+
+    async def _generate_disagg(self, request: PreprocessedRequest) -> AsyncIterator[bytes]:
+        """A prefill or decode leg of a disaggregated request (lightspeed/disagg/worker.py)."""
+        assert self.disagg is not None
+        outputs = self.disagg.generate(request)
+        try:
+            async for out in outputs:
+                yield _encode(out)
+        except ValueError as err:  # the engine's own limits, as for a whole request
+            yield _encode(LLMEngineOutput(finish_reason=FinishReason.ERROR, error=str(err)))
+        finally:
+            await outputs.aclose()
 
     async def kv_dump(self, payload: bytes, ctx: RequestContext) -> AsyncIterator[bytes]:
         """A snapshot: Cleared, then every cached block, all stamped with the current event id.
@@ -210,6 +237,8 @@ class Worker:
         if self.card is not None:
             await self.discovery.deregister(self.instance_id)
         await self.server.stop(drain_timeout)
+        if self.disagg is not None:
+            await self.disagg.close()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
