@@ -412,6 +412,8 @@ class ServeConfig:
         _check_positive("workers", self.workers)
         if self.disagg:
             parse_disagg(self.disagg)
+            if self.planner.enabled:
+                raise ValueError("planner: --planner scales aggregated workers; it cannot be used with --disagg")
         if self.liveness_timeout < 0:
             raise ValueError(f"liveness_timeout must be >= 0; got {self.liveness_timeout}")
         if self.frontend.planes != self.worker.planes:

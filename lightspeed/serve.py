@@ -32,9 +32,11 @@ from lightspeed.config import (
     CHILD_CONFIG_ENV,
     CONFIG_ERROR_EXIT,
     FrontendConfig,
+    Role,
     ServeConfig,
     WorkerConfig,
     encode_config,
+    parse_disagg,
 )
 from lightspeed.runtime.discovery import remove_entries_of
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
@@ -91,6 +93,8 @@ async def wait_ready(url: str, workers: int, timeout: float) -> bool:
 async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     folder = tempfile.mkdtemp(prefix="lightspeed-serve-")
     cfg = _with_private_discovery(cfg, folder)
+    if cfg.disagg:  # readiness counts both pools
+        cfg = replace(cfg, workers=sum(parse_disagg(cfg.disagg)))
     sup = make_supervisor(cfg)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -99,7 +103,11 @@ async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     planner: asyncio.Task[None] | None = None
     try:
         scaler = LocalWorkerScaler(sup, cfg, log_level, folder)
-        await scaler.scale_to(cfg.workers)
+        if cfg.disagg:
+            for spec in disagg_worker_specs(cfg, log_level, folder):
+                await sup.spawn(spec)
+        else:
+            await scaler.scale_to(cfg.workers)
         for i in range(cfg.frontend.processes):
             await sup.spawn(child_spec(f"frontend-{i}", cfg.frontend, log_level))
         if cfg.planner.enabled:
@@ -111,6 +119,18 @@ async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
             await asyncio.gather(planner, return_exceptions=True)
         await sup.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def disagg_worker_specs(cfg: ServeConfig, log_level: str, folder: str) -> list[ChildSpec]:
+    """`--disagg xPyD`: x prefill and y decode workers (the role is on each worker's card; more
+    workers may join either pool with `lightspeed worker --role prefill|decode`)."""
+    prefill, decode = parse_disagg(cfg.disagg)
+    pools: tuple[tuple[Role, int], ...] = (("prefill", prefill), ("decode", decode))
+    return [
+        child_spec(f"{role}-{i}", replace(cfg.worker, role=role), log_level, folder)
+        for role, count in pools
+        for i in range(count)
+    ]
 
 
 class LocalWorkerScaler:
