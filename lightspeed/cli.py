@@ -66,7 +66,7 @@ COMMANDS = {
     "serve": Command(
         "frontend + N local workers in one command (no external servers)",
         ServeConfig,
-        ("worker.role", "worker.host", "worker.port", "frontend.served_model_name"),
+        ("worker.role", "worker.host", "worker.port", "worker.health_port", "frontend.served_model_name"),
     ),
     "frontend": Command("OpenAI-compatible HTTP frontend and router", FrontendConfig),
     "worker": Command("one engine worker", WorkerConfig),

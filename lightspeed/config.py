@@ -350,11 +350,13 @@ class WorkerConfig:
     drain_timeout: float = opt(DRAIN_TIMEOUT_S, DRAIN_HELP)
     advertise_host: str = opt("", ADVERTISE_HELP, flag="--advertise-host")
     kv_transfer: KvTransferOptions = KvTransferOptions()
+    health_port: int = opt(0, "HTTP port of the worker's /live and /health probes (0 = none)")
 
     def __post_init__(self) -> None:
         check_choices(self)
         _check_drain(self.drain_timeout)
         _check_port("worker port", self.port)
+        _check_port("health port", self.health_port)
         if self.num_gpu_blocks < 0:
             raise ValueError(f"num_gpu_blocks must be >= 0; got {self.num_gpu_blocks}")
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):

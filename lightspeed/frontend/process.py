@@ -32,6 +32,7 @@ from lightspeed.router.session import SessionAffinity
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
 from lightspeed.runtime.planes import (
+    cluster_key,
     discovery_from_config,
     publisher_from_config,
     subscriber_from_config,
@@ -46,7 +47,7 @@ class Frontend:
         self.cfg = cfg
         self.discovery = discovery if discovery is not None else discovery_from_config(cfg.planes)
         self.models = ModelManager(self.discovery, cfg.served_model_name, cfg.planes.discovery_ttl)
-        self.client = RequestPlaneClient()
+        self.client = RequestPlaneClient(key=cluster_key(cfg.planes))
         self.active = ActiveLoad()
         metrics = FrontendMetrics()
         self.router_metrics = RouterMetrics(metrics.registry)
@@ -97,7 +98,7 @@ class Frontend:
         planes = self.cfg.planes
         sync = ReplicaSync(
             self.active,
-            publisher_from_config(planes, self.cfg.host, self.cfg.advertise_host),
+            publisher_from_config(planes, self.cfg.cluster_host, self.cfg.advertise_host),
             subscriber_from_config(planes, [TOPIC_ROUTER_SYNC]),
             self.discovery,
             planes.namespace,

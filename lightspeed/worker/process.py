@@ -41,9 +41,17 @@ from lightspeed.protocol import (
 )
 from lightspeed.runtime.discovery import Discovery
 from lightspeed.runtime.lifecycle import startup_config_errors, until_signalled
-from lightspeed.runtime.planes import advertise_host, advertised, discovery_from_config, publisher_from_config
+from lightspeed.runtime.planes import (
+    advertise_host,
+    advertised,
+    cluster_key,
+    discovery_from_config,
+    publisher_from_config,
+    warn_if_open,
+)
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneClient, RequestPlaneServer
 from lightspeed.worker.factory import BuiltEngine, build_engine
+from lightspeed.worker.health import HealthServer, WorkerState
 from lightspeed.worker.perf_fit import PerfFitter, StepSample
 
 log = logging.getLogger(__name__)
@@ -67,7 +75,8 @@ class Worker:
         self.cfg = cfg
         self.instance_id = f"{cfg.engine}-{uuid.uuid4().hex[:12]}"
         self.discovery = discovery if discovery is not None else discovery_from_config(cfg.planes)
-        self.server = RequestPlaneServer(cfg.host, cfg.port)
+        warn_if_open("request plane", cfg.host, cfg.planes)
+        self.server = RequestPlaneServer(cfg.host, cfg.port, key=cluster_key(cfg.planes))
         self.publisher = publisher_from_config(cfg.planes, cfg.host, cfg.advertise_host)
         self.built: BuiltEngine | None = None
         self.card: WorkerCard | None = None
@@ -75,6 +84,7 @@ class Worker:
         self._tasks: list[asyncio.Task[None]] = []
         self.perf_fitter = PerfFitter()  # engines without an exact step model publish a fitted one
         self.disagg: WorkerDisagg | None = None  # prefill / decode legs of disaggregated requests
+        self.state: WorkerState = "starting"  # what the /health probe reports
 
     @property
     def core(self) -> EngineCore:
@@ -92,7 +102,7 @@ class Worker:
             build_mover(self.cfg, self.core),
             self.instance_id,
             self.cfg.kv_transfer.timeout,
-            RequestPlaneClient(),
+            RequestPlaneClient(key=cluster_key(self.cfg.planes)),
         )
         self.server.register("kv_release", self.disagg.kv_release)
         # Peers on other hosts dial the advertised host (the bind address may be 0.0.0.0).
@@ -106,6 +116,7 @@ class Worker:
         self.card = self._make_card(address)
         await self.disagg.start(self.card.address)
         await self.discovery.register(self.card)
+        self.state = "ready"
         log.info(
             "worker %s serving %s at %s (%d KV blocks)",
             self.instance_id,
@@ -234,6 +245,7 @@ class Worker:
             await asyncio.sleep(self.cfg.metrics_interval)
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        self.state = "draining"
         if self.card is not None:
             await self.discovery.deregister(self.instance_id)
         await self.server.stop(drain_timeout)
@@ -252,7 +264,13 @@ async def run_worker(cfg: WorkerConfig) -> None:
     """Run until SIGINT/SIGTERM, then drain and exit."""
     with startup_config_errors():
         worker = Worker(cfg)
+        # Probes first: the pod is live (not restarted) while a large model loads.
+        probes = HealthServer(cfg.host, cfg.health_port, lambda: worker.state) if cfg.health_port else None
+        if probes is not None:
+            await probes.start()
         await worker.start()
     await until_signalled()
     log.info("worker %s draining (up to %.1fs)", worker.instance_id, cfg.drain_timeout)
     await worker.stop(cfg.drain_timeout)
+    if probes is not None:
+        await probes.stop()

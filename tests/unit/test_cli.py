@@ -98,6 +98,7 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         "--role": (("role",), "agg"),
         "--worker-host": (("host",), "127.0.0.1"),
         "--worker-port": (("port",), 0),  # new: the field had no flag
+        "--health-port": (("health_port",), 0),  # serve's workers get none (several per host)
     },
     "serve": {
         **_under("frontend.", FRONTEND),
