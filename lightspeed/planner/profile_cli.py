@@ -12,7 +12,6 @@ import argparse
 import logging
 import os
 import shlex
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -140,7 +139,8 @@ def _run(cfg: WorkerConfig, values: dict[str, Any]) -> int:
         points, seconds = uvloop.run(_sweep(runner, values["progress"]))
     finally:
         built.close()
-    profile = _profile(cfg, built.core.config, _dtype_of(built.core), runner, points, seconds)
+    command = command_line(cfg, spec, values)
+    profile = _profile(cfg, built.core.config, _dtype_of(built.core), runner, points, seconds, command)
     save_profile(profile, out)
     _plot(profile, out, values["plot"])
     _log_summary(profile, out)
@@ -159,7 +159,13 @@ async def _sweep(runner: SweepRunner, progress: bool) -> tuple[list[ProfilePoint
 
 
 def _profile(
-    cfg: WorkerConfig, ecfg: EngineConfig, dtype: str, runner: SweepRunner, points: list[ProfilePoint], seconds: float
+    cfg: WorkerConfig,
+    ecfg: EngineConfig,
+    dtype: str,
+    runner: SweepRunner,
+    points: list[ProfilePoint],
+    seconds: float,
+    command: str,
 ) -> Profile:
     model, rejected = fit_points(points, cfg.speedup_ratio if cfg.engine == "mocker" else 1.0)
     spec = runner.spec
@@ -176,7 +182,7 @@ def _profile(
         host=host_info(),
         sweep=sweep,
         points=points,
-        command=command_line(),
+        command=command,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         perf=model,
         fit_error=fit_error(model, points) if model is not None else None,
@@ -218,16 +224,27 @@ def host_info() -> HostInfo:
     return HostInfo(model or "unknown", flags, len(os.sched_getaffinity(0)))
 
 
-def command_line() -> str:
-    """The command that made the profile, with the `flock` bench-lock wrapper when that is our
-    parent (as bench/harness.py records it)."""
-    own = shlex.join(["lightspeed", *sys.argv[1:]]) if sys.argv else "lightspeed profile"
+def command_line(cfg: WorkerConfig, spec: SweepSpec, values: dict[str, Any]) -> str:
+    """The command that makes this profile again: every engine flag off its default and the
+    whole sweep spelled out (environment and derived defaults included). Under the `flock`
+    bench lock, the parent's command line as run (as bench/harness.py records it)."""
+    words = ["lightspeed", "profile"]
+    for s in engine_specs():
+        value = getattr(cfg, s.dest)
+        if value != s.default:
+            words += [s.flag, str(value)]
+    for name in ("prefill_sizes", "batch_sizes", "context_lens"):
+        words += ["--" + name.replace("_", "-"), ",".join(map(str, getattr(spec, name)))]
+    words += ["--repeats", str(spec.repeats), "--warmup", str(spec.warmup), "--out", str(values["out"])]
+    if values["plot"]:
+        words += ["--plot", str(values["plot"])]
+    own = shlex.join(words)
     try:
         parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")[:-1]
     except OSError:
         return own
-    words = [w.decode(errors="replace") for w in parent]
-    return shlex.join(words) if words and Path(words[0]).name == "flock" else own
+    run = [w.decode(errors="replace") for w in parent]
+    return shlex.join(run) if run and Path(run[0]).name == "flock" else own
 
 
 def _plot(profile: Profile, out: Path, plot: str) -> None:

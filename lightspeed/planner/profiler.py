@@ -7,7 +7,8 @@ x context) enters as one step whose time is the mean of the cell's measured step
 each step: event-loop timers tick in whole milliseconds, so a mocker's steps come out a
 millisecond long or short by turns and only their mean is its model (it carries each timer error
 into the next sleep); for a real engine the mean is the throughput a busy worker sustains. A
-cell spoilt by a stall still cannot pull the fit far: across cells the fit is a median
+stall (a step at `STALL_RATIO` x its cell's median or more) is left out of its cell's mean, and a
+cell spoilt all through still cannot pull the fit far: across cells the fit is a median
 regression. Prefill cells enter as prefill-only steps and decode cells as decode-only steps, as
 the engine reports them (profile_sweep.py). Times are fitted in the model's reference
 milliseconds, wall ms times the engine's speedup ratio, with that ratio set on the model, so a
@@ -97,24 +98,25 @@ class Profile(msgspec.Struct, frozen=True, omit_defaults=True):
 # A profile cell averages many steps: a handful of cells pins the model down, where the worker's
 # defaults ask for more single steps (the fitter's other limits, sizes and spans, still apply).
 CELL_LIMITS = FitLimits(min_prefill_steps=3, min_decode_steps=3)
+# A step this many times its cell's median is a stall (a GC pause, a busy neighbour on a shared
+# CPU: noise only ever adds time), not the engine's cost. Far above the mocker's timer jitter
+# (a millisecond either way) and the spread of a real engine's steps within one cell.
+STALL_RATIO = 2.0
 
 
 def cell_means(points: Sequence[ProfilePoint]) -> list[ProfilePoint]:
-    """One point per sweep cell (phase, prefill size, batch, context): mean usage and time."""
+    """One point per sweep cell (phase, prefill size, batch, context): the mean usage and the
+    mean time of its steps, leaving out stalls (`STALL_RATIO` x the cell's median or more)."""
     cells: dict[tuple[Phase, int, int, int], list[ProfilePoint]] = {}
     for p in points:
         cells.setdefault((p.phase, p.prefill_tokens, p.batch_size, p.context_len), []).append(p)
-    return [
-        ProfilePoint(
-            phase,
-            t,
-            b,
-            ctx,
-            statistics.fmean(p.kv_usage for p in group),
-            statistics.fmean(p.ms for p in group),
-        )
-        for (phase, t, b, ctx), group in cells.items()
-    ]
+    means: list[ProfilePoint] = []
+    for (phase, t, b, ctx), group in cells.items():
+        limit = STALL_RATIO * statistics.median(p.ms for p in group)
+        kept = [p for p in group if p.ms < limit] or group
+        usage = statistics.fmean(p.kv_usage for p in kept)
+        means.append(ProfilePoint(phase, t, b, ctx, usage, statistics.fmean(p.ms for p in kept)))
+    return means
 
 
 def fit_points(points: Sequence[ProfilePoint], speedup_ratio: float = 1.0) -> tuple[PerfModel | None, str | None]:
@@ -122,7 +124,7 @@ def fit_points(points: Sequence[ProfilePoint], speedup_ratio: float = 1.0) -> tu
     fitter = PerfFitter(window=max(1, len(points)), limits=CELL_LIMITS)
     model = fitter.fit([_sample(p, speedup_ratio) for p in cell_means(points)])
     if model is None:
-        return None, fitter.rejected
+        return None, f"{fitter.rejected} (one step per sweep cell)"
     return msgspec.structs.replace(model, speedup_ratio=speedup_ratio), None
 
 
@@ -180,9 +182,7 @@ def load_perf_model(path: str | Path) -> PerfModel:
 
 
 def _check_model(model: PerfModel, path: str | Path) -> None:
-    """A hand-edited or damaged file must not hand the planner a model it cannot use."""
-    values = (*model.prefill_coeffs, *model.decode_coeffs, model.decode_floor_ms, model.speedup_ratio)
-    if not all(v == v and abs(v) != float("inf") for v in values):
-        raise ValueError(f"{path}: perf holds a NaN or infinite coefficient")
-    if model.speedup_ratio <= 0:
+    """A hand-edited file must not hand the planner a model it cannot divide by (JSON itself
+    holds no NaN or infinity: the decoder refuses them)."""
+    if not model.speedup_ratio > 0:
         raise ValueError(f"{path}: perf.speedup_ratio must be > 0, got {model.speedup_ratio}")
