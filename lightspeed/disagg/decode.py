@@ -38,8 +38,9 @@ class DecodeHandler:
         self.mover = mover
         self.pull_attempts = pull_attempts
         self.client = client  # to the prefill workers' request planes (kv_release)
-        self.num_pulled = 0
-        self.num_local_fallbacks = 0
+        self.num_pulled = 0  # requests whose KV arrived from a prefill worker
+        self.num_reused_tokens = 0  # prompt tokens of those requests found cached here instead
+        self.num_local_fallbacks = 0  # requests prefilled here after all
         self._releases: set[asyncio.Task[None]] = set()
 
     async def generate(self, request: PreprocessedRequest) -> AsyncGenerator[LLMEngineOutput, None]:
@@ -78,6 +79,7 @@ class DecodeHandler:
             raise
         self._release_remote(params)
         if pulled:
+            self.num_reused_tokens += num_hit
             self.core.finish_loading(rid)
         else:
             self.num_local_fallbacks += 1
@@ -103,6 +105,7 @@ class DecodeHandler:
     async def _pull(self, params: KvTransferParams, positions: range, fresh: Sequence[int]) -> bool:
         """Pull with retries; False when the KV cannot be had (then nothing was imported)."""
         if not positions:
+            self.num_pulled += 1
             return True  # everything was cached here already
         for attempt in range(1, self.pull_attempts + 1):
             try:
