@@ -26,8 +26,13 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def find_binary(name: str) -> str | None:
+    """On PATH, or where Debian puts it (nats-server is in /usr/sbin, off a user's PATH)."""
+    return shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/local/sbin")
+
+
 def require_binary(name: str, package: str) -> str:
-    path = shutil.which(name)
+    path = find_binary(name)
     if path is None:
         pytest.skip(f"{name} is not installed (apt-get install {package}; .ci/run installs it)")
     return path
@@ -36,7 +41,7 @@ def require_binary(name: str, package: str) -> str:
 def wait_port(host: str, port: int, proc: subprocess.Popen[bytes], log: Path, prefix: list[str]) -> None:
     """Until something accepts on host:port (inside the namespace of `prefix`, if any)."""
     deadline = time.monotonic() + START_TIMEOUT_S
-    probe = [*prefix, "python3", "-c", f"import socket; socket.create_connection(({host!r}, {port}), 0.5)"]
+    probe = [*prefix, sys.executable, "-c", f"import socket; socket.create_connection(({host!r}, {port}), 0.5)"]
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}: {log.read_text()[-2000:]}")
@@ -111,7 +116,7 @@ class EtcdServer(_Server):
     def command(self) -> list[str]:
         peer = f"http://{self.host}:{self.peer_port}"
         return [
-            "etcd",
+            find_binary("etcd") or "etcd",
             "--name=test",
             f"--data-dir={self.data_dir}",
             f"--listen-client-urls={self.url}",
@@ -139,7 +144,16 @@ class NatsServer(_Server):
         return f"nats://{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
-        return ["nats-server", "-js", "-a", self.host, "-p", str(self.client_port), "-sd", str(self.data_dir)]
+        return [
+            find_binary("nats-server") or "nats-server",
+            "-js",
+            "-a",
+            self.host,
+            "-p",
+            str(self.client_port),
+            "-sd",
+            str(self.data_dir),
+        ]
 
     def start(self) -> None:
         super().start()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -29,6 +28,7 @@ from tests.integration.cluster_servers import (
     EtcdServer,
     NatsServer,
     cluster_flags,
+    find_binary,
     lightspeed_cmd,
     require_binary,
     start_process,
@@ -40,8 +40,11 @@ BS = 16
 WORKER_ARGS = ["--engine", "mocker", "--block-size", str(BS), "--num-gpu-blocks", "512", "--speedup-ratio", "50"]
 
 
+IP = find_binary("ip") or "ip"
+
+
 def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+    subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
 
 
 @dataclass
@@ -53,7 +56,7 @@ class Hosts:
         return f"{SUBNET}.{host + 1}"
 
     def prefix(self, host: int) -> list[str]:
-        return ["ip", "netns", "exec", self.names[host]]
+        return [IP, "netns", "exec", self.names[host]]
 
 
 def _build(hosts: Hosts, tag: str) -> None:
@@ -74,7 +77,7 @@ def _build(hosts: Hosts, tag: str) -> None:
 
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
-    if shutil.which("ip") is None:
+    if find_binary("ip") is None:
         pytest.skip("the `ip` tool (iproute2) is not installed")
     tag = f"{os.getpid() % 100000:05d}"
     made = Hosts([f"lsh{tag}-{i}" for i in range(3)], f"lsw{tag}")
@@ -88,7 +91,7 @@ def hosts() -> Iterator[Hosts]:
         yield made
     finally:  # deleting a namespace deletes its veth ends and the bridge
         for ns in [*made.names, made.switch]:
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=10)
 
 
 # Runs inside host 0: one completion per prompt, reporting the worker the KV router picked for it
