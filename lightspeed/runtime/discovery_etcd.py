@@ -44,11 +44,16 @@ RPC_TIMEOUT_S = 5.0  # one etcd call; a dead endpoint fails over instead of hang
 RETRY_S = 0.5  # pause after a failed call before the next try (on the next endpoint)
 MIN_LEASE_TTL = 2  # etcd refuses shorter leases (1.5 x its election timeout, rounded up)
 # gRPC pings find a silently dead connection (a cut link sends no RST); etcd refuses pings more
-# often than every 5 s, so stay above that.
+# often than every 5 s, so stay above that. gRPC backs off reconnects exponentially up to 2 min,
+# and channels to one address share that state: cap it, so a restarted etcd is seen in seconds.
 _CHANNEL_OPTIONS = {
     "grpc.keepalive_time_ms": 10_000,
     "grpc.keepalive_timeout_ms": 5_000,
     "grpc.keepalive_permit_without_calls": 1,
+    "grpc.initial_reconnect_backoff_ms": 250,
+    "grpc.min_reconnect_backoff_ms": 250,
+    "grpc.max_reconnect_backoff_ms": 1_000,
+    "grpc.use_local_subchannel_pool": 1,
 }
 
 _encode = msgspec.json.Encoder().encode
