@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from lightspeed.config import RouterConfig
 from lightspeed.sim.config import PlannerSettings
 from lightspeed.sim.fleet import ReplicaPoint
 
@@ -98,3 +101,29 @@ def test_same_seed_gives_identical_outcomes() -> None:
     a, b = ([(r.worker_id, r.first_s, r.itls, r.end_s, r.cached_tokens) for r in run.requests] for run in runs)
     assert a == b
     assert runs[0].events == runs[1].events
+
+
+def test_busy_workers_queue_requests_until_load_is_released() -> None:
+    # Busy above 0.001 x 64 queued prefill tokens: the worker is busy while any prefill waits.
+    router = RouterConfig(busy_prefill_frac=0.001)
+    cfg = config(router_mode="kv")
+    cfg = dataclasses.replace(cfg, fleet=dataclasses.replace(cfg.fleet, router=router))
+    out = simulate(cfg, [spec(range(100, 110), 5), spec(range(200, 210), 1)])
+    ra, rb = out.requests
+    emit1 = prefill_s(10)
+    # B is routed at A's first token (prefill done), after A's next step (a decode) started;
+    # it joins the step after that one, which pays the pending decode phase then B's prefill.
+    emit2 = emit1 + decode_s(3)
+    emit3 = emit2 + decode_s(3) + prefill_s(10)
+    assert ra.first_s == pytest.approx(emit1, abs=EXACT)
+    assert rb.first_s == pytest.approx(emit3, abs=EXACT)
+    assert ra.itls[:2] == pytest.approx([emit2 - emit1, emit3 - emit2], abs=EXACT)
+
+
+def test_queue_timeout_fails_the_waiter_with_503() -> None:
+    router = RouterConfig(busy_prefill_frac=0.001, queue_timeout=0.001)
+    cfg = config(router_mode="kv", speedup_ratio=0.1)  # A's prefill takes ~0.17 s
+    cfg = dataclasses.replace(cfg, fleet=dataclasses.replace(cfg.fleet, router=router))
+    out = simulate(cfg, [spec(range(100, 110), 1), spec(range(200, 210), 1)])
+    assert out.requests[0].error is None
+    assert out.requests[1].error == "http_503"
