@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -38,9 +39,20 @@ WORKER_ARGS = ["--engine", "mocker", "--block-size", str(BS), "--num-gpu-blocks"
 @dataclass
 class Fleet:
     url: str
-    frontend: object
-    workers: list  # Popen of each worker
+    frontend: subprocess.Popen[bytes]
+    workers: list[subprocess.Popen[bytes]]
     logs: Path
+    flags: list[str]
+
+    def start_frontend(self) -> None:
+        """A (new) frontend process on a fresh port; `url` follows it."""
+        port = free_port()
+        self.frontend = start_process(
+            lightspeed_cmd("frontend", "--port", str(port), "--router-mode", "kv", *self.flags),
+            self.logs / f"frontend-{port}.log",
+        )
+        self.url = f"http://127.0.0.1:{port}"
+        wait(lambda: len(health_workers(self.url)) == len(self.workers), "the workers in the frontend's discovery")
 
 
 def http_json(url: str, body: dict | None = None, timeout: float = 10.0) -> tuple[int, dict]:
@@ -89,16 +101,12 @@ def fleet(etcd_server: EtcdServer, nats_server: NatsServer, tmp_path: Path) -> I
     workers = [
         start_process(lightspeed_cmd("worker", *WORKER_ARGS, *flags), tmp_path / f"worker{i}.log") for i in range(2)
     ]
-    port = free_port()
-    frontend = start_process(
-        lightspeed_cmd("frontend", "--port", str(port), "--router-mode", "kv", *flags), tmp_path / "frontend.log"
-    )
-    url = f"http://127.0.0.1:{port}"
+    fleet = Fleet("", workers[0], workers, tmp_path, flags)
     try:
-        wait(lambda: len(health_workers(url)) == 2, "two workers in the frontend's discovery")
-        yield Fleet(url, frontend, workers, tmp_path)
+        fleet.start_frontend()
+        yield fleet
     finally:
-        for proc in [frontend, *workers]:
+        for proc in [fleet.frontend, *workers]:
             stop_process(proc)
 
 
@@ -135,3 +143,19 @@ def test_frontend_and_two_workers_on_etcd_and_nats(fleet: Fleet) -> None:
     victim.wait()
     wait(lambda: len(health_workers(url)) == 1, "the killed worker's lease to expire", 10)
     complete(url, prompts[0])
+
+
+def test_restarted_frontend_replays_kv_events_from_jetstream(fleet: Fleet) -> None:
+    prompts = [[9000 + 100 * k + i for i in range(4 * BS)] for k in range(6)]
+    first = {k: served_by(fleet.url, prompt) for k, prompt in enumerate(prompts)}
+    wait(lambda: metric(fleet.url, "lightspeed_router_indexed_blocks")[""] >= 4 * len(prompts), "KV events", 10)
+    indexed = metric(fleet.url, "lightspeed_router_indexed_blocks")[""]
+
+    stop_process(fleet.frontend)
+    fleet.start_frontend()
+    # The new router rebuilt its index from the workers' retained events on the stream...
+    wait(lambda: metric(fleet.url, "lightspeed_router_indexed_blocks")[""] == indexed, "the replayed index", 10)
+    # ...without asking any worker for a dump (a dump counts as a resync).
+    assert metric(fleet.url, "lightspeed_router_kv_resyncs_total") == {"": 0.0}
+    for k, worker in first.items():
+        assert served_by(fleet.url, prompts[k]) == worker, f"prompt {k} left its cached worker"
