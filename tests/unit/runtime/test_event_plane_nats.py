@@ -20,8 +20,11 @@ from lightspeed.protocol import (
     StoredBlock,
     WorkerCard,
 )
+from lightspeed.router.active import ActiveLoad
 from lightspeed.router.indexer import KvIndex
 from lightspeed.router.kv_events import KvEventFeed
+from lightspeed.router.replica_sync import TOPIC_ROUTER_SYNC, ReplicaSync
+from lightspeed.runtime.discovery import MemDiscovery
 from lightspeed.runtime.event_plane import EventPlaneSpec, build_publisher, build_subscriber
 from lightspeed.runtime.event_plane_nats import NatsPublisher, NatsSubscriber, servers_of
 from lightspeed.runtime.planes import event_plane_spec
@@ -182,3 +185,26 @@ async def test_router_resumes_after_nats_restart(nats_server: NatsServer) -> Non
     assert sub.last_stream_seq[worker.pub.publisher_id] == 7
     await feed.stop()
     worker.pub.close()
+
+
+async def test_router_replicas_share_active_load_over_nats(nats_server: NatsServer) -> None:  # noqa: F811
+    discovery = MemDiscovery("nats-replica-sync")
+    loads = [ActiveLoad(), ActiveLoad()]
+    subs = [build_subscriber("nats", [TOPIC_ROUTER_SYNC], spec(nats_server)) for _ in loads]
+    syncs = [
+        ReplicaSync(load, build_publisher("nats", spec(nats_server)), sub, discovery, "t")
+        for load, sub in zip(loads, subs)
+    ]
+    for sync in syncs:
+        await sync.start()
+    syncs[0].peer_added(syncs[1].card)
+    syncs[1].peer_added(syncs[0].card)
+    await subs[1].retained(syncs[0].card.events_address)  # subscribed once this returns
+    loads[0].add("r1", "w1", 100, blocks=3, hashes=[11, 12])
+    await until(lambda: loads[1].get("w1").requests == 1)
+    assert (loads[1].get("w1").prefill_tokens, loads[1].get("w1").blocks) == (100, 3)
+    loads[0].free("r1")
+    await until(lambda: loads[1].get("w1").requests == 0)
+    assert syncs[1].mirrored == 2 and syncs[0].mirrored == 0
+    for sync in syncs:
+        await sync.stop()
