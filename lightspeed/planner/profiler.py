@@ -4,12 +4,11 @@ The fit is the worker's own (worker/perf_fit.py: shape-constrained median regres
 so a profiled model and one a worker fits online from live steps are the same estimator on
 different data. It runs over the sweep's cells: each cell (one prefill size, or one decode batch
 x context) enters as one step whose time is the mean of the cell's measured steps. The mean, not
-each step: event-loop timers tick in whole milliseconds, so a mocker's steps come out a
-millisecond long or short by turns and only their mean is its model (it carries each timer error
-into the next sleep); for a real engine the mean is the throughput a busy worker sustains. A
-stall (a step at `STALL_RATIO` x its cell's median or more) is left out of its cell's mean, and a
-cell spoilt all through still cannot pull the fit far: across cells the fit is a median
-regression. Prefill cells enter as prefill-only steps and decode cells as decode-only steps, as
+each step, and not a median or a trimmed mean: event-loop timers tick in whole milliseconds, so a
+mocker's steps come out a millisecond long or short by turns, and a step that ran late is paid
+back by shorter ones after it (the mocker carries each timer error into its next sleep), so only
+the mean is its model; for a real engine the mean is the step rate a busy worker sustains. A cell
+spoilt by a stall cannot pull the fit far: across cells the fit is a median regression. Prefill cells enter as prefill-only steps and decode cells as decode-only steps, as
 the engine reports them (profile_sweep.py). Times are fitted in the model's reference
 milliseconds, wall ms times the engine's speedup ratio, with that ratio set on the model, so a
 profiled mocker reproduces the `PerfModel` its worker card publishes. Every measured step is kept
@@ -98,25 +97,20 @@ class Profile(msgspec.Struct, frozen=True, omit_defaults=True):
 # A profile cell averages many steps: a handful of cells pins the model down, where the worker's
 # defaults ask for more single steps (the fitter's other limits, sizes and spans, still apply).
 CELL_LIMITS = FitLimits(min_prefill_steps=3, min_decode_steps=3)
-# A step this many times its cell's median is a stall (a GC pause, a busy neighbour on a shared
-# CPU: noise only ever adds time), not the engine's cost. Far above the mocker's timer jitter
-# (a millisecond either way) and the spread of a real engine's steps within one cell.
-STALL_RATIO = 2.0
 
 
 def cell_means(points: Sequence[ProfilePoint]) -> list[ProfilePoint]:
     """One point per sweep cell (phase, prefill size, batch, context): the mean usage and the
-    mean time of its steps, leaving out stalls (`STALL_RATIO` x the cell's median or more)."""
+    mean time of its steps."""
     cells: dict[tuple[Phase, int, int, int], list[ProfilePoint]] = {}
     for p in points:
         cells.setdefault((p.phase, p.prefill_tokens, p.batch_size, p.context_len), []).append(p)
-    means: list[ProfilePoint] = []
-    for (phase, t, b, ctx), group in cells.items():
-        limit = STALL_RATIO * statistics.median(p.ms for p in group)
-        kept = [p for p in group if p.ms < limit] or group
-        usage = statistics.fmean(p.kv_usage for p in kept)
-        means.append(ProfilePoint(phase, t, b, ctx, usage, statistics.fmean(p.ms for p in kept)))
-    return means
+    return [
+        ProfilePoint(
+            phase, t, b, ctx, statistics.fmean(p.kv_usage for p in group), statistics.fmean(p.ms for p in group)
+        )
+        for (phase, t, b, ctx), group in cells.items()
+    ]
 
 
 def fit_points(points: Sequence[ProfilePoint], speedup_ratio: float = 1.0) -> tuple[PerfModel | None, str | None]:

@@ -79,16 +79,11 @@ def test_fit_rejects_a_sweep_the_worker_fitter_cannot_trust() -> None:
     assert (model, rejected) == (None, "2 prefill steps < 3 (one step per sweep cell)")
 
 
-def test_cell_means_average_each_cell_without_its_stalls() -> None:
-    cell = [ProfilePoint("decode", 0, 4, 128, 0.1 + 0.01 * i, ms) for i, ms in enumerate((5.0, 6.0, 5.0, 6.0, 30.0))]
+def test_cell_means_average_each_cell() -> None:
+    # A mocker's timer jitter: 5 / 6 ms by turns, and a late step (30) paid back by short ones.
+    cell = [ProfilePoint("decode", 0, 4, 128, 0.1 + 0.01 * i, ms) for i, ms in enumerate((5.0, 6.0, 30.0, 0.5, 1.0))]
     other = ProfilePoint("decode", 0, 4, 256, 0.3, 9.0)
-    means = cell_means([*cell, other])
-    # 30 ms is over 2x the median (6): a stall, left out; the 5/6 ms timer jitter averages out.
-    assert means == [ProfilePoint("decode", 0, 4, 128, pytest.approx(0.115), 5.5), other]
-
-
-def test_cell_means_keep_a_cell_that_is_all_slow() -> None:
-    assert cell_means([ProfilePoint("prefill", 64, 0, 64, 0.0, 10.0)] * 3)[0].ms == 10.0
+    assert cell_means([*cell, other]) == [ProfilePoint("decode", 0, 4, 128, pytest.approx(0.12), 8.5), other]
 
 
 def test_fit_error_is_relative_per_phase() -> None:
