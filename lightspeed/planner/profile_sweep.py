@@ -177,9 +177,7 @@ class SweepRunner:
 
     async def _decode_cell(self, cell: DecodeCell) -> list[ProfilePoint]:
         streams = [self._add(cell.context_len, max_tokens=None) for _ in range(cell.batch_size)]
-        info = await self._step()
-        while info.num_prefill_tokens > 0 or info.num_decode_tokens < cell.batch_size:
-            info = await self._step()  # setup: the batch's prompts, chunked by the step budget
+        await self._until_all_decode(cell)
         points: list[ProfilePoint] = []
         last = self.clock.now()
         for i in range(self.spec.steps_per_cell):
@@ -194,6 +192,20 @@ class SweepRunner:
         for stream in streams:
             self.core.abort(stream.request_id, notify=False)
         return points
+
+    async def _until_all_decode(self, cell: DecodeCell) -> None:
+        """Step the batch's prompts through prefill (chunked by the step budget) until a step
+        decodes every sequence and prefills nothing. Twice the steps that should take means the
+        batch never decodes together (the scheduler keeps preempting): fail instead of spinning."""
+        steps_left = 2 * math.ceil(cell.batch_size * cell.context_len / self.core.config.max_num_batched_tokens) + 2
+        info = await self._step()
+        while info.num_prefill_tokens > 0 or info.num_decode_tokens < cell.batch_size:
+            steps_left -= 1
+            if steps_left <= 0:
+                raise RuntimeError(
+                    f"decode cell B={cell.batch_size} L={cell.context_len}: the batch never decodes together"
+                )
+            info = await self._step()
 
     async def _prefill_cell(self, tokens: int, settle_s: float) -> list[ProfilePoint]:
         points: list[ProfilePoint] = []
