@@ -22,7 +22,23 @@ PLANES = {
     "--event-plane": ("planes.event_plane", "zmq"),
     "--namespace": ("planes.namespace", "lightspeed"),
     "--cluster-secret": ("planes.cluster_secret", ""),
+    "--etcd-endpoints": ("planes.etcd_endpoints", ""),
+    "--etcd-user": ("planes.etcd_user", ""),
+    "--etcd-password": ("planes.etcd_password", ""),
+    "--etcd-ca": ("planes.etcd_ca", ""),
+    "--etcd-cert": ("planes.etcd_cert", ""),
+    "--etcd-key": ("planes.etcd_key", ""),
+    "--nats-url": ("planes.nats_url", ""),
+    "--nats-user": ("planes.nats_user", ""),
+    "--nats-password": ("planes.nats_password", ""),
+    "--nats-creds": ("planes.nats_creds", ""),
+    "--nats-ca": ("planes.nats_ca", ""),
+    "--nats-cert": ("planes.nats_cert", ""),
+    "--nats-key": ("planes.nats_key", ""),
+    "--nats-kv-max-msgs": ("planes.nats_kv_max_msgs", 100_000),
+    "--nats-kv-max-age": ("planes.nats_kv_max_age", 0.0),
 }
+ADVERTISE = {"--advertise-host": ("advertise_host", "")}  # frontend and worker: serve sets both
 DRAIN = {"--drain-timeout": ("drain_timeout", 10.0)}  # frontend and worker: serve sets both
 FRONTEND = {
     "--host": ("host", "127.0.0.1"),
@@ -89,12 +105,14 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         **_under("", FRONTEND),
         **_under("", PLANES),
         **_under("", DRAIN),
+        **_under("", ADVERTISE),
         "--served-model-name": (("served_model_name",), ""),  # new: the field had no flag
     },
     "worker": {
         **_under("", WORKER),
         **_under("", PLANES),
         **_under("", DRAIN),
+        **_under("", ADVERTISE),
         "--role": (("role",), "agg"),
         "--worker-host": (("host",), "127.0.0.1"),
         "--worker-port": (("port",), 0),  # new: the field had no flag
@@ -105,6 +123,7 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         **_under("worker.", WORKER),
         **_both(PLANES),  # one flag, both configs: serve requires them equal
         **_both(DRAIN),
+        **_both(ADVERTISE),
         "--workers": (("workers",), 1),
         "--liveness-timeout": (("liveness_timeout",), 30.0),
     },
@@ -117,6 +136,11 @@ NEEDS = {
     "--rate-limit-tpm": ["--api-key", "sk-some-key"],
     "--tls-cert": ["--tls-key", "k.pem"],
     "--tls-key": ["--tls-cert", "c.pem"],
+    "--event-plane": ["--nats-url", "nats://n:4222"],  # the other choice is nats
+    "--etcd-cert": ["--etcd-key", "k.pem"],
+    "--etcd-key": ["--etcd-cert", "c.pem"],
+    "--nats-cert": ["--nats-key", "k.pem"],
+    "--nats-key": ["--nats-cert", "c.pem"],
 }
 
 
@@ -131,7 +155,7 @@ def field_at(cfg: Any, dotted: str) -> Any:
 
 
 def other_value(spec: FlagSpec) -> Any:
-    """A valid value different from the default (zmq is the only event plane)."""
+    """A valid value different from the default."""
     if spec.choices:
         return next((c for c in spec.choices if c != spec.default), spec.default)
     if spec.hint is bool:

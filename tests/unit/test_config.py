@@ -70,7 +70,7 @@ def test_queue_policies_are_declared_once() -> None:
 
 
 def test_plane_config_rejects_unknown_discovery() -> None:
-    with pytest.raises(ValueError, match=r"^discovery must be one of mem, file; got 'zookeeper'$"):
+    with pytest.raises(ValueError, match=r"^discovery must be one of mem, file, etcd; got 'zookeeper'$"):
         PlaneConfig(discovery="zookeeper")  # type: ignore[arg-type]
 
 
@@ -95,12 +95,34 @@ def test_every_option_carries_help(cls: type) -> None:
         assert nested or f.metadata["help"], f"{cls.__name__}.{f.name}"
 
 
+NON_DEFAULT_PLANES = PlaneConfig(
+    discovery="mem",
+    discovery_path="/tmp/d",
+    discovery_ttl=2.5,
+    event_plane="nats",
+    namespace="ns",
+    etcd_endpoints="http://e:2379",
+    etcd_user="eu",
+    etcd_password="ep",
+    etcd_ca="eca.pem",
+    etcd_cert="ec.pem",
+    etcd_key="ek.pem",
+    nats_url="nats://n:4222",
+    nats_user="nu",
+    nats_password="np",
+    nats_creds="n.creds",
+    nats_ca="nca.pem",
+    nats_cert="nc.pem",
+    nats_key="nk.pem",
+    nats_kv_max_msgs=10,
+    nats_kv_max_age=60.0,
+)
 NON_DEFAULT_SERVE = ServeConfig(
     FrontendConfig(
         host="0.0.0.0",
         port=9123,
         router_mode="kv-latency",
-        planes=PlaneConfig(discovery="mem", discovery_path="/tmp/d", discovery_ttl=2.5, namespace="ns"),
+        planes=NON_DEFAULT_PLANES,
         max_body_bytes=1234,
         http_header_timeout=4.5,
         http_body_timeout=5.5,
@@ -111,6 +133,7 @@ NON_DEFAULT_SERVE = ServeConfig(
         served_model_name="front",
         router=RouterConfig(0.1, 0.3, False, 7.5, 0.9, 1.5, "wspt", 12, 0.2, 3.25, False, False),
         drain_timeout=3.5,
+        advertise_host="front.example",
     ),
     WorkerConfig(
         engine="mocker",
@@ -119,7 +142,7 @@ NON_DEFAULT_SERVE = ServeConfig(
         role="decode",
         host="10.0.0.1",
         port=4567,
-        planes=PlaneConfig(discovery="mem", discovery_path="/tmp/d", discovery_ttl=2.5, namespace="ns"),
+        planes=NON_DEFAULT_PLANES,
         block_size=16,
         num_gpu_blocks=99,
         max_num_seqs=7,
@@ -132,6 +155,7 @@ NON_DEFAULT_SERVE = ServeConfig(
         metrics_interval=0.3,
         seed=42,
         drain_timeout=2.0,
+        advertise_host="10.0.0.9",
     ),
     workers=4,
     liveness_timeout=12.0,
@@ -170,7 +194,7 @@ def test_the_non_default_fixture_really_differs_everywhere() -> None:
 
     changed, default = leaves(NON_DEFAULT_SERVE), leaves(ServeConfig())
     same = sorted(k for k in changed if changed[k] == default[k])
-    assert same == ["frontend.planes.event_plane", "worker.planes.event_plane"]  # zmq is the only choice
+    assert same == []
 
 
 def test_decoding_validates_like_construction() -> None:
