@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,7 @@ class _Server:
         self.host = host
         self.prefix = prefix or []
         self.proc: subprocess.Popen[bytes] | None = None
+        self.extra: list[str] = []  # more flags (TLS, auth) for the next start
         self.log = workdir / f"{self.name}.log"
         workdir.mkdir(parents=True, exist_ok=True)
 
@@ -77,7 +79,8 @@ class _Server:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen([*self.prefix, *self.command()], stdout=out, stderr=subprocess.STDOUT)
+            cmd = [*self.prefix, *self.command(), *self.extra]
+            self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
         wait_port(self.host, self.port, self.proc, self.log, self.prefix)
 
     def kill(self) -> None:
@@ -109,12 +112,14 @@ class EtcdServer(_Server):
     def port(self) -> int:
         return self.client_port
 
+    scheme = "http"  # "https" once started with TLS flags in `extra`
+
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     def command(self) -> list[str]:
-        peer = f"http://{self.host}:{self.peer_port}"
+        peer = f"http://{self.host}:{self.peer_port}"  # peers stay plaintext: one member
         return [
             find_binary("etcd") or "etcd",
             "--name=test",
@@ -231,3 +236,32 @@ def cluster_flags(etcd_url: str, nats_url: str, namespace: str, ttl: float = 2.0
         "--namespace",
         namespace,
     ]
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+
+def make_certs(folder: Path, ip: str = "127.0.0.1") -> Certs:
+    """A throwaway CA, a server certificate for `ip` and a client certificate (openssl)."""
+    if find_binary("openssl") is None:
+        pytest.skip("openssl is not installed")
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=folder)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=test-ca",
+        "-keyout", "ca.key", "-out", "ca.pem")  # fmt: skip
+    (folder / "san.cnf").write_text(f"subjectAltName=IP:{ip}\nextendedKeyUsage=serverAuth,clientAuth\n")
+    for name in ("server", "client"):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout", f"{name}.key",
+            "-out", f"{name}.csr")  # fmt: skip
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "1", "-extfile", "san.cnf", "-out", f"{name}.pem")  # fmt: skip
+    return Certs(*(str(folder / f) for f in ("ca.pem", "server.pem", "server.key", "client.pem", "client.key")))

@@ -8,14 +8,21 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
+import aetcd.exceptions
 import pytest
 
 from lightspeed.config import PlaneConfig
 from lightspeed.protocol import WorkerCard
 from lightspeed.runtime.discovery import DiscoveryEvent, DiscoverySpec, build_discovery
 from lightspeed.runtime.discovery_etcd import Endpoint, EtcdDiscovery, parse_endpoints
-from tests.integration.cluster_servers import EtcdServer, etcd_server  # noqa: F401 (fixture)
+from tests.integration.cluster_servers import (  # noqa: F401 (fixture)
+    EtcdServer,
+    etcd_server,
+    make_certs,
+    require_binary,
+)
 
 
 def card(iid: str, address: str = "10.0.0.1:5000") -> WorkerCard:
@@ -158,3 +165,59 @@ async def test_unreachable_etcd_retries_then_registers(etcd_server: EtcdServer) 
         await frontend.close()
     finally:
         await worker.close()
+
+
+async def enable_auth(url: str, password: str) -> None:
+    """etcd's own way (what `etcdctl user add root; auth enable` sends): a root user, then auth on."""
+    import aetcd
+    import aetcd.rpc as rpc
+
+    endpoint = parse_endpoints(url)[0]
+    async with aetcd.Client(endpoint.host, endpoint.port) as client:
+        stub = rpc.AuthStub(client.channel)
+        await stub.RoleAdd(rpc.AuthRoleAddRequest(name="root"))
+        await stub.UserAdd(rpc.AuthUserAddRequest(name="root", password=password))
+        await stub.UserGrantRole(rpc.AuthUserGrantRoleRequest(user="root", role="root"))
+        await stub.AuthEnable(rpc.AuthEnableRequest())
+
+
+async def test_user_and_password(etcd_server: EtcdServer) -> None:  # noqa: F811
+    await enable_auth(etcd_server.url, "s3cret-pass")
+    good = build_discovery("etcd", DiscoverySpec(etcd_server.url, "t", 2, user="root", password="s3cret-pass"))
+    anonymous = discovery(etcd_server)
+    try:
+        await good.register(card("w1"))
+        assert [c.instance_id for c in await good.list_cards()] == ["w1"]
+        with pytest.raises(aetcd.exceptions.ClientError, match=r"^etcdserver: user name is empty$"):
+            await anonymous.list_cards()
+    finally:
+        await good.close()
+        await anonymous.close()
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    require_binary("etcd", "etcd-server")
+    certs = make_certs(tmp_path / "certs")
+    server = EtcdServer(tmp_path / "etcd")
+    server.scheme = "https"
+    server.extra = [
+        f"--cert-file={certs.server_cert}",
+        f"--key-file={certs.server_key}",
+        f"--trusted-ca-file={certs.ca}",
+        "--client-cert-auth",
+    ]
+    server.start()
+    tls = DiscoverySpec(server.url, "t", 2, ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key)
+    worker, frontend = build_discovery("etcd", tls), build_discovery("etcd", tls)
+    no_cert = build_discovery("etcd", DiscoverySpec(server.url, "t", 2, ca_file=certs.ca))
+    try:
+        watch = frontend.watch()
+        await worker.register(card("w1"))
+        assert await next_event(watch) == DiscoveryEvent("put", "w1", card("w1"))
+        await watch.aclose()
+        with pytest.raises(aetcd.exceptions.ConnectionFailedError):  # the handshake is refused
+            await no_cert.list_cards()
+    finally:
+        for d in (worker, frontend, no_cert):
+            await d.close()
+        server.kill()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 import msgspec
 import pytest
@@ -28,7 +29,12 @@ from lightspeed.runtime.discovery import MemDiscovery
 from lightspeed.runtime.event_plane import EventPlaneSpec, build_publisher, build_subscriber
 from lightspeed.runtime.event_plane_nats import NatsPublisher, NatsSubscriber, servers_of
 from lightspeed.runtime.planes import event_plane_spec
-from tests.integration.cluster_servers import NatsServer, nats_server  # noqa: F401 (fixture)
+from tests.integration.cluster_servers import (  # noqa: F401 (fixture)
+    NatsServer,
+    make_certs,
+    nats_server,
+    require_binary,
+)
 
 _encode = msgspec.msgpack.Encoder().encode
 WID = "mocker-w1"
@@ -208,3 +214,62 @@ async def test_router_replicas_share_active_load_over_nats(nats_server: NatsServ
     assert syncs[1].mirrored == 2 and syncs[0].mirrored == 0
     for sync in syncs:
         await sync.stop()
+
+
+def custom_server(tmp_path: Path, extra: list[str]) -> NatsServer:
+    require_binary("nats-server", "nats-server")
+    server = NatsServer(tmp_path / "nats")
+    server.extra = extra
+    server.start()
+    return server
+
+
+async def replay_one(spec: EventPlaneSpec) -> tuple[str, bytes]:
+    pub = build_publisher("nats", spec)
+    sub = build_subscriber("nats", [TOPIC_KV_EVENTS], spec)
+    try:
+        pub.publish(TOPIC_KV_EVENTS, b"e1")
+        assert isinstance(pub, NatsPublisher)
+        await asyncio.wait_for(pub.flush(), 10)
+        sub.connect(pub.address)
+        return await asyncio.wait_for(sub.recv(), 10)
+    finally:
+        pub.close()
+        sub.close()
+
+
+async def test_user_and_password(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = custom_server(tmp_path, ["--user", "fleet", "--pass", "s3cret-pass"])
+    try:
+        good = EventPlaneSpec(server.url, namespace="t", user="fleet", password="s3cret-pass")
+        assert await replay_one(good) == (TOPIC_KV_EVENTS, b"e1")
+        anonymous = build_subscriber("nats", [TOPIC_LOAD_METRICS], spec(server))
+        anonymous.connect("nats://x:4222/abc")
+        with pytest.raises(TimeoutError):  # it keeps retrying, and says why
+            await asyncio.wait_for(anonymous.retained("nats://x:4222/abc"), 1.5)
+        anonymous.close()
+        assert "Authorization Violation" in caplog.text
+    finally:
+        server.kill()
+
+
+async def test_mutual_tls(tmp_path: Path) -> None:
+    certs = make_certs(tmp_path / "certs")
+    tls = [
+        "--tls",
+        "--tlscert",
+        certs.server_cert,
+        "--tlskey",
+        certs.server_key,
+        "--tlsverify",
+        "--tlscacert",
+        certs.ca,
+    ]
+    server = custom_server(tmp_path, tls)
+    try:
+        spec_ = EventPlaneSpec(
+            server.url, namespace="t", ca_file=certs.ca, cert_file=certs.client_cert, key_file=certs.client_key
+        )
+        assert await replay_one(spec_) == (TOPIC_KV_EVENTS, b"e1")
+    finally:
+        server.kill()
