@@ -261,26 +261,42 @@ class NatsSubscriber(Subscriber):
             _spawn(_unsubscribe(task))
 
     async def _subscribe(self, pid: str) -> list[Any]:
+        """Subscribe to `pid`'s subjects, retrying while the server refuses (no stream yet, a
+        JetStream outage): a consumer that silently never subscribed would wait forever."""
+        import nats
+
+        while True:
+            try:
+                return await self._subscribe_once(pid)
+            except (TimeoutError, nats.errors.Error) as err:
+                log.warning("nats: subscribing to publisher %s failed (%s); retrying", pid, err)
+                await asyncio.sleep(RETRY_S)
+                with contextlib.suppress(TimeoutError, nats.errors.Error):
+                    await self._session.ensure_stream()
+
+    async def _subscribe_once(self, pid: str) -> list[Any]:
         from nats.js.api import DeliverPolicy
 
         nc = await self._session.connection()
-        subs = []
+        subs: list[Any] = []
         ns = self._spec.namespace
-        for topic in self._topics or ["*"]:
-            subj = subject(ns, topic, pid)
-            if topic == TOPIC_KV_EVENTS:
-                js = nc.jetstream()
-                subs.append(
-                    await js.subscribe(
-                        subj,
-                        cb=self._on_stream_message(pid),
-                        ordered_consumer=True,
-                        deliver_policy=DeliverPolicy.ALL,
-                        idle_heartbeat=HEARTBEAT_S,
-                    )
+        try:
+            for topic in self._topics or ["*"]:
+                subj = subject(ns, topic, pid)
+                if topic != TOPIC_KV_EVENTS:
+                    subs.append(await nc.subscribe(subj, cb=self._on_message))
+                    continue
+                consumer = nc.jetstream().subscribe(
+                    subj,
+                    cb=self._on_stream_message(pid),
+                    ordered_consumer=True,
+                    deliver_policy=DeliverPolicy.ALL,
+                    idle_heartbeat=HEARTBEAT_S,
                 )
-            else:
-                subs.append(await nc.subscribe(subj, cb=self._on_message))
+                subs.append(await consumer)
+        except BaseException:  # all or nothing, so a retry subscribes nothing twice
+            await _unsubscribe_all(subs)
+            raise
         return subs
 
     async def _on_message(self, msg: Any) -> None:
@@ -326,8 +342,12 @@ class NatsSubscriber(Subscriber):
 async def _unsubscribe(task: asyncio.Task[list[Any]]) -> None:
     try:
         subs = await task
-    except BaseException:  # cancelled or failed before it subscribed: nothing to undo
+    except (asyncio.CancelledError, Exception):  # cancelled or failed: it undid its own subscriptions
         return
+    await _unsubscribe_all(subs)
+
+
+async def _unsubscribe_all(subs: list[Any]) -> None:
     for sub in subs:
         with contextlib.suppress(Exception):
             await sub.unsubscribe()
