@@ -6,6 +6,7 @@ worker must leave discovery when its etcd lease expires."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import signal
@@ -19,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+import lightspeed.runtime.discovery_etcd  # noqa: F401 (registers the etcd backend)
+from lightspeed.runtime.discovery import DiscoverySpec, build_discovery
 from tests.integration.cluster_servers import (
     EtcdServer,
     NatsServer,
@@ -43,6 +46,8 @@ class Fleet:
     workers: list[subprocess.Popen[bytes]]
     logs: Path
     flags: list[str]
+    etcd: EtcdServer
+    nats: NatsServer
 
     def start_frontend(self) -> None:
         """A (new) frontend process on a fresh port; `url` follows it."""
@@ -101,7 +106,7 @@ def fleet(etcd_server: EtcdServer, nats_server: NatsServer, tmp_path: Path) -> I
     workers = [
         start_process(lightspeed_cmd("worker", *WORKER_ARGS, *flags), tmp_path / f"worker{i}.log") for i in range(2)
     ]
-    fleet = Fleet("", workers[0], workers, tmp_path, flags)
+    fleet = Fleet("", workers[0], workers, tmp_path, flags, etcd_server, nats_server)
     try:
         fleet.start_frontend()
         yield fleet
@@ -159,3 +164,44 @@ def test_restarted_frontend_replays_kv_events_from_jetstream(fleet: Fleet) -> No
     assert metric(fleet.url, "lightspeed_router_kv_resyncs_total") == {"": 0.0}
     for k, worker in first.items():
         assert served_by(fleet.url, prompts[k]) == worker, f"prompt {k} left its cached worker"
+
+
+def cards_in_etcd(fleet: Fleet) -> list[str]:
+    """The workers' cards in etcd right now (the frontend registers a router card too)."""
+
+    async def read() -> list[str]:
+        etcd = build_discovery("etcd", DiscoverySpec(fleet.etcd.url, "e2e"))
+        try:
+            return [card.instance_id for card in await etcd.list_cards() if card.component == "backend"]
+        except Exception:  # etcd still starting
+            return []
+        finally:
+            await etcd.close()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.slow
+def test_fleet_survives_nats_and_etcd_restarts(fleet: Fleet) -> None:
+    url = fleet.url
+    prompts = [[11000 + 100 * k + i for i in range(4 * BS)] for k in range(8)]
+    first = {k: served_by(url, prompts[k]) for k in range(4)}
+    wait(lambda: metric(url, "lightspeed_router_indexed_blocks")[""] >= 16, "KV events", 10)
+    resyncs = metric(url, "lightspeed_router_kv_resyncs_total")[""]  # the fresh workers' first snapshots
+
+    # NATS restarts (same store): publishers and the routers' ordered consumers resume from the
+    # stream, so blocks cached after the restart reach the index without any dump.
+    fleet.nats.restart()
+    for k in range(4, 8):
+        first[k] = served_by(url, prompts[k])
+    wait(lambda: metric(url, "lightspeed_router_indexed_blocks")[""] >= 32, "KV events after the restart", 20)
+    assert metric(url, "lightspeed_router_kv_resyncs_total")[""] == resyncs
+
+    # etcd comes back empty: workers notice their lease is gone, register again, and the frontend
+    # (whose watch broke) lists them again; every request after that succeeds.
+    fleet.etcd.restart(wipe=True)
+    wait(lambda: len(cards_in_etcd(fleet)) == 2, "the workers' cards back in etcd", 20)
+    wait(lambda: len(health_workers(url)) == 2, "the workers in the frontend's discovery", 20)
+    assert sorted(cards_in_etcd(fleet)) == sorted(w["instance_id"] for w in health_workers(url))
+    for k, worker in first.items():
+        assert served_by(url, prompts[k]) == worker, f"prompt {k} left its cached worker"
