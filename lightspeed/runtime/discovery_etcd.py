@@ -215,18 +215,20 @@ class EtcdDiscovery(Discovery):
         if self._keeper is None or self._keeper.done():
             self._keeper = asyncio.create_task(self._keep_alive(), name="etcd-lease-keepalive")
 
-    async def _put(self, card: WorkerCard) -> None:
-        lease = self._lease
+    async def _put(self, card: WorkerCard, lease: Any = None) -> None:
+        lease = lease if lease is not None else self._lease
         await self._conn.call(lambda c: c.put(self._key(card.instance_id), _encode(card), lease=lease))
 
     async def _new_lease(self) -> None:
-        """Grant a lease and put every owned card under it (called with the lock held)."""
+        """Grant a lease and put every owned card under it (called with the lock held). The
+        lease is kept only once every card is under it: after a failed put the keeper starts over
+        (the half-used lease expires unrefreshed)."""
         self._lease = None
         lease = await self._conn.call(lambda c: c.lease(self.ttl))
-        self._lease = lease
         self.leases_granted += 1
         for card in list(self._owned.values()):
-            await self._put(card)
+            await self._put(card, lease)
+        self._lease = lease
         log.info("etcd: lease %x (ttl %ds) holds %d card(s)", lease.id, self.ttl, len(self._owned))
 
     async def _keep_alive(self) -> None:
