@@ -64,8 +64,8 @@ class Params:
     fidelity_start_s: float = 0.0
     fidelity_workers: int = 2
     fidelity_speedup_ratio: float = 0.5
-    tight_ttft_slo: float = 0.08
-    tight_itl_slo: float = 0.0125
+    tight_ttft_slo: float = 0.1
+    tight_itl_slo: float = 0.016
     # planner
     planner_speedup: float = 10.0
     planner_interval_s: float = 10.0
@@ -162,6 +162,7 @@ async def _live(p: Params, out: Path) -> tuple[BenchSummary, list[RequestResult]
             trace=p.trace,
             trace_start_s=p.fidelity_start_s,
             trace_window_s=p.fidelity_window_s,
+            num_requests=None,  # the whole slice (the dataclass default is 1000)
             progress=False,
             save_requests=True,
             out_dir=str(out),

@@ -42,7 +42,13 @@ def live_fleet() -> Iterator[Server]:
 
 def _live(server: Server, window_s: float, speedup: float) -> BenchSummary:
     cfg = BenchConfig(
-        url=server.url, trace=str(TRACE), trace_window_s=window_s, speedup=speedup, progress=False, timeout_s=60.0
+        url=server.url,
+        trace=str(TRACE),
+        trace_window_s=window_s,
+        speedup=speedup,
+        num_requests=None,  # the whole slice (the dataclass default is 1000)
+        progress=False,
+        timeout_s=60.0,
     )
     return asyncio.run(run_bench(cfg)).summary
 
