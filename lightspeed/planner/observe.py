@@ -4,11 +4,14 @@ Two sources (DESIGN §7):
 
 * the frontend's Prometheus `/metrics` (frontend/metrics.py): counters and histograms are
   cumulative since the frontend started, so each interval is the *difference* of two scrapes,
-  never a lifetime average. Request rate counts served and server-refused (5xx) requests, the
-  demand the fleet had to meet; ISL / OSL means, the prefix hit rate (cached / prompt tokens)
-  and the TTFT / ITL quantiles (interpolated inside histogram buckets, as Prometheus'
-  `histogram_quantile` does) come from the same deltas. ISL, OSL and the request counter are
-  recorded when a request ends, so an interval sees the requests that finished in it.
+  never a lifetime average. The request rate is the *arrival* rate, the demand: requests that
+  ended in the interval (served, or refused by the server with a 5xx) plus the change in the
+  requests in flight. Counting completions alone would cap the observed rate at what the fleet
+  managed to serve, so an under-provisioned fleet would never look busy enough to grow. ISL /
+  OSL means, the prefix hit rate (cached / prompt tokens) and the TTFT / ITL quantiles
+  (interpolated inside histogram buckets, as Prometheus' `histogram_quantile` does) come from
+  the same deltas; they are recorded when a request ends, so they describe the requests that
+  finished in the interval.
 * the workers' per-step `ForwardPassMetrics` on the event plane, summed per interval.
 
 Nothing here raises on missing or odd metrics: an interval with no requests has NaN means and
@@ -33,6 +36,7 @@ ITL = PREFIX + "inter_token_latency_seconds"
 ISL = PREFIX + "input_sequence_tokens"
 OSL = PREFIX + "output_sequence_tokens"
 CACHED = PREFIX + "cached_tokens"
+INFLIGHT = PREFIX + "inflight_requests"
 NAN = math.nan
 
 
@@ -82,6 +86,7 @@ class FrontendSnapshot:
     isl: HistogramSample = HistogramSample()
     osl: HistogramSample = HistogramSample()
     cached_tokens: float = 0.0
+    inflight: float = 0.0  # a gauge: requests in flight at the scrape
 
 
 @dataclass(frozen=True)
@@ -89,9 +94,9 @@ class FrontendInterval:
     """The difference of two scrapes `seconds` apart."""
 
     seconds: float
-    requests: float  # served + refused
+    requests: float  # arrivals: ended (served + refused) + change in flight
     refused: float
-    request_rate: float
+    request_rate: float  # arrivals per second
     isl: float
     osl: float
     prefix_hit_rate: float
@@ -123,6 +128,7 @@ def parse_frontend_metrics(text: str, model: str | None = None) -> FrontendSnaps
         isl=_histogram(hists.get(ISL)),
         osl=_histogram(hists.get(OSL)),
         cached_tokens=counters.get("cached", 0.0),
+        inflight=counters.get("inflight", 0.0),
     )
 
 
@@ -140,6 +146,8 @@ def _collect(
             counters[key] = counters.get(key, 0.0) + value
     elif name == CACHED + "_total":
         counters["cached"] = counters.get("cached", 0.0) + value
+    elif name == INFLIGHT:
+        counters["inflight"] = counters.get("inflight", 0.0) + value
     for base in (TTFT, ITL, ISL, OSL):
         if not name.startswith(base + "_"):
             continue
@@ -173,10 +181,11 @@ def frontend_interval(prev: FrontendSnapshot, cur: FrontendSnapshot, seconds: fl
     ttft, itl = cur.ttft.minus(prev.ttft), cur.itl.minus(prev.itl)
     cached = _counter_delta(cur.cached_tokens, prev.cached_tokens)
     hit = cached / isl.total if isl.total > 0 else NAN
-    rate = (served + refused) / seconds if seconds > 0 else NAN
+    arrivals = max(0.0, served + refused + cur.inflight - prev.inflight)
+    rate = arrivals / seconds if seconds > 0 else NAN
     return FrontendInterval(
         seconds=seconds,
-        requests=served + refused,
+        requests=arrivals,
         refused=refused,
         request_rate=rate,
         isl=isl.mean(),

@@ -33,6 +33,7 @@ def scrape(
     isl: tuple[float, float],
     osl: tuple[float, float],
     cached: float,
+    inflight: float = 0.0,
 ) -> str:
     """A frontend /metrics text. ttft / itl: cumulative counts at le=0.1, 1, +Inf (resp. 0.01, 0.05, +Inf);
     isl / osl: (count, sum)."""
@@ -48,19 +49,22 @@ def scrape(
         hist("lightspeed_frontend_output_sequence_tokens", [("+Inf", osl[0])], osl[1]),
         "# TYPE lightspeed_frontend_cached_tokens counter",
         f'lightspeed_frontend_cached_tokens_total{{model="m"}} {cached}',
+        "# TYPE lightspeed_frontend_inflight_requests gauge",
+        f'lightspeed_frontend_inflight_requests{{model="m"}} {inflight}',
     ]
     return "\n".join(parts) + "\n"
 
 
-BEFORE = scrape(10, 1, 5, [5, 10, 10], [100, 200, 200], (10, 10_000), (10, 1_000), 2_000)
-AFTER = scrape(30, 3, 50, [5, 30, 30], [100, 500, 600], (30, 50_000), (30, 5_000), 12_000)
+BEFORE = scrape(10, 1, 5, [5, 10, 10], [100, 200, 200], (10, 10_000), (10, 1_000), 2_000, inflight=4)
+AFTER = scrape(30, 3, 50, [5, 30, 30], [100, 500, 600], (30, 50_000), (30, 5_000), 12_000, inflight=7)
 
 
 def test_interval_is_the_difference_of_two_scrapes() -> None:
     got = frontend_interval(parse_frontend_metrics(BEFORE), parse_frontend_metrics(AFTER), 10.0)
-    assert got.requests == 22  # 20 served + 2 refused with 503; the 45 new 400s are not demand
+    # arrivals: 20 served + 2 refused with 503 + 3 more in flight; the 45 new 400s are not demand
+    assert got.requests == 25
     assert got.refused == 2
-    assert got.request_rate == pytest.approx(2.2)
+    assert got.request_rate == pytest.approx(2.5)
     assert got.isl == pytest.approx(40_000 / 20)  # delta sum / delta count, not the lifetime 50000/30
     assert got.osl == pytest.approx(4_000 / 20)
     assert got.prefix_hit_rate == pytest.approx(10_000 / 40_000)
@@ -83,7 +87,7 @@ def test_no_traffic_gives_nan_means_and_no_latencies() -> None:
 
 def test_a_restarted_frontend_counts_from_zero() -> None:
     got = frontend_interval(parse_frontend_metrics(AFTER), parse_frontend_metrics(BEFORE), 5.0)
-    assert got.requests == 11  # counters went down: the new values are the whole interval
+    assert got.requests == 11 + 4 - 7  # counters went down: the new values are the whole interval
     assert got.isl == pytest.approx(1_000)
 
 
