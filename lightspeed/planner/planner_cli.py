@@ -133,13 +133,19 @@ def read_perf_model(path: str) -> PerfModel:
         return load_perf_model(path)
 
 
+def is_worker(card: WorkerCard) -> bool:
+    """Engine workers serve a model at a request-plane address; routers (replica sync) register
+    cards of their own with neither."""
+    return bool(card.address and card.model)
+
+
 async def fleet_cards(discovery: Discovery | None, wait_s: float = CARD_WAIT_S) -> list[WorkerCard]:
     """The workers' cards, waiting a while for the first one (a fleet that is still starting)."""
     if discovery is None:
         return []
     deadline = asyncio.get_running_loop().time() + wait_s
     while True:
-        cards = await discovery.list_cards()
+        cards = [c for c in await discovery.list_cards() if is_worker(c)]
         if cards or asyncio.get_running_loop().time() >= deadline:
             return cards
         await asyncio.sleep(0.25)
@@ -198,7 +204,15 @@ async def open_planner(
         opts.predictor,
     )
     current = await connector.current()
-    planner = Planner(config, perf_model_for(opts, cards), current if current is not None else opts.min_workers)
+    model_perf = perf_model_for(opts, cards)
+    planner = Planner(config, model_perf, current if current is not None else opts.min_workers)
+    log.info(
+        "planner: %d worker cards; sizing engines of %d KV tokens, %d sequences; step model %s",
+        len(cards),
+        config.limits.kv_capacity_tokens,
+        config.limits.max_num_seqs,
+        model_perf,
+    )
     follower = None
     aggregator = ForwardPassAggregator()
     if discovery is not None and planes is not None:

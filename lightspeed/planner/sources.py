@@ -86,10 +86,11 @@ class ForwardPassFollower:
 
     async def _watch(self) -> None:
         async for event in self._discovery.watch():
-            if event.kind == "put" and event.card is not None and event.card.events_address:
+            card = event.card
+            if event.kind == "put" and card is not None and card.events_address and card.address:
                 if event.instance_id not in self._addresses:
-                    self._addresses[event.instance_id] = event.card.events_address
-                    self._sub.connect(event.card.events_address)
+                    self._addresses[event.instance_id] = card.events_address
+                    self._sub.connect(card.events_address)
             elif event.kind == "delete":
                 address = self._addresses.pop(event.instance_id, None)
                 if address is not None:

@@ -16,9 +16,10 @@ from lightspeed.planner.connectors import ScaleResult
 from lightspeed.planner.core import Decision, Planner, PlannerConfig
 from lightspeed.planner.metrics import PlannerMetrics
 from lightspeed.planner.observe import FrontendInterval, IntervalObservation
+from lightspeed.planner.planner_cli import engine_limits, is_worker
 from lightspeed.planner.service import DecisionRecord, PlannerService
 from lightspeed.planner.sources import FrontendObserver, PlannerObserver
-from lightspeed.protocol import PerfModel
+from lightspeed.protocol import PerfModel, WorkerCard
 
 # prefill_ms(t) = 0.01 t + 10; decode_ms(p) = 40 p + 5 (as in test_core.py)
 LINEAR = PerfModel(prefill_coeffs=(0.0, 0.01, 10.0), decode_coeffs=(0.0, 40.0, 5.0), decode_floor_ms=1.0)
@@ -198,3 +199,12 @@ def test_interval_must_be_positive() -> None:
     cfg = PlannerConfig(SLA, Budget(max_workers=10), LIMITS)
     with pytest.raises(ValueError, match="adjustment_interval"):
         PlannerService(Planner(cfg, LINEAR, 1), Script([]), FakeConnector(), interval_s=0.0)
+
+
+def test_engine_limits_come_from_worker_cards_only() -> None:
+    router = WorkerCard(instance_id="router-1", model="", address="", component="router")
+    small = WorkerCard(instance_id="w1", model="m", address="a:1", total_kv_blocks=100, block_size=16, max_num_seqs=4)
+    big = WorkerCard(instance_id="w2", model="m", address="a:2", total_kv_blocks=1000, block_size=16, max_num_seqs=8)
+    cards = [c for c in (router, small, big) if is_worker(c)]
+    assert engine_limits(cards) == EngineLimits(1600, 4)  # the weakest worker; the router ignored
+    assert engine_limits([]) == EngineLimits(16384 * 64)
