@@ -25,7 +25,7 @@ import aiohttp
 import msgspec
 from aiohttp import web
 
-from lightspeed.config import PlaneConfig, PlannerOptions, opt
+from lightspeed.config import ConfigError, PlaneConfig, PlannerOptions, opt
 from lightspeed.options import add_flags, build_config, flag_specs, resolve
 from lightspeed.planner.arithmetic import Budget, EngineLimits, SlaTarget
 from lightspeed.planner.connectors import Connector, ConnectorSettings, make_connector
@@ -97,8 +97,14 @@ def planner_main(args: argparse.Namespace) -> int:
     """Run until SIGINT/SIGTERM. A bad option is a ValueError (the CLI exits 2)."""
     import uvloop
 
-    cfg = planner_config(args)
-    uvloop.run(_run_standalone(cfg))
+    try:
+        cfg = planner_config(args)
+    except ValueError as err:  # the CLI exits 2 on a configuration error
+        raise ConfigError(str(err)) from None
+    try:
+        uvloop.run(_run_standalone(cfg))
+    except ValueError as err:  # found while starting: an unreadable --perf-model, a bad connector setting
+        raise ConfigError(str(err)) from None
     return 0
 
 
