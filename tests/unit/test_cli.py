@@ -126,6 +126,19 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         **_both(ADVERTISE),
         "--workers": (("workers",), 1),
         "--liveness-timeout": (("liveness_timeout",), 30.0),
+        # serve --planner: the SLA planner in-process (config.PlannerOptions)
+        "--planner": (("planner.enabled",), False),
+        "--mode": (("planner.mode",), "throughput"),
+        "--predictor": (("planner.predictor",), "constant"),
+        "--adjustment-interval": (("planner.adjustment_interval",), 60.0),
+        "--ttft-slo": (("planner.ttft_slo",), 2.0),
+        "--itl-slo": (("planner.itl_slo",), 0.05),
+        "--min-workers": (("planner.min_workers",), 1),
+        "--max-workers": (("planner.max_workers",), 8),
+        "--perf-model": (("planner.perf_model",), ""),
+        "--decision-log": (("planner.decision_log",), ""),
+        "--metrics-port": (("planner.metrics_port",), 0),
+        "--dry-run": (("planner.dry_run",), False),
     },
 }
 
