@@ -85,8 +85,11 @@ class Params:
             raise ValueError("max_context must fit one worker's KV cache")
 
     def runs(self) -> list[str]:
+        """The first predictor, the static fleets, then the other predictors (so a run cut short
+        still compares one planner with the static fleets)."""
         names = [f"planner-{p.strip()}" for p in self.predictors.split(",") if p.strip()]
-        return names + [f"static-{s.strip()}" for s in self.statics.split(",") if s.strip()]
+        statics = [f"static-{s.strip()}" for s in self.statics.split(",") if s.strip()]
+        return names[:1] + statics + names[1:]
 
 
 class RunResult(msgspec.Struct):
@@ -330,6 +333,12 @@ async def run(args: argparse.Namespace, p: Params) -> Payload:
         logger.info("run %s (%d workers at start)", name, workers)
         runs.append(await one_run(p, name, workers, trace))
         logger.info("  %s", _line(runs[-1]))
+        partial = payload(p, kept, dropped, size, runs)  # kept after each run, in case the rest is cut
+        (WORK / "planner_live" / "partial.json").write_bytes(msgspec.json.encode(partial))
+    return payload(p, kept, dropped, size, runs)
+
+
+def payload(p: Params, kept: int, dropped: int, size: dict[str, object], runs: list[RunResult]) -> Payload:
     peak = next((r for r in runs if r.name == "static-peak"), None)
     ratios = {r.name: {"ws_vs_peak": r.worker_seconds / peak.worker_seconds if peak else math.nan} for r in runs}
     return Payload(asdict(p), kept, dropped, size, runs, ratios)
