@@ -65,7 +65,7 @@ SWEEP_FLAGS = (
         "--context-lens",
         str,
         "",
-        "decode context lengths in tokens, comma-separated ('' = the largest batch at ~6%, 23%, 45%, 68%, 90% of the KV cache)",
+        "decode context lengths in tokens, comma-separated ('' = the largest batch at ~6%%, 23%%, 45%%, 68%%, 90%% of the KV cache)",
     ),
     _spec("--repeats", int, 5, "measured steps per sweep point"),
     _spec("--warmup", int, 2, "unrecorded steps before each sweep point's measured ones"),

@@ -137,3 +137,11 @@ def test_sweep_flags_read_the_environment(
     with caplog.at_level(logging.ERROR):
         assert main(["profile", *FAST, "--out", str(tmp_path / "p.json")]) == 2
     assert "prefill size 9000 exceeds max_num_batched_tokens=8192" in caplog.text
+
+
+def test_help_renders(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["profile", "--help"])
+    assert exit_.value.code == 0
+    text = capsys.readouterr().out
+    assert "--prefill-sizes" in text and "~6%, 23%, 45%, 68%, 90% of the" in text
