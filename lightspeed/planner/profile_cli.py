@@ -221,7 +221,8 @@ def host_info() -> HostInfo:
         model, flags = cpuinfo_fields(Path("/proc/cpuinfo").read_text())
     except OSError:
         model, flags = "", ""
-    return HostInfo(model or "unknown", flags, len(os.sched_getaffinity(0)))
+    load = os.getloadavg()
+    return HostInfo(model or "unknown", flags, len(os.sched_getaffinity(0)), (load[0], load[1], load[2]))
 
 
 def command_line(cfg: WorkerConfig, spec: SweepSpec, values: dict[str, Any]) -> str:

@@ -57,6 +57,8 @@ class HostInfo(msgspec.Struct, frozen=True):
     cpu_model: str
     cpu_flags: str
     cpus: int
+    # Other processes on a shared machine slow every step down: how busy it was (1, 5, 15 min).
+    loadavg_at_end: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 class SweepInfo(msgspec.Struct, frozen=True):
