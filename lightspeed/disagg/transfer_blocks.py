@@ -11,7 +11,7 @@ block's K (or V) of one layer; the payload is [layers, 2, requested blocks, chun
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -28,7 +28,7 @@ class KvSource(Protocol):
         """Layout of all the transfer's blocks (`num_blocks` = how many)."""
         ...
 
-    def views(self, positions: Sequence[int]) -> Iterator[memoryview]:
+    def views(self, positions: Sequence[int]) -> list[memoryview]:
         """The payload of the blocks at `positions` (in that order), as views in wire order."""
         ...
 
@@ -64,14 +64,16 @@ class _LayeredViews:
         self._capacity = capacity
         self._chunk = chunk
 
-    def views(self, slots: Sequence[int]) -> Iterator[memoryview]:
-        slot_runs = runs(slots)
+    def views(self, slots: Sequence[int]) -> list[memoryview]:
+        chunk = self._chunk
+        spans = [(start * chunk, (start + length) * chunk) for start, length in runs(slots)]
+        out: list[memoryview] = []
         for layer in self._layers:
             for kv in (0, 1):
-                base = kv * self._capacity
-                for start, length in slot_runs:
-                    offset = (base + start) * self._chunk
-                    yield layer[offset : offset + length * self._chunk]
+                base = kv * self._capacity * chunk
+                # A comprehension: a scattered transfer has one view per block and layer.
+                out += [layer[base + lo : base + hi] for lo, hi in spans]
+        return out
 
 
 def check_positions(positions: Sequence[int], num_blocks: int) -> None:
@@ -124,7 +126,7 @@ class CacheSource:
     def header(self) -> KvBlocksHeader:
         return self._header
 
-    def views(self, positions: Sequence[int]) -> Iterator[memoryview]:
+    def views(self, positions: Sequence[int]) -> list[memoryview]:
         check_positions(positions, len(self._block_ids))
         return self._views.views([self._block_ids[p] for p in positions])
 
@@ -147,7 +149,7 @@ class BufferSource:
     def header(self) -> KvBlocksHeader:
         return self._header
 
-    def views(self, positions: Sequence[int]) -> Iterator[memoryview]:
+    def views(self, positions: Sequence[int]) -> list[memoryview]:
         check_positions(positions, self._header.num_blocks)
         return self._views.views(positions)
 

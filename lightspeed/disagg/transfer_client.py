@@ -55,6 +55,7 @@ class TransferClientConfig:
     max_payload_bytes: int = 8 * 1024**3  # refuse larger transfers instead of allocating them
     max_frame_bytes: int = 64 * 1024 * 1024  # a data frame announcing more is corrupt
     shm: bool = True  # accept the shared-memory path when the prefill side is on this host
+    staging_pool_bytes: int = 1024**3  # idle receive buffers kept for the next pull
 
     def __post_init__(self) -> None:
         if self.retries < 0:
@@ -63,6 +64,8 @@ class TransferClientConfig:
             raise ValueError(f"retry_backoff_s must be >= 0, got {self.retry_backoff_s}")
         if not self.io_timeout_s > 0:
             raise ValueError(f"io_timeout_s must be > 0, got {self.io_timeout_s}")
+        if self.staging_pool_bytes < 0:
+            raise ValueError(f"staging_pool_bytes must be >= 0, got {self.staging_pool_bytes}")
         for name in ("max_concurrent", "max_payload_bytes", "max_frame_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -87,6 +90,7 @@ class KvTransferClient:
         self.config = config or TransferClientConfig()
         self._pool = ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="kv-recv")
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._staging = StagingPool(self.config.staging_pool_bytes)
 
     async def __aenter__(self) -> KvTransferClient:
         return self
@@ -112,21 +116,25 @@ class KvTransferClient:
         use_shm = self.config.shm and bool(params.host_id) and params.host_id == transfer_shm.host_identity()
         async with self._slots:
             buffer: bytearray | None = None
-            for attempt in range(1, self.config.retries + 2):
-                if buffer is None and not use_shm:
-                    buffer = bytearray(plan.nbytes)  # preallocated once, reused by retries
-                try:
-                    mode = await loop.run_in_executor(self._pool, self._attempt, plan, dest, buffer, use_shm)
-                except KvTransferError as exc:
-                    if not exc.retryable or attempt > self.config.retries:
-                        raise
-                    use_shm = use_shm and not isinstance(exc, _ShmUnusable)
-                    logger.warning("KV pull %s attempt %d failed (%s); retrying", params.transfer_id, attempt, exc)
-                    await asyncio.sleep(self.config.retry_backoff_s * attempt)
-                    continue
-                seconds = time.perf_counter() - started
-                num_blocks = plan.expected.header.num_blocks if plan.expected.header else 0
-                return PullResult(params.transfer_id, mode, num_blocks, plan.nbytes, attempt, seconds)
+            try:
+                for attempt in range(1, self.config.retries + 2):
+                    if buffer is None and not use_shm:
+                        buffer = self._staging.take(plan.nbytes)  # one buffer for every retry
+                    try:
+                        mode = await loop.run_in_executor(self._pool, self._attempt, plan, dest, buffer, use_shm)
+                    except KvTransferError as exc:
+                        if not exc.retryable or attempt > self.config.retries:
+                            raise
+                        use_shm = use_shm and not isinstance(exc, _ShmUnusable)
+                        logger.warning("KV pull %s attempt %d failed (%s); retrying", params.transfer_id, attempt, exc)
+                        await asyncio.sleep(self.config.retry_backoff_s * attempt)
+                        continue
+                    seconds = time.perf_counter() - started
+                    num_blocks = plan.expected.header.num_blocks if plan.expected.header else 0
+                    return PullResult(params.transfer_id, mode, num_blocks, plan.nbytes, attempt, seconds)
+            finally:
+                if buffer is not None:
+                    self._staging.give_back(buffer)
         raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _plan(self, params: TransferParams, dest: KvDestination, positions: Sequence[int] | None) -> _Plan:
@@ -151,6 +159,7 @@ class KvTransferClient:
         request = PullRequest(PROTOCOL_VERSION, params.transfer_id, plan.positions, host_id)
         try:
             with socket.create_connection((params.host, params.port), timeout=self.config.io_timeout_s) as sock:
+                transfer_stream.set_io_timeout(sock, self.config.io_timeout_s)
                 sock.sendall(encode_control(request))
                 reply = transfer_stream.recv_control(sock, PullReply)
                 self._check_reply(reply, plan)
@@ -180,28 +189,45 @@ class KvTransferClient:
             raise ProtocolError(f"frame_bytes {reply.frame_bytes} outside 1..{self.config.max_frame_bytes}")
 
     def _land_tcp(self, sock: socket.socket, reply: PullReply, buffer: bytearray, dest: KvDestination) -> None:
-        with memoryview(buffer) as view:
-            transfer_stream.recv_frames(sock, view, reply.frame_bytes)
-            # Verified: the prefill side may free its blocks while we import.
-            sock.sendall(encode_control(PullAck(ok=True)))
-            dest.land(view)
+        view = memoryview(buffer)[: reply.nbytes]
+        transfer_stream.recv_frames(sock, view, reply.frame_bytes)
+        # Verified: the prefill side may free its blocks while we import.
+        sock.sendall(encode_control(PullAck(ok=True)))
+        dest.land(view)
 
     def _land_shm(self, sock: socket.socket, reply: PullReply, plan: _Plan, dest: KvDestination) -> None:
         try:
-            segment = transfer_shm.attach(reply.shm_name)
+            segment = transfer_shm.Mapping(reply.shm_name, plan.nbytes)
         except OSError as exc:
             sock.sendall(encode_control(PullAck(ok=False)))
             raise _ShmUnusable(f"cannot open shared memory {reply.shm_name!r}: {exc}") from exc
         try:
-            assert segment.buf is not None
-            with segment.buf[: plan.nbytes] as view:
-                if len(view) != plan.nbytes:
-                    raise TransferCorrupt(f"segment holds {len(view)} bytes, expected {plan.nbytes}")
-                if xxhash.xxh3_64_intdigest(view) != reply.shm_checksum:
-                    raise TransferCorrupt("checksum mismatch in the shared-memory payload")
-                dest.land(view)
+            if xxhash.xxh3_64_intdigest(segment.buf) != reply.shm_checksum:
+                raise TransferCorrupt("checksum mismatch in the shared-memory payload")
+            dest.land(segment.buf)
             sock.sendall(encode_control(PullAck(ok=True)))
         finally:
             # A view still held (e.g. by a failed import's traceback) keeps the mapping until GC.
             with contextlib.suppress(BufferError):
                 segment.close()
+
+
+class StagingPool:
+    """Receive buffers kept between pulls (up to `max_idle_bytes`): a fresh buffer's first write
+    faults in every page, which costs a large share of a loopback transfer's time."""
+
+    def __init__(self, max_idle_bytes: int) -> None:
+        self._max_idle_bytes = max_idle_bytes
+        self._idle: list[bytearray] = []  # smallest first
+
+    def take(self, nbytes: int) -> bytearray:
+        for i, buf in enumerate(self._idle):
+            if len(buf) >= nbytes:
+                return self._idle.pop(i)
+        return bytearray(nbytes)
+
+    def give_back(self, buf: bytearray) -> None:
+        self._idle.append(buf)
+        self._idle.sort(key=len)
+        while self._idle and sum(len(b) for b in self._idle) > self._max_idle_bytes:
+            self._idle.pop()  # the largest goes first

@@ -55,6 +55,7 @@ class TransferServerConfig:
     max_pinned: int = 4096  # transfers registered and not yet released
     frame_bytes: int = DEFAULT_FRAME_BYTES  # payload bytes per data frame
     shm: bool = True  # offer the shared-memory path to pullers on this host
+    shm_pool_bytes: int = 1024**3  # idle shared-memory segments kept for reuse
 
     def __post_init__(self) -> None:
         if not self.host:
@@ -66,6 +67,8 @@ class TransferServerConfig:
         for name in ("pin_timeout_s", "io_timeout_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.shm_pool_bytes < 0:
+            raise ValueError(f"shm_pool_bytes must be >= 0, got {self.shm_pool_bytes}")
         for name in ("max_concurrent", "max_connections", "max_pinned"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -86,6 +89,7 @@ class KvTransferServer:
         self._registry = TransferRegistry(self.config.pin_timeout_s, self.config.max_pinned)
         self._pool = ThreadPoolExecutor(self.config.max_concurrent, thread_name_prefix="kv-send")
         self._slots = asyncio.Semaphore(self.config.max_concurrent)
+        self._segments = transfer_shm.SegmentPool(self.config.shm_pool_bytes)
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task[None] | None = None
         self._conns: dict[socket.socket, asyncio.Task[None]] = {}
@@ -166,6 +170,7 @@ class KvTransferServer:
         await asyncio.gather(*self._conns.values(), return_exceptions=True)
         self._registry.release_all()
         self._pool.shutdown(wait=True)
+        self._segments.close()
 
     async def _accept_loop(self, listener: socket.socket) -> None:
         loop = asyncio.get_running_loop()
@@ -246,7 +251,7 @@ class KvTransferServer:
                 await loop.sock_sendall(conn, encode_control(PullReply(ok=False, code="busy", message="no slot")))
                 return
             try:
-                conn.settimeout(self.config.io_timeout_s)  # blocking with a timeout, for the thread
+                transfer_stream.set_io_timeout(conn, self.config.io_timeout_s)  # blocking, for the thread
                 pulled = await loop.run_in_executor(self._pool, self._stream, conn, entry, request)
             finally:
                 self._slots.release()
@@ -266,10 +271,14 @@ class KvTransferServer:
             conn.sendall(encode_control(reply))
             transfer_stream.send_frames(conn, views, self.config.frame_bytes)
             return transfer_stream.recv_control(conn, PullAck).ok
-        segment, checksum = transfer_shm.create_filled(views, nbytes)
+        segment = self._segments.take(nbytes)
+        acked = False
         try:
+            checksum = transfer_shm.fill(segment, views, nbytes)
             reply = PullReply(ok=True, header=header, nbytes=nbytes, shm_name=segment.name, shm_checksum=checksum)
             conn.sendall(encode_control(reply))
-            return transfer_stream.recv_control(conn, PullAck).ok
+            acked = transfer_stream.recv_control(conn, PullAck).ok
+            return acked
         finally:
-            transfer_shm.discard(segment)
+            # Without an ok ack the puller may still be reading it: never refill that segment.
+            self._segments.give_back(segment, reusable=acked)

@@ -8,9 +8,13 @@ each frame at its place in one preallocated buffer and checks length and checksu
 
 from __future__ import annotations
 
+import bisect
+import collections
+import itertools
 import os
 import socket
-from collections.abc import Iterator
+import struct
+from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
 import xxhash
@@ -31,64 +35,90 @@ from lightspeed.disagg.transfer_wire import (
 IOV_MAX = os.sysconf("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 _M = TypeVar("_M", PullRequest, PullReply, PullAck)
 Buffer = memoryview | bytes
+# The receiver asks for at most this much per `recv_into` and hashes each piece as it lands,
+# while it is in cache; large enough that per-call overhead stays small.
+HASH_SLICE_BYTES = 4 * 1024 * 1024
 
 
-def frames(views: Iterator[memoryview], frame_bytes: int) -> Iterator[list[memoryview]]:
-    """Group (and split) views into frames of exactly `frame_bytes`, the last one shorter."""
-    frame: list[memoryview] = []
-    size = 0
-    for view in views:
-        while len(view):
-            take = min(len(view), frame_bytes - size)
-            frame.append(view[:take])
-            size += take
-            view = view[take:]
-            if size == frame_bytes:
-                yield frame
-                frame, size = [], 0
-    if frame:
-        yield frame
+def frames(views: Sequence[memoryview], frame_bytes: int) -> Iterator[tuple[list[memoryview], int]]:
+    """Cut `views` into frames of exactly `frame_bytes` (the last one shorter); yields each
+    frame's views and size. Frame edges are found by bisecting the running byte count, so the
+    per-view work is done in C: a scattered transfer has one view per block and layer."""
+    views = list(filter(len, views))
+    ends = list(itertools.accumulate(map(len, views)))
+    first, skip = 0, 0  # where the next frame starts: view index, bytes of it already sent
+    for frame_start in range(0, ends[-1] if ends else 0, frame_bytes):
+        frame_end = min(frame_start + frame_bytes, ends[-1])
+        last = bisect.bisect_left(ends, frame_end)
+        frame = views[first : last + 1]
+        keep = len(views[last]) - (ends[last] - frame_end)  # bytes of the last view in this frame
+        frame[-1] = frame[-1][:keep] if keep < len(frame[-1]) else frame[-1]
+        if skip:
+            frame[0] = frame[0][skip:]
+        yield frame, frame_end - frame_start
+        first, skip = (last + 1, 0) if keep == len(views[last]) else (last, keep)
 
 
-def sendmsg_all(sock: socket.socket, buffers: list[Buffer]) -> None:
-    """Write every buffer in order; resumes after partial writes (a socket with a timeout)."""
-    pending = [memoryview(b) for b in buffers if len(b)]
+def sendmsg_all(sock: socket.socket, buffers: list[Buffer], nbytes: int) -> None:
+    """Write the non-empty `buffers` (`nbytes` in all) in order, resuming after partial writes."""
     first = 0
-    while first < len(pending):
-        sent = sock.sendmsg(pending[first : first + IOV_MAX])
-        while sent:
-            size = len(pending[first])
+    while True:
+        sent = sock.sendmsg(buffers[first : first + IOV_MAX])
+        nbytes -= sent
+        if nbytes == 0:
+            return
+        while sent:  # a partial write (or more than IOV_MAX buffers): skip what went out
+            size = len(buffers[first])
             if sent >= size:
                 sent -= size
                 first += 1
             else:
-                pending[first] = pending[first][sent:]
+                buffers[first] = memoryview(buffers[first])[sent:]
                 sent = 0
 
 
-def send_frames(sock: socket.socket, views: Iterator[memoryview], frame_bytes: int) -> int:
-    """Stream `views` as data frames `[u64 length][body][u64 xxh3_64]`; returns the bytes sent."""
+def send_frames(sock: socket.socket, views: Sequence[memoryview], frame_bytes: int) -> int:
+    """Stream `views` as data frames `[u64 length][body][u64 xxh3_64]`; returns the bytes sent.
+
+    Each frame is hashed right after `sendmsg` copied it out, while it is still in cache; its
+    checksum rides in front of the next frame's length.
+    """
     trailer = b""
     total = 0
-    for frame in frames(views, frame_bytes):
-        size = sum(len(v) for v in frame)
-        sendmsg_all(sock, [trailer + size.to_bytes(DATA_PREFIX_BYTES, "little"), *frame])
+    for frame, size in frames(views, frame_bytes):
+        head = trailer + size.to_bytes(DATA_PREFIX_BYTES, "little")
+        sendmsg_all(sock, [head, *frame], len(head) + size)
         hasher = xxhash.xxh3_64()
-        for view in frame:
-            hasher.update(view)
+        collections.deque(map(hasher.update, frame), maxlen=0)  # hash every view, looping in C
         trailer = hasher.intdigest().to_bytes(DATA_TRAILER_BYTES, "little")
         total += size
     sock.sendall(trailer)
     return total
 
 
-def recv_exact(sock: socket.socket, view: memoryview) -> None:
-    """Fill `view` from the socket; TransferCorrupt if the peer ends the stream first."""
+def set_io_timeout(sock: socket.socket, seconds: float) -> None:
+    """Blocking socket whose every send / receive gives up after `seconds` (kernel timeouts).
+
+    Python's own socket timeout makes the socket non-blocking and polls before each call, so a
+    large `sendmsg` goes out in many partial writes; the kernel's keeps one call per frame.
+    """
+    sock.settimeout(None)
+    whole = int(seconds)
+    timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeval)
+
+
+def recv_exact(sock: socket.socket, view: memoryview, hasher: xxhash.xxh3_64 | None = None) -> None:
+    """Fill `view` from the socket (hashing each piece as it lands, if asked); TransferCorrupt if
+    the peer ends the stream first."""
     got = 0
     while got < len(view):
-        n = sock.recv_into(view[got:])
+        n = sock.recv_into(view[got : got + HASH_SLICE_BYTES])
         if n == 0:
             raise TransferCorrupt(f"stream ended after {got} of {len(view)} bytes")
+        if hasher is not None:
+            hasher.update(view[got : got + n])
         got += n
 
 
@@ -102,10 +132,10 @@ def recv_frames(sock: socket.socket, dest: memoryview, max_frame_bytes: int) -> 
         if size == 0 or size > max_frame_bytes or size > len(dest) - offset:
             # A length that does not fit is a corrupted (or forged) prefix: refused, never trusted.
             raise TransferCorrupt(f"data frame of {size} bytes at offset {offset} (limit {max_frame_bytes})")
-        body = dest[offset : offset + size]
-        recv_exact(sock, body)
+        hasher = xxhash.xxh3_64()
+        recv_exact(sock, dest[offset : offset + size], hasher)
         recv_exact(sock, memoryview(word))
-        if xxhash.xxh3_64_intdigest(body) != int.from_bytes(word, "little"):
+        if hasher.intdigest() != int.from_bytes(word, "little"):
             raise TransferCorrupt(f"checksum mismatch in the frame at offset {offset}")
         offset += size
 

@@ -67,6 +67,7 @@ class FaultyProxy:
         self.delay_s = delay_s  # pause before forwarding each server chunk (a slow link)
         self.connections = 0
         self._server: asyncio.Server | None = None
+        self._handlers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
@@ -75,9 +76,17 @@ class FaultyProxy:
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._handlers):  # asyncio.Server.close leaves handlers running
+            task.cancel()
+        await asyncio.gather(*self._handlers, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
 
     async def _handle(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        task.add_done_callback(self._handlers.discard)
         fault = self.faults[self.connections] if self.connections < len(self.faults) else None
         self.connections += 1
         server_r, server_w = await asyncio.open_connection("127.0.0.1", self.target_port)

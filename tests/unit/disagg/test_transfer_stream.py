@@ -4,8 +4,10 @@ length or checksum fault detected before the bytes are trusted."""
 from __future__ import annotations
 
 import os
+import random
 import socket
 import threading
+import time
 
 import pytest
 import xxhash
@@ -18,6 +20,7 @@ from lightspeed.disagg.transfer_stream import (
     recv_frames,
     send_frames,
     sendmsg_all,
+    set_io_timeout,
 )
 from lightspeed.disagg.transfer_wire import ProtocolError, PullAck, TransferCorrupt, encode_control
 
@@ -33,10 +36,23 @@ def _views(*sizes: int) -> list[memoryview]:
 
 def test_frames_cut_views_into_exact_sizes() -> None:
     views = _views(5, 12, 3, 10)
-    got = list(frames(iter(views), 8))
-    assert [sum(len(v) for v in f) for f in got] == [8, 8, 8, 6]
-    assert [[len(v) for v in f] for f in got] == [[5, 3], [8], [1, 3, 4], [6]]
-    assert b"".join(bytes(v) for f in got for v in f) == b"".join(bytes(v) for v in views)
+    got = list(frames([views[0], memoryview(b""), *views[1:]], 8))
+    assert [size for _, size in got] == [8, 8, 8, 6]
+    assert [[len(v) for v in f] for f, _ in got] == [[5, 3], [8], [1, 3, 4], [6]]
+    assert b"".join(bytes(v) for f, _ in got for v in f) == b"".join(bytes(v) for v in views)
+    assert [size for _, size in frames(_views(4, 4), 8)] == [8]  # exactly full: one frame
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_frames_keep_every_byte_in_order_for_any_cut(seed: int) -> None:
+    rng = random.Random(seed)
+    views = _views(*[rng.choice([0, 1, 2, 7, 64, 100]) for _ in range(rng.randint(0, 40))])
+    frame_bytes = rng.choice([1, 3, 50, 64, 1000])
+    got = list(frames(views, frame_bytes))
+    total = sum(len(v) for v in views)
+    assert [size for _, size in got] == [min(frame_bytes, total - i) for i in range(0, total, frame_bytes)]
+    assert all(sum(len(v) for v in f) == size and all(len(v) for v in f) for f, size in got)
+    assert b"".join(bytes(v) for f, _ in got for v in f) == b"".join(bytes(v) for v in views)
 
 
 def _pair() -> tuple[socket.socket, socket.socket]:
@@ -57,7 +73,7 @@ def test_sendmsg_all_writes_more_buffers_than_iov_max_across_partial_writes() ->
     a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)  # forces partial sendmsg calls
     views = _views(*([37] * (IOV_MAX + 500)), 100_000)
     expected = b"".join(bytes(v) for v in views)
-    thread = _send_in_thread(sendmsg_all, a, [*views, b""])
+    thread = _send_in_thread(sendmsg_all, a, views, len(expected))
     got = bytearray(len(expected))
     recv_exact(b, memoryview(got))
     thread.join()
@@ -70,7 +86,7 @@ def test_frames_round_trip_into_one_buffer(frame_bytes: int) -> None:
     a, b = _pair()
     views = _views(3000, 1, 7000)
     total = 10_001
-    thread = _send_in_thread(send_frames, a, iter(views), frame_bytes)
+    thread = _send_in_thread(send_frames, a, views, frame_bytes)
     dest = bytearray(total)
     recv_frames(b, memoryview(dest), frame_bytes)
     thread.join()
@@ -110,6 +126,17 @@ def test_frames_over_the_receivers_limit_are_corrupt() -> None:
     a.sendall(_frame(b"x" * 16))
     with pytest.raises(TransferCorrupt, match=r"\(limit 8\)"):
         recv_frames(b, memoryview(bytearray(32)), max_frame_bytes=8)
+    a.close(), b.close()
+
+
+def test_io_timeout_bounds_a_blocking_receive() -> None:
+    a, b = socket.socketpair()
+    set_io_timeout(b, 0.2)
+    assert b.gettimeout() is None  # blocking: one system call per receive, no polling
+    started = time.monotonic()
+    with pytest.raises(OSError):  # EAGAIN once the kernel's timeout passes
+        recv_exact(b, memoryview(bytearray(4)))
+    assert 0.15 <= time.monotonic() - started < 5.0
     a.close(), b.close()
 
 
