@@ -195,7 +195,8 @@ class KvTransferServer:
     async def _handle(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
-            request = await asyncio.wait_for(self._read_request(conn), self.config.io_timeout_s)
+            async with asyncio.timeout(self.config.io_timeout_s):  # no extra task, unlike wait_for
+                request = await self._read_request(conn)
             entry, refusal = self._admit(request)
             if entry is None:
                 await loop.sock_sendall(conn, encode_control(refusal))
@@ -246,7 +247,8 @@ class KvTransferServer:
         pulled = False
         try:
             try:
-                await asyncio.wait_for(self._slots.acquire(), self.config.io_timeout_s)
+                async with asyncio.timeout(self.config.io_timeout_s):
+                    await self._slots.acquire()
             except TimeoutError:
                 await loop.sock_sendall(conn, encode_control(PullReply(ok=False, code="busy", message="no slot")))
                 return

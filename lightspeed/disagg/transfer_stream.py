@@ -97,12 +97,16 @@ def send_frames(sock: socket.socket, views: Sequence[memoryview], frame_bytes: i
 
 
 def set_io_timeout(sock: socket.socket, seconds: float) -> None:
-    """Blocking socket whose every send / receive gives up after `seconds` (kernel timeouts).
+    """Blocking socket whose every send / receive gives up after `seconds` (kernel timeouts),
+    with Nagle off.
 
     Python's own socket timeout makes the socket non-blocking and polls before each call, so a
     large `sendmsg` goes out in many partial writes; the kernel's keeps one call per frame.
+    Nagle would hold the last frame's 8-byte trailer until the peer acknowledges the frame.
     """
     sock.settimeout(None)
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     whole = int(seconds)
     timeval = struct.pack("ll", whole, int((seconds - whole) * 1e6))
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeval)
