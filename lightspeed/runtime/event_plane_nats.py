@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import logging
 import re
 import ssl
@@ -234,10 +235,16 @@ class NatsSubscriber(Subscriber):
         self._topics = sorted(set(topics))
         self._spec = spec
         self._session = _Session(spec)
-        self._queue: asyncio.Queue[tuple[str, bytes]] = asyncio.Queue(maxsize=spec.hwm)
+        # (topic, payload, publisher id, generation): recv drops what a stale subscription queued
+        self._queue: asyncio.Queue[tuple[str, bytes, str, int]] = asyncio.Queue(maxsize=spec.hwm)
         self._subs: dict[str, asyncio.Task[list[Any]]] = {}  # publisher id -> its subscriptions
         self.dropped = 0
         self.last_stream_seq: dict[str, int] = {}  # publisher id -> last KV-event stream sequence seen
+        # publisher id -> generation of its current subscriptions: messages still arriving on an
+        # older one (a disconnect's unsubscribe is asynchronous) must not interleave with a new
+        # one's replay, which would look like a gap
+        self._live: dict[str, int] = {}
+        self._generations = itertools.count(1)
 
     @property
     def keeps_history(self) -> bool:
@@ -253,28 +260,31 @@ class NatsSubscriber(Subscriber):
     def connect(self, address: str) -> None:
         pid = self.publisher_id(address)
         if pid not in self._subs:
-            self._subs[pid] = asyncio.get_running_loop().create_task(self._subscribe(pid), name=f"nats-sub-{pid}")
+            self._live[pid] = gen = next(self._generations)
+            self._subs[pid] = asyncio.get_running_loop().create_task(self._subscribe(pid, gen), name=f"nats-sub-{pid}")
 
     def disconnect(self, address: str) -> None:
-        task = self._subs.pop(self.publisher_id(address), None)
+        pid = self.publisher_id(address)
+        self._live.pop(pid, None)
+        task = self._subs.pop(pid, None)
         if task is not None:
             _spawn(_unsubscribe(task))
 
-    async def _subscribe(self, pid: str) -> list[Any]:
+    async def _subscribe(self, pid: str, gen: int) -> list[Any]:
         """Subscribe to `pid`'s subjects, retrying while the server refuses (no stream yet, a
         JetStream outage): a consumer that silently never subscribed would wait forever."""
         import nats
 
         while True:
             try:
-                return await self._subscribe_once(pid)
+                return await self._subscribe_once(pid, gen)
             except (TimeoutError, nats.errors.Error) as err:
                 log.warning("nats: subscribing to publisher %s failed (%s); retrying", pid, err)
                 await asyncio.sleep(RETRY_S)
                 with contextlib.suppress(TimeoutError, nats.errors.Error):
                     await self._session.ensure_stream()
 
-    async def _subscribe_once(self, pid: str) -> list[Any]:
+    async def _subscribe_once(self, pid: str, gen: int) -> list[Any]:
         from nats.js.api import DeliverPolicy
 
         nc = await self._session.connection()
@@ -284,11 +294,11 @@ class NatsSubscriber(Subscriber):
             for topic in self._topics or ["*"]:
                 subj = subject(ns, topic, pid)
                 if topic != TOPIC_KV_EVENTS:
-                    subs.append(await nc.subscribe(subj, cb=self._on_message))
+                    subs.append(await nc.subscribe(subj, cb=self._handler(pid, gen)))
                     continue
                 consumer = nc.jetstream().subscribe(
                     subj,
-                    cb=self._on_stream_message(pid),
+                    cb=self._handler(pid, gen),
                     ordered_consumer=True,
                     deliver_policy=DeliverPolicy.ALL,
                     idle_heartbeat=HEARTBEAT_S,
@@ -299,20 +309,20 @@ class NatsSubscriber(Subscriber):
             raise
         return subs
 
-    async def _on_message(self, msg: Any) -> None:
-        self._offer(msg.subject, msg.data)
-
-    def _on_stream_message(self, pid: str) -> Any:
+    def _handler(self, pid: str, gen: int) -> Any:
         async def handle(msg: Any) -> None:
-            self.last_stream_seq[pid] = msg.metadata.sequence.stream
-            self._offer(msg.subject, msg.data)
+            if self._live.get(pid) != gen:
+                return  # from a subscription being torn down
+            if msg.reply and msg.reply.startswith("$JS.ACK."):  # from the stream: note how far
+                self.last_stream_seq[pid] = msg.metadata.sequence.stream
+            self._offer(msg.subject, msg.data, pid, gen)
 
         return handle
 
-    def _offer(self, subj: str, data: bytes) -> None:
+    def _offer(self, subj: str, data: bytes, pid: str, gen: int) -> None:
         parts = subj.split(".")
         try:
-            self._queue.put_nowait((parts[2] if len(parts) == 4 else "", data))
+            self._queue.put_nowait((parts[2] if len(parts) == 4 else "", data, pid, gen))
         except asyncio.QueueFull:
             self.dropped += 1
 
@@ -330,7 +340,10 @@ class NatsSubscriber(Subscriber):
         return int((info.state.subjects or {}).get(subj, 0))
 
     async def recv(self) -> tuple[str, bytes]:
-        return await self._queue.get()
+        while True:
+            topic, data, pid, gen = await self._queue.get()
+            if self._live.get(pid) == gen:
+                return topic, data
 
     def close(self) -> None:
         for task in self._subs.values():

@@ -273,3 +273,20 @@ async def test_mutual_tls(tmp_path: Path) -> None:
         assert await replay_one(spec_) == (TOPIC_KV_EVENTS, b"e1")
     finally:
         server.kill()
+
+
+async def test_worker_flapping_in_discovery_replays_without_a_dump(nats_server: NatsServer) -> None:  # noqa: F811
+    """etcd restarts can show a worker leaving and coming back: its blocks are dropped and then
+    replayed from the stream; the old subscription's late messages must not look like a gap."""
+    worker = Worker(build_publisher("nats", spec(nats_server)))  # type: ignore[arg-type]
+    await worker.emit(3000)
+    feed, client = await router(nats_server, worker)
+    for _ in range(3):  # each flap in the middle of a replay
+        await until(lambda: (feed.index.last_event_id(WID) or 0) > 10)
+        feed.worker_removed(WID)
+        assert feed.index.worker_blocks(WID) == 0
+        feed.worker_added(worker.card)
+    await until(lambda: feed.index.last_event_id(WID) == 3000)
+    assert (feed.index.worker_blocks(WID), client.dumps, feed.resynced) == (3000, 0, 0)
+    await feed.stop()
+    worker.pub.close()
