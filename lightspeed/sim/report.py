@@ -200,6 +200,11 @@ def _pyplot() -> Any:  # matplotlib ships no stubs
     return plt
 
 
+def _ms_or_gap(values: Sequence[float]) -> list[float]:
+    """Milliseconds; a bucket with no arrivals (0.0 in the JSON) is a gap in the line."""
+    return [v * 1e3 if v > 0 else math.nan for v in values]
+
+
 def plot_timeline(report: ReplayReport, path: Path) -> None:
     """Three stacked panels over virtual time: request rate, replicas, TTFT p50/p90."""
     plt = _pyplot()
@@ -213,12 +218,12 @@ def plot_timeline(report: ReplayReport, path: Path) -> None:
     ax2.step(tl.t_s, tl.provisioned, where="post", label="paid (incl. starting/draining)", alpha=0.7)
     ax2.set_ylabel("workers")
     ax2.legend(loc="upper left")
-    ax3.plot(tl.t_s, [t * 1e3 for t in tl.ttft_p50_s], label="TTFT p50")
-    ax3.plot(tl.t_s, [t * 1e3 for t in tl.ttft_p90_s], label="TTFT p90", alpha=0.7)
+    ax3.plot(tl.t_s, _ms_or_gap(tl.ttft_p50_s), label="TTFT p50")
+    ax3.plot(tl.t_s, _ms_or_gap(tl.ttft_p90_s), label="TTFT p90", alpha=0.7)
     if math.isfinite(report.sla.ttft_slo_s):
         ax3.axhline(report.sla.ttft_slo_s * 1e3, color="tab:red", linestyle="--", label="TTFT SLO")
     ax3.set_ylabel("TTFT (ms)")
-    ax3.set_yscale("symlog", linthresh=100)
+    ax3.set_yscale("log")
     ax3.set_xlabel("virtual time (s)")
     ax3.legend(loc="upper left")
     for ax in (ax1, ax2, ax3):
