@@ -132,7 +132,11 @@ class PlaneConfig:
     nats_kv_max_msgs: int = opt(
         100_000, "KV events kept per worker on the JetStream stream; a router that missed trimmed ones asks for a dump"
     )
-    nats_kv_max_age: float = opt(0.0, "seconds KV events stay on the JetStream stream (0 = no age limit)")
+    nats_kv_max_age: float = opt(
+        86400.0,
+        "seconds KV events stay on the JetStream stream (0 = forever): bounds what SIGKILLed workers leave; "
+        "a router that finds an idle worker's history aged out asks it for a dump",
+    )
     cluster_secret: str = opt(
         "",
         "shared secret of the fleet: request-plane peers must prove it, discovery cards are signed with it "

@@ -232,7 +232,7 @@ class EventPlaneSpec:
     cert_file: str = ""
     key_file: str = ""
     stream_max_msgs: int = 100_000  # history kept per publisher (brokered streams)
-    stream_max_age: float = 0.0  # seconds; 0 = no age limit
+    stream_max_age: float = 86400.0  # seconds; 0 = no age limit
     curve_secret: bytes | None = None  # zmq: the cluster secret's CURVE key (None: plane open)
 
 

@@ -222,7 +222,20 @@ class NatsPublisher(Publisher):
     def close(self) -> None:
         if self._sender is not None:
             self._sender.cancel()
-        self._session.close()
+        nc, self._session.nc = self._session.nc, None
+        if nc is not None:
+            _spawn(self._retire(nc))
+
+    async def _retire(self, nc: Any) -> None:
+        """Purge this publisher's KV history, then close. A stopped worker's cache is gone with
+        it, so its history is worthless; purging keeps the stream to live workers (a SIGKILLed
+        worker's history stays until `stream_max_age`)."""
+        ns = self._spec.namespace
+        with contextlib.suppress(Exception):
+            await nc.flush(timeout=1)
+            await nc.jetstream().purge_stream(stream_name(ns), subject=subject(ns, TOPIC_KV_EVENTS, self.publisher_id))
+        with contextlib.suppress(Exception):
+            await nc.close()
 
 
 class NatsSubscriber(Subscriber):

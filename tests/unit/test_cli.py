@@ -36,7 +36,7 @@ PLANES = {
     "--nats-cert": ("planes.nats_cert", ""),
     "--nats-key": ("planes.nats_key", ""),
     "--nats-kv-max-msgs": ("planes.nats_kv_max_msgs", 100_000),
-    "--nats-kv-max-age": ("planes.nats_kv_max_age", 0.0),
+    "--nats-kv-max-age": ("planes.nats_kv_max_age", 86400.0),
 }
 ADVERTISE = {"--advertise-host": ("advertise_host", "")}  # frontend and worker: serve sets both
 DRAIN = {"--drain-timeout": ("drain_timeout", 10.0)}  # frontend and worker: serve sets both

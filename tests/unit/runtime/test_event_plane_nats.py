@@ -25,6 +25,7 @@ from lightspeed.router.active import ActiveLoad
 from lightspeed.router.indexer import KvIndex
 from lightspeed.router.kv_events import KvEventFeed
 from lightspeed.router.replica_sync import TOPIC_ROUTER_SYNC, ReplicaSync
+from lightspeed.runtime import event_plane_nats
 from lightspeed.runtime.discovery import MemDiscovery
 from lightspeed.runtime.event_plane import EventPlaneSpec, build_publisher, build_subscriber
 from lightspeed.runtime.event_plane_nats import NatsPublisher, NatsSubscriber, servers_of
@@ -96,6 +97,10 @@ async def until(cond: Callable[[], bool], timeout: float = 10.0) -> None:
     while not cond():
         assert asyncio.get_running_loop().time() < deadline, "condition not reached"
         await asyncio.sleep(0.02)
+
+
+def _background_tasks() -> set[asyncio.Task[None]]:
+    return event_plane_nats._background
 
 
 def test_validation() -> None:
@@ -290,3 +295,18 @@ async def test_worker_flapping_in_discovery_replays_without_a_dump(nats_server: 
     assert (feed.index.worker_blocks(WID), client.dumps, feed.resynced) == (3000, 0, 0)
     await feed.stop()
     worker.pub.close()
+
+
+async def test_a_closed_publisher_purges_its_kv_history(nats_server: NatsServer) -> None:  # noqa: F811
+    kept, closed = (Worker(build_publisher("nats", spec(nats_server))) for _ in range(2))  # type: ignore[arg-type]
+    await kept.emit(2)
+    await closed.emit(3)
+    probe = build_subscriber("nats", [TOPIC_KV_EVENTS], spec(nats_server))
+    probe.connect(kept.card.events_address)
+    probe.connect(closed.card.events_address)
+    assert (await probe.retained(kept.card.events_address), await probe.retained(closed.card.events_address)) == (2, 3)
+    closed.pub.close()  # a worker that stops cleanly leaves nothing for routers to replay
+    await until(lambda: not closed.pub._session.nc and not _background_tasks())
+    assert (await probe.retained(kept.card.events_address), await probe.retained(closed.card.events_address)) == (2, 0)
+    probe.close()
+    kept.pub.close()
