@@ -122,7 +122,7 @@ class _Session:
                     if self.nc is not None:
                         await self.nc.close()
                         self.nc = None
-                    log.warning("nats: cannot connect to %s (%s); retrying", self.spec.address, err)
+                    log.warning("nats: cannot connect to %s or set up JetStream (%s); retrying", self.spec.address, err)
                     await asyncio.sleep(RETRY_S)
             return self.nc
 
