@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import threading
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -75,6 +76,36 @@ class _ShmUnusable(TransferUnavailable):
     """The segment the server named cannot be opened here: fall back to TCP."""
 
 
+class _Aborted(KvTransferError):
+    """The caller cancelled the pull."""
+
+
+class _Abort:
+    """How a cancelled pull stops its thread: a flag checked before importing, and a socket
+    shut down so a blocked receive returns at once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._tripped = False
+        self._sock: socket.socket | None = None
+
+    def attach(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sock = sock
+        self.check()
+
+    def check(self) -> None:
+        if self._tripped:
+            raise _Aborted("pull cancelled")
+
+    def trip(self) -> None:
+        with self._lock:
+            self._tripped = True
+            if self._sock is not None:
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+
+
 @dataclass(frozen=True)
 class _Plan:
     params: TransferParams
@@ -112,7 +143,6 @@ class KvTransferClient:
         """
         plan = self._plan(params, dest, positions)
         started = time.perf_counter()
-        loop = asyncio.get_running_loop()
         use_shm = self.config.shm and bool(params.host_id) and params.host_id == transfer_shm.host_identity()
         async with self._slots:
             buffer: bytearray | None = None
@@ -121,7 +151,7 @@ class KvTransferClient:
                     if buffer is None and not use_shm:
                         buffer = self._staging.take(plan.nbytes)  # one buffer for every retry
                     try:
-                        mode = await loop.run_in_executor(self._pool, self._attempt, plan, dest, buffer, use_shm)
+                        mode = await self._run_attempt(plan, dest, buffer, use_shm)
                     except KvTransferError as exc:
                         if not exc.retryable or attempt > self.config.retries:
                             raise
@@ -136,6 +166,22 @@ class KvTransferClient:
                 if buffer is not None:
                     self._staging.give_back(buffer)
         raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _run_attempt(
+        self, plan: _Plan, dest: KvDestination, buffer: bytearray | None, use_shm: bool
+    ) -> TransferMode:
+        """One attempt on a worker thread. A cancelled caller aborts it and waits for the thread:
+        it must not import into blocks, or write a buffer, that the caller has given up."""
+        abort = _Abort()
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._pool, self._attempt, plan, dest, buffer, use_shm, abort)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            abort.trip()
+            with contextlib.suppress(Exception):
+                await future  # prompt: its socket is shut down, and it no longer imports
+            raise
 
     def _plan(self, params: TransferParams, dest: KvDestination, positions: Sequence[int] | None) -> _Plan:
         params.validate()
@@ -152,7 +198,9 @@ class KvTransferClient:
             raise ValueError(f"transfer of {nbytes} bytes exceeds max_payload_bytes {self.config.max_payload_bytes}")
         return _Plan(params, wanted, nbytes, PullReply(ok=True, header=header, nbytes=nbytes))
 
-    def _attempt(self, plan: _Plan, dest: KvDestination, buffer: bytearray | None, use_shm: bool) -> TransferMode:
+    def _attempt(
+        self, plan: _Plan, dest: KvDestination, buffer: bytearray | None, use_shm: bool, abort: _Abort
+    ) -> TransferMode:
         """Thread: one connection, one request, the payload, the ack, the import."""
         params = plan.params
         host_id = transfer_shm.host_identity() if use_shm else ""
@@ -160,16 +208,17 @@ class KvTransferClient:
         try:
             with socket.create_connection((params.host, params.port), timeout=self.config.io_timeout_s) as sock:
                 transfer_stream.set_io_timeout(sock, self.config.io_timeout_s)
+                abort.attach(sock)
                 sock.sendall(encode_control(request))
                 reply = transfer_stream.recv_control(sock, PullReply)
                 self._check_reply(reply, plan)
                 if reply.shm_name:
                     if not use_shm:
                         raise ProtocolError("server chose shared memory that was not offered")
-                    self._land_shm(sock, reply, plan, dest)
+                    self._land_shm(sock, reply, plan, dest, abort)
                     return "shm"
                 assert buffer is not None
-                self._land_tcp(sock, reply, buffer, dest)
+                self._land_tcp(sock, reply, buffer, dest, abort)
                 return "tcp"
         except (OSError, TimeoutError) as exc:
             raise TransferUnavailable(f"{params.host}:{params.port}: {exc}") from exc
@@ -188,14 +237,17 @@ class KvTransferClient:
         if not reply.shm_name and not 0 < reply.frame_bytes <= self.config.max_frame_bytes:
             raise ProtocolError(f"frame_bytes {reply.frame_bytes} outside 1..{self.config.max_frame_bytes}")
 
-    def _land_tcp(self, sock: socket.socket, reply: PullReply, buffer: bytearray, dest: KvDestination) -> None:
+    def _land_tcp(
+        self, sock: socket.socket, reply: PullReply, buffer: bytearray, dest: KvDestination, abort: _Abort
+    ) -> None:
         view = memoryview(buffer)[: reply.nbytes]
         transfer_stream.recv_frames(sock, view, reply.frame_bytes)
         # Verified: the prefill side may free its blocks while we import.
         sock.sendall(encode_control(PullAck(ok=True)))
+        abort.check()
         dest.land(view)
 
-    def _land_shm(self, sock: socket.socket, reply: PullReply, plan: _Plan, dest: KvDestination) -> None:
+    def _land_shm(self, sock: socket.socket, reply: PullReply, plan: _Plan, dest: KvDestination, abort: _Abort) -> None:
         try:
             segment = transfer_shm.Mapping(reply.shm_name, plan.nbytes)
         except OSError as exc:
@@ -204,6 +256,7 @@ class KvTransferClient:
         try:
             if xxhash.xxh3_64_intdigest(segment.buf) != reply.shm_checksum:
                 raise TransferCorrupt("checksum mismatch in the shared-memory payload")
+            abort.check()
             dest.land(segment.buf)
             sock.sendall(encode_control(PullAck(ok=True)))
         finally:

@@ -163,10 +163,8 @@ class KvTransferServer:
         if self._listener is not None:
             self._listener.close()
             self._listener = None
-        for conn in list(self._conns):
-            # Shutting the socket down makes a sender thread's blocking call fail at once.
-            with contextlib.suppress(OSError):
-                conn.shutdown(socket.SHUT_RDWR)
+        for task in list(self._conns.values()):
+            task.cancel()  # a streaming one first stops its sender thread (see _serve)
         await asyncio.gather(*self._conns.values(), return_exceptions=True)
         self._registry.release_all()
         self._pool.shutdown(wait=True)
@@ -254,11 +252,25 @@ class KvTransferServer:
                 return
             try:
                 transfer_stream.set_io_timeout(conn, self.config.io_timeout_s)  # blocking, for the thread
-                pulled = await loop.run_in_executor(self._pool, self._stream, conn, entry, request)
+                pulled = await self._in_thread(conn, entry, request)
             finally:
                 self._slots.release()
         finally:
             self._registry.end_lease(entry, pulled)
+
+    async def _in_thread(self, conn: socket.socket, entry: Pinned, request: PullRequest) -> bool:
+        """`_stream` on a sender thread. Cancelled, it waits for the thread (after shutting the
+        socket down, which fails its blocking call at once): the blocks must stay pinned while
+        the thread may still read them."""
+        future = asyncio.get_running_loop().run_in_executor(self._pool, self._stream, conn, entry, request)
+        try:
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+            with contextlib.suppress(Exception):
+                await future
+            raise
 
     def _stream(self, conn: socket.socket, entry: Pinned, request: PullRequest) -> bool:
         """Thread: reply, payload (TCP frames or one shm segment), then the puller's ack."""

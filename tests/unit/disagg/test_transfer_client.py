@@ -140,6 +140,23 @@ async def test_event_loop_keeps_running_while_a_pull_lands(server: KvTransferSer
     assert ticks >= 5  # the decode loop kept stepping while the transfer landed
 
 
+async def test_cancelled_pull_stops_its_thread_and_imports_nothing(server: KvTransferServer) -> None:
+    params = _register(server)
+    via, proxy = await _via_proxy(params, [], delay_s=0.3)  # the reply reaches the client after 0.3 s
+    dest = BufferDestination(params.header)
+    async with _client() as client:
+        pull = asyncio.create_task(client.pull(via, dest))
+        await asyncio.sleep(0.1)
+        pull.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await pull
+        await asyncio.sleep(1.5)  # were the thread still running, it would have landed by now
+        assert dest.payload is None
+        result = await client.pull(params, dest)  # not acked: still pinned, and the client is whole
+    await proxy.close()
+    assert (result.attempts, dest.payload) == (1, PAYLOAD)
+
+
 async def _forged_server(reply: bytes) -> tuple[asyncio.Server, int]:
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import AsyncIterator
 
 import msgspec
@@ -157,6 +158,26 @@ async def test_close_aborts_a_stalled_pull_and_releases_it() -> None:
     await asyncio.wait_for(server.close(), timeout=10.0)
     assert released == [TransferRelease(params.transfer_id, "shutdown", 256)]
     writer.close()
+
+
+async def test_close_does_not_wait_out_a_pull_queued_for_a_slot() -> None:
+    released: list[TransferRelease] = []
+    server = KvTransferServer(TransferServerConfig(max_concurrent=1, frame_bytes=1000, io_timeout_s=30.0))
+    await server.start()
+    big = CacheSource(random_cache(256, seed=33), list(range(256)))
+    params = server.register(big, on_release=released.append)
+    stalled_r, stalled_w = await asyncio.open_connection(params.host, params.port)
+    stalled_w.write(_request(params))
+    await stalled_r.readexactly(100)  # streaming in the only slot; this reader now stalls
+    queued_r, queued_w = await asyncio.open_connection(params.host, params.port)
+    queued_w.write(_request(params))  # waits for the slot
+    await asyncio.sleep(0.1)
+    started = time.monotonic()
+    await asyncio.wait_for(server.close(), timeout=10.0)
+    assert time.monotonic() - started < 5.0
+    assert released == [TransferRelease(params.transfer_id, "shutdown", 256)]
+    assert await queued_r.read() == b""  # dropped without a reply
+    stalled_w.close(), queued_w.close()
 
 
 def test_register_before_start_is_an_error() -> None:
