@@ -221,7 +221,11 @@ def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> No
             proc.wait()
 
 
-def cluster_flags(etcd_url: str, nats_url: str, namespace: str, ttl: float = 2.0) -> list[str]:
+def cluster_flags(
+    etcd_url: str, nats_url: str, namespace: str, ttl: float = 2.0, event_plane: str = "nats"
+) -> list[str]:
+    """Discovery on etcd; the event plane on NATS (or zmq, peer to peer, with `nats_url` unused)."""
+    plane = ["--event-plane", "nats", "--nats-url", nats_url] if event_plane == "nats" else ["--event-plane", "zmq"]
     return [
         "--discovery",
         "etcd",
@@ -229,10 +233,7 @@ def cluster_flags(etcd_url: str, nats_url: str, namespace: str, ttl: float = 2.0
         etcd_url,
         "--discovery-ttl",
         str(ttl),
-        "--event-plane",
-        "nats",
-        "--nats-url",
-        nats_url,
+        *plane,
         "--namespace",
         namespace,
     ]

@@ -97,7 +97,7 @@ def hosts() -> Iterator[Hosts]:
 # Runs inside host 0: one completion per prompt, reporting the worker the KV router picked for it
 # (its per-worker decision counter), plus /health.
 _CLIENT = r"""
-import json, re, sys, urllib.request
+import json, re, sys, time, urllib.request
 url, prompts = sys.argv[1], json.loads(sys.argv[2])
 
 def decisions():
@@ -113,7 +113,13 @@ for prompt in prompts:
     after = decisions()
     served.append([w for w in after if after[w] != before.get(w)] + [reply["usage"]["completion_tokens"]])
 health = json.loads(urllib.request.urlopen(url + "/health", timeout=5).read())
-print(json.dumps({"served": served, "health": health}))
+for _ in range(100):  # the routed prompts' blocks reach the index as KV events from both hosts
+    text = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()
+    indexed = float(re.search(r"^lightspeed_router_indexed_blocks (\S+)$", text, re.M).group(1))
+    if indexed >= 2 * len(prompts):
+        break
+    time.sleep(0.1)
+print(json.dumps({"served": served, "health": health, "indexed": indexed}))
 """
 
 
@@ -137,7 +143,10 @@ def wait_workers(hosts: Hosts, url: str, n: int) -> dict:
     return json.loads(result.stdout)
 
 
-def test_three_hosts_in_network_namespaces(hosts: Hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("event_plane", ["nats", "zmq"])
+def test_three_hosts_in_network_namespaces(hosts: Hosts, tmp_path: Path, event_plane: str) -> None:
+    """NATS: the workers publish to the broker on host 0. zmq: the frontend on host 0 dials each
+    worker's publisher at the address it advertised."""
     require_binary("etcd", "etcd-server")
     require_binary("nats-server", "nats-server")
     etcd = EtcdServer(tmp_path / "etcd", hosts.address(0), hosts.prefix(0))
@@ -146,11 +155,8 @@ def test_three_hosts_in_network_namespaces(hosts: Hosts, tmp_path: Path) -> None
     try:
         etcd.start()
         nats.start()
-        flags = [
-            *cluster_flags(etcd.url, nats.url, "netns", ttl=3),
-            "--cluster-secret",
-            "netns-test-cluster-secret-0123",
-        ]
+        secret = ["--cluster-secret", "netns-test-cluster-secret-0123"]
+        flags = [*cluster_flags(etcd.url, nats.url, "netns", 3, event_plane), *secret]
         url = f"http://{hosts.address(0)}:8000"
         front = ["--host", hosts.address(0), "--port", "8000", "--router-mode", "kv"]
         procs.append(start_process(lightspeed_cmd("frontend", *front, *flags), tmp_path / "fe.log", hosts.prefix(0)))
@@ -171,7 +177,9 @@ def test_three_hosts_in_network_namespaces(hosts: Hosts, tmp_path: Path) -> None
 
         result = in_host0(hosts, sys.executable, "-c", _CLIENT, url, json.dumps(prompts), MODEL)
         assert result.returncode == 0, result.stderr
-        served = json.loads(result.stdout)["served"]
+        report = json.loads(result.stdout)
+        served = report["served"]
+        assert report["indexed"] >= 2 * len(prompts)
         assert all(len(s) == 2 and s[1] == 3 for s in served), served  # one worker each, 3 tokens each
         # Ties break at random: with 16 fresh prompts both workers serve (1 in 2^15 that one does all).
         assert {hosts_of[s[0]] for s in served} == {hosts.address(1), hosts.address(2)}
