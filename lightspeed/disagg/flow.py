@@ -133,16 +133,18 @@ class DisaggFlow:
         if params is None:  # the first token ended it (EOS), or an error: nothing to decode
             yield first
             return
-        handed_off = False
+        finished = False
         try:
             yield LLMEngineOutput(
                 token_ids=first.token_ids, num_cached_tokens=first.num_cached_tokens, logprobs=first.logprobs
             )
-            handed_off = True
             async for out in self.router.generate(decision, decode_request(request, first.token_ids, params)):
+                finished = finished or out.finish_reason is not None  # the consumer may stop at it
                 yield out
         finally:
-            if not handed_off:  # the client left (or a stop string hit) on the first token
+            # The client left (or a stop string hit) on the first token, or the decode leg failed:
+            # free the pinned blocks now instead of at their deadline (a no-op if already pulled).
+            if not finished:
                 await self._release(params)
 
     async def _prefill(

@@ -242,3 +242,17 @@ async def test_unconditional_mode_sends_every_prefill_remote() -> None:
         await fleet.idle()
     finally:
         await stop_fleet(fleet)
+
+
+async def test_client_gone_after_the_first_token_releases_the_prefill_side_at_once(fleet_1p1d: Fleet) -> None:
+    (prefill,) = fleet_1p1d.role("prefill")
+    req = CompletionRequest(model=fleet_1p1d.model, prompt=prompt(60, 300), max_tokens=50, ignore_eos=True)
+    gen = await fleet_1p1d.frontend.pipeline.prepare(req, new_request_id("cmpl"))
+    stream = fleet_1p1d.frontend.pipeline.stream(gen)
+    first = await stream.__anext__()
+    assert len(first.token_ids) == 1
+    await stream.aclose()  # the client hangs up on the first token
+    assert prefill.disagg is not None
+    await until(lambda: not prefill.disagg.prefill.held, timeout=5, what="released well before the 30 s deadline")  # type: ignore[union-attr]
+    assert prefill.disagg.prefill.held.num_expired == 0
+    await fleet_1p1d.idle()
