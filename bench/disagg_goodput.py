@@ -51,10 +51,10 @@ _DECISION = re.compile(r'^lightspeed_frontend_disagg_decisions_total\{reason="([
 class Params:
     workers: int = 4
     splits: str = "1P3D,2P2D,3P1D"  # disaggregated pool splits to try (x + y = workers)
-    rates: str = "40,60,80,100,120,160"  # modelled requests per second
-    duration: float = 6.0  # modelled seconds of arrivals per rate (rate x duration requests)
+    rates: str = "40,70,100,130,160"  # modelled requests per second
+    duration: float = 4.0  # modelled seconds of arrivals per rate (rate x duration requests)
     trace_start: float = 0.0  # trace seconds
-    mocker_speedup: float = 0.2  # mocker --speedup-ratio (modelled s = wall s x this)
+    mocker_speedup: float = 0.3  # mocker --speedup-ratio (modelled s = wall s x this)
     block_size: int = 64
     num_gpu_blocks: int = 16384
     max_num_seqs: int = 256
