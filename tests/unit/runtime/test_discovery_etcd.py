@@ -20,6 +20,7 @@ from lightspeed.runtime.discovery_etcd import Endpoint, EtcdDiscovery, parse_end
 from tests.integration.cluster_servers import (  # noqa: F401 (fixture)
     EtcdServer,
     etcd_server,
+    free_port,
     make_certs,
     require_binary,
 )
@@ -221,3 +222,18 @@ async def test_mutual_tls(tmp_path: Path) -> None:
         for d in (worker, frontend, no_cert):
             await d.close()
         server.kill()
+
+
+async def test_fails_over_to_the_next_endpoint(etcd_server: EtcdServer) -> None:  # noqa: F811
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    worker = build_discovery("etcd", DiscoverySpec(f"{dead},{etcd_server.url}", "t", 2))
+    frontend = discovery(etcd_server)
+    try:
+        watch = frontend.watch()
+        await worker.register(card("w1"))  # the first endpoint refuses; the keeper retries on the second
+        assert await next_event(watch) == DiscoveryEvent("put", "w1", card("w1"))
+        assert isinstance(worker, EtcdDiscovery) and worker.leases_granted == 1
+        await watch.aclose()
+    finally:
+        await worker.close()
+        await frontend.close()
