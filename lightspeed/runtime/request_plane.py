@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import cast
@@ -51,6 +52,13 @@ CODE_PROTOCOL = "ProtocolError"
 # Past this many buffered outgoing bytes, write now instead of at the end of the loop iteration,
 # so a handler that yields without awaiting still meets transport flow control.
 _FLUSH_BYTES = 256 * 1024
+# A worker that stops answering at the TCP level (a firewall dropping its packets, a cut link,
+# a dead host) must fail the streams on its connection, not hang them: the kernel aborts the
+# connection when sent bytes stay unacknowledged this long, and probes an idle one (keepalive)
+# so a silent peer is noticed too. A live worker's kernel acks at once, however slow its engine.
+PEER_TIMEOUT_S = 10
+_KEEPALIVE_IDLE_S = 5
+_KEEPALIVE_PROBES = 5  # one a second after the idle time
 
 
 @dataclass(frozen=True)
@@ -622,6 +630,22 @@ class _ClientConnection(_FrameProtocol):
             stream._fail(WorkerLost(message))
 
 
+def _set_peer_timeouts(sock: socket.socket | None) -> None:
+    """Keepalive and (Linux) TCP_USER_TIMEOUT on a dialled connection; see PEER_TIMEOUT_S."""
+    if sock is None:
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    options = (
+        ("TCP_KEEPIDLE", _KEEPALIVE_IDLE_S),
+        ("TCP_KEEPINTVL", 1),
+        ("TCP_KEEPCNT", _KEEPALIVE_PROBES),
+        ("TCP_USER_TIMEOUT", PEER_TIMEOUT_S * 1000),
+    )
+    for name, value in options:
+        if hasattr(socket, name):  # not every platform has each
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+
+
 def _split_address(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
@@ -665,12 +689,13 @@ class RequestPlaneClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._connect_timeout
         try:
-            _, conn = await asyncio.wait_for(
+            transport, conn = await asyncio.wait_for(
                 loop.create_connection(lambda: _ClientConnection(address, self._dropped, self._key), host, port),
                 self._connect_timeout,
             )
         except (TimeoutError, OSError) as exc:
             raise WorkerLost(f"cannot connect to {address}: {exc!r}", code=CODE_CONNECT_FAILED) from exc
+        _set_peer_timeouts(transport.get_extra_info("socket"))
         try:
             await asyncio.wait_for(asyncio.shield(conn.ready), max(deadline - loop.time(), 0.001))
         except (TimeoutError, WorkerLost) as exc:

@@ -292,6 +292,18 @@ async def test_connect_failure_is_worker_lost(client: RequestPlaneClient) -> Non
     assert info.value.code == "ConnectFailed"
 
 
+async def test_dialled_connections_fail_a_silent_peer_instead_of_hanging(
+    server: RequestPlaneServer, client: RequestPlaneClient
+) -> None:
+    """Keepalive and TCP_USER_TIMEOUT (PEER_TIMEOUT_S) on the client's socket: the kernel
+    aborts a connection whose peer stopped acking (a firewall, a cut link)."""
+    assert await collect(await client.stream(server.address, "count", b"1")) == [b"0"]
+    sock = client._conns[server.address]._transport.get_extra_info("socket")  # type: ignore[union-attr]
+    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 10_000
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 5
+
+
 async def test_bad_address_is_value_error(client: RequestPlaneClient) -> None:
     with pytest.raises(ValueError):
         await client.stream("no-port", "count", b"1")
