@@ -4,7 +4,8 @@ worker, so a migrated stream must equal the one a single worker would have sent)
 
 * a worker SIGKILLed mid-stream on etcd + NATS, with `--migration-limit`: one unbroken stream;
 * a worker whose request-plane port is firewalled (iptables DROP inside its network namespace):
-  the frontend's dial times out, it marks the worker unhealthy and serves on the other one;
+  the frontend's dial times out, or (slow) the kernel aborts its open connection, it marks the
+  worker unhealthy and serves on the other one;
 * garbage bytes, a 4 GB length prefix (4- and 8-byte) and a ZMTP greeting announcing a 4 GB
   frame, sent to every TCP port each process of a fleet listens on (request plane, ZMQ event
   publishers, worker health port, HTTP; with `native` the KV transfer server of a prefill
@@ -300,13 +301,26 @@ def link() -> Iterator[Link]:
 
 async def timed(url: str, k: int) -> tuple[float, Streamed]:
     start = time.monotonic()
-    out = await stream(url, body(prompt_of(100 + k), 900 + k, 8))
+    try:  # a hang is the failure this guards against: fail it, do not wait for it
+        out = await asyncio.wait_for(stream(url, body(prompt_of(100 + k), 900 + k, 8)), 30)
+    except TimeoutError:
+        raise AssertionError(f"request {k} hung for 30 s") from None
     assert_exact(out, prompt_of(100 + k), 900 + k, 8)
     return time.monotonic() - start, out
 
 
+@pytest.mark.parametrize(
+    "connected",
+    [
+        pytest.param(False, id="dial"),
+        # The frontend already holds a connection: requests written to it go unacknowledged
+        # until the kernel's TCP_USER_TIMEOUT (request_plane.PEER_TIMEOUT_S, 10 s) aborts it
+        # (before that fix they hung for good); --migration-limit re-sends them elsewhere.
+        pytest.param(True, id="open-connection", marks=pytest.mark.slow),
+    ],
+)
 async def test_a_firewalled_worker_times_out_is_marked_unhealthy_and_the_other_serves(
-    link: Link, procs: Procs, tmp_path: Path
+    link: Link, procs: Procs, tmp_path: Path, connected: bool
 ) -> None:
     require_binary("etcd", "etcd-server")
     require_binary("nats-server", "nats-server")
@@ -318,20 +332,24 @@ async def test_a_firewalled_worker_times_out_is_marked_unhealthy_and_the_other_s
         args = [*MOCKER, "--speedup-ratio", "50", *flags]
         procs.start("near", "worker", *args)
         behind = procs.start("behind", "worker", *args, "--worker-host", link.inside, prefix=link.prefix)
-        url = await frontend(procs, flags, 2, "--router-mode", "round-robin")
+        url = await frontend(procs, flags, 2, "--router-mode", "round-robin", "--migration-limit", "3")
         by_host = {w["address"].rsplit(":", 1)[0]: w for w in await health_workers(url)}
-        target = by_host[link.inside]
+        near, target = by_host["127.0.0.1"]["instance_id"], by_host[link.inside]
+        if connected:  # round-robin: both workers serve one, so both connections are open
+            assert {(await timed(url, k))[1].worker for k in range(10, 12)} == {near, target["instance_id"]}
         link.iptables("-A", "INPUT", "-p", "tcp", "--dport", target["address"].rsplit(":", 1)[1], "-j", "DROP")
 
-        # Round-robin sends one of the first two to the firewalled worker: its dial gets no
-        # answer, times out (the request plane's 5 s connect timeout), and the request, never
-        # started there, is served by the other worker. Every request is exact; none hangs.
+        # Round-robin sends one of the next two to the firewalled worker: its dial gets no answer
+        # and times out (the request plane's 5 s connect timeout), or its open connection is
+        # aborted by the kernel; the request is then served by the other worker. Every request
+        # is exact; none hangs.
         times = [await timed(url, k) for k in range(4)]
         slow = [t for t, _ in times if t > 3.0]
-        assert len(slow) == 1 and 4.5 < slow[0] < 15.0, times
-        assert {out.worker for _, out in times} == {by_host["127.0.0.1"]["instance_id"]}
+        low, high = (9.0, 20.0) if connected else (4.5, 15.0)
+        assert len(slow) == 1 and low < slow[0] < high, times
+        assert {out.worker for _, out in times} == {near}
         workers = {w["instance_id"]: w["healthy"] for w in await health_workers(url)}
-        assert workers == {by_host["127.0.0.1"]["instance_id"]: True, target["instance_id"]: False}
+        assert workers == {near: True, target["instance_id"]: False}
         assert (await get_json(url + "/health"))[1]["status"] == "degraded"
         assert behind.poll() is None  # firewalled, not dead
     finally:
