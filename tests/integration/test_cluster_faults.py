@@ -50,7 +50,7 @@ from tests.integration.cluster_servers import (
     start_process,
     stop_process,
 )
-from tests.integration.conftest import MODEL
+from tests.integration.conftest import MODEL, NATIVE_ARGS, Server, start_serve, stop_serve
 
 SECRET = "cluster-faults-test-secret-0123456789"
 BS = 16
@@ -447,3 +447,61 @@ async def test_hostile_bytes_on_every_internal_port_leave_every_process_serving(
 
 async def _grew(url: str, at_least: float) -> bool:
     return await metric(url, "lightspeed_router_indexed_blocks") >= at_least
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def disagg_remote(server: Server) -> float:
+    m = re.search(r'^lightspeed_frontend_disagg_decisions_total\{reason="remote"\} (\S+)$', server.metrics(), re.M)
+    return float(m[1]) if m else 0.0
+
+
+async def greedy(server: Server, k: int) -> str:
+    req = {"model": MODEL, "prompt": prompt_of(500 + k, 300), "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    async with aiohttp.ClientSession() as http, http.post(server.base_url + "/completions", json=req) as r:
+        assert r.status == 200, await r.text()
+        out = await r.json()
+    assert out["usage"]["completion_tokens"] == 12
+    return str(out["choices"][0]["text"])
+
+
+@pytest.mark.slow
+@pytest.mark.native
+async def test_hostile_bytes_on_the_kv_transfer_server_of_a_native_prefill_worker(tmp_path: Path) -> None:
+    """`serve --disagg 1P1D` on the native engine: the prefill worker also listens with its KV
+    transfer server (disagg/transfer_server.py). After hostile bytes on every port of every
+    child, the same processes serve on: a repeated greedy request returns the same text and a
+    new one is disaggregated (its KV pulled over the transfer server)."""
+    args = [*NATIVE_ARGS, "--disagg", "1P1D", "--router-mode", "kv", "--cluster-secret", SECRET]
+    server = start_serve([*args, "--discovery-path", str(tmp_path / "disc")], workers=2, timeout=300)
+    try:
+        before = await greedy(server, 0)
+        remote = disagg_remote(server)
+        assert remote >= 1.0  # the reference went through the transfer server too
+        pids = children(server.proc.pid)
+        procs = [_Attached(pid) for pid in pids]
+        ports = await assert_survives_hostile_bytes(server.url, procs)  # type: ignore[arg-type]
+        prefill = next(w["pid"] for w in server.health()["workers"] if w["role"] == "prefill")
+        assert len(ports[prefill]) >= 3, ports  # request plane, event publisher, KV transfer server
+        assert await greedy(server, 0) == before  # now a prefix hit on the decode worker
+        await greedy(server, 1)  # a new prompt: prefilled remotely, its KV pulled over the server
+        assert disagg_remote(server) == remote + 1
+        assert {w["pid"] for w in server.health()["workers"]} <= set(pids)  # the same processes
+    finally:
+        assert stop_serve(server) == 0
+
+
+class _Attached:
+    """A child of `serve` seen as a Popen: a pid and whether it still runs."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        return None if Path(f"/proc/{self.pid}").exists() and _state(self.pid) != "Z" else 1
+
+
+def _state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
