@@ -33,6 +33,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import random
 import signal
 import subprocess
@@ -93,6 +94,11 @@ class Params:
     request_timeout_s: float = 120.0  # a stream still open after this is a failure (a hang)
     rss_interval_s: float = 5.0
     seed: int = 0
+    # The `netns` run: each worker on its own "host" (a network namespace on a bridge with
+    # etcd, NATS, the frontend and the client), one worker's link cut for cut_s at cut_at.
+    netns_duration_s: float = 120.0
+    cut_at: float = 0.25  # x netns_duration_s
+    cut_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.duration_s <= 0 or self.kill_every_s <= 0 or self.request_timeout_s <= 0:
@@ -103,15 +109,20 @@ class Params:
             raise ValueError(f"isl must be > {PREFIX_LEN} (the shared prefix) and osl >= 1")
         if not 0 < self.load_fraction <= 1.5 or self.rate < 0:
             raise ValueError("load_fraction must be in (0, 1.5] and rate >= 0")
-        unknown = set(self.run_names) - {"faults", "fault_free"}
+        unknown = set(self.run_names) - {"faults", "fault_free", "netns"}
         if unknown or not self.run_names:
-            raise ValueError(f"runs: a comma-separated list of faults, fault_free; got {self.runs!r}")
+            raise ValueError(f"runs: a comma-separated list of faults, fault_free, netns; got {self.runs!r}")
+        if self.netns_duration_s <= 0 or not 0 < self.cut_at < 1 or self.cut_s <= 0:
+            raise ValueError("netns_duration_s and cut_s must be > 0, cut_at in (0, 1)")
         if not 0 < self.nats_restart_at < 1 or not 0 < self.etcd_restart_at < 1:
             raise ValueError("nats_restart_at and etcd_restart_at are fractions of the duration in (0, 1)")
 
     @property
     def run_names(self) -> list[str]:
         return [r.strip() for r in self.runs.split(",") if r.strip()]
+
+    def duration_of(self, run: str) -> float:
+        return self.netns_duration_s if run == "netns" else self.duration_s
 
 
 # ---------------------------------------------------------------------------- capacity
@@ -254,13 +265,13 @@ async def send_one(http: aiohttp.ClientSession, url: str, p: Params, i: int, t0:
     return out
 
 
-async def open_loop(url: str, p: Params, rate: float, t0: float) -> list[Outcome]:
+async def open_loop(url: str, p: Params, rate: float, t0: float, duration_s: float) -> list[Outcome]:
     """Request i leaves at t0 + i / rate whatever happened to the earlier ones."""
     conn = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(connector=conn, timeout=timeout) as http:
         tasks = []
-        n = int(p.duration_s * rate)
+        n = int(duration_s * rate)
         for i in range(n):
             delay = t0 + i / rate - time.monotonic()
             if delay > 0:
@@ -307,6 +318,7 @@ class Fleet:
     procs: list[Proc] = field(default_factory=list)
     t0: float = 0.0
     watchers: list[asyncio.Task[None]] = field(default_factory=list)  # recovery timers of faults
+    hosts: Hosts | None = None  # the netns run: worker i runs in hosts.names[i]
 
     @property
     def flags(self) -> list[str]:
@@ -325,8 +337,12 @@ class Fleet:
         p = self.p
         args = ["--engine", "mocker", "--block-size", str(p.block_size), "--num-gpu-blocks", str(p.num_gpu_blocks)]
         args += ["--max-num-seqs", str(p.max_num_seqs), "--speedup-ratio", str(p.speedup_ratio)]
+        prefix: list[str] = []
+        if self.hosts is not None:
+            args += ["--worker-host", self.hosts.worker_address(slot)]
+            prefix = self.hosts.prefix(slot)
         cmd = lightspeed_cmd("worker", *args, *self.flags, "--log-level", "WARNING")
-        return self.add(f"worker{slot}", start_process(cmd, self.workdir / f"worker{slot}.log"))
+        return self.add(f"worker{slot}", start_process(cmd, self.workdir / f"worker{slot}.log", prefix))
 
     def start_frontend(self) -> None:
         port = free_port()
@@ -396,11 +412,12 @@ async def wait_until(cond: Callable[[], object], what: str, timeout: float = 60.
     return time.monotonic() - start
 
 
-async def start_fleet(p: Params, workdir: Path) -> Fleet:
+async def start_fleet(p: Params, workdir: Path, hosts: Hosts | None = None) -> Fleet:
     for name, pkg in (("etcd", "etcd-server"), ("nats-server", "nats-server")):
         if find_binary(name) is None:
             raise RuntimeError(f"{name} is not installed (apt-get install {pkg})")
-    fleet = Fleet(p, workdir, EtcdServer(workdir / "etcd"), NatsServer(workdir / "nats"))
+    host = hosts.bridge_address if hosts is not None else "127.0.0.1"
+    fleet = Fleet(p, workdir, EtcdServer(workdir / "etcd", host), NatsServer(workdir / "nats", host), hosts=hosts)
     await asyncio.to_thread(fleet.etcd.start)
     await asyncio.to_thread(fleet.nats.start)
     fleet.server_procs()
@@ -462,6 +479,80 @@ async def sample_rss(fleet: Fleet, interval_s: float) -> None:
     while True:
         fleet.sample_all()
         await asyncio.sleep(interval_s)
+
+
+# ---------------------------------------------------------------------------- the netns run
+
+IP = find_binary("ip") or "ip"
+SUBNET = "10.80.0"
+
+
+def ip(*args: str) -> None:
+    subprocess.run([IP, *args], check=True, capture_output=True, timeout=10)
+
+
+@dataclass
+class Hosts:
+    """One network namespace per worker ("host"), each joined by a veth pair to a bridge in
+    this namespace, where etcd, NATS, the frontend and the client run (bridge address .1)."""
+
+    workers: int
+    tag: str = field(default_factory=lambda: f"{os.getpid() % 100000:05d}")
+
+    @property
+    def bridge(self) -> str:
+        return f"lsb{self.tag}"
+
+    @property
+    def bridge_address(self) -> str:
+        return f"{SUBNET}.1"
+
+    @property
+    def names(self) -> list[str]:
+        return [f"lss{self.tag}-{i}" for i in range(self.workers)]
+
+    def worker_address(self, i: int) -> str:
+        return f"{SUBNET}.{i + 2}"
+
+    def link(self, i: int) -> str:
+        """This side of worker i's veth: setting it down cuts that host off."""
+        return f"lsv{self.tag}o{i}"
+
+    def prefix(self, i: int) -> list[str]:
+        return [IP, "netns", "exec", self.names[i]]
+
+    def build(self) -> None:
+        ip("link", "add", self.bridge, "type", "bridge")
+        ip("addr", "add", f"{self.bridge_address}/24", "dev", self.bridge)
+        ip("link", "set", self.bridge, "up")
+        for i, ns in enumerate(self.names):
+            inside = f"lsv{self.tag}i{i}"
+            ip("netns", "add", ns)
+            ip("link", "add", self.link(i), "type", "veth", "peer", "name", inside)
+            ip("link", "set", inside, "netns", ns)
+            ip("link", "set", self.link(i), "master", self.bridge, "up")
+            ip("-n", ns, "addr", "add", f"{self.worker_address(i)}/24", "dev", inside)
+            ip("-n", ns, "link", "set", inside, "up")
+            ip("-n", ns, "link", "set", "lo", "up")
+
+    def remove(self) -> None:
+        for ns in self.names:  # deleting a namespace deletes its veth pair
+            subprocess.run([IP, "netns", "del", ns], capture_output=True, timeout=10)
+        subprocess.run([IP, "link", "del", self.bridge], capture_output=True, timeout=10)
+
+
+async def cut_link(fleet: Fleet, p: Params, events: list[FaultEvent]) -> None:
+    """Worker 0's host loses its link at cut_at x duration and gets it back cut_s later."""
+    assert fleet.hosts is not None
+    await asyncio.sleep(max(0.0, p.cut_at * p.netns_duration_s - fleet.now()))
+    ip("link", "set", fleet.hosts.link(0), "down")
+    events.append(FaultEvent(fleet.now(), f"worker0's host link down for {p.cut_s:.0f} s"))
+    logger.info("t=%.1f s: %s", events[-1].at_s, events[-1].what)
+    await asyncio.sleep(p.cut_s)
+    ip("link", "set", fleet.hosts.link(0), "up")
+    events.append(FaultEvent(fleet.now(), "worker0's host link up again"))
+    logger.info("t=%.1f s: %s", events[-1].at_s, events[-1].what)
+    fleet.watchers.append(asyncio.create_task(_note_recovery(fleet, events[-1])))
 
 
 # ---------------------------------------------------------------------------- checking
@@ -561,23 +652,35 @@ async def migrations_total(url: str) -> float:
 
 
 async def one_run(name: str, p: Params, rate: float, streams: SeededStreams, workdir: Path) -> RunReport:
-    fleet = await start_fleet(p, workdir)
+    if name != "netns":
+        return await _measure(name, p, rate, streams, await start_fleet(p, workdir))
+    hosts = Hosts(p.workers)
+    try:
+        await asyncio.to_thread(hosts.build)
+        return await _measure(name, p, rate, streams, await start_fleet(p, workdir, hosts))
+    finally:
+        hosts.remove()
+
+
+async def _measure(name: str, p: Params, rate: float, streams: SeededStreams, fleet: Fleet) -> RunReport:
     events: list[FaultEvent] = []
+    duration = p.duration_of(name)
     try:
         await asyncio.sleep(SETTLE_S)
         fleet.sample_all()  # start RSS: the fleet is up and idle
         fleet.t0 = time.monotonic()
         sampler = asyncio.create_task(sample_rss(fleet, p.rss_interval_s))
-        faults = asyncio.create_task(inject_faults(fleet, p, events)) if name == "faults" else None
-        outcomes = await open_loop(fleet.url, p, rate, fleet.t0)
-        if faults is not None:
-            faults.cancel()
+        faults = {"faults": inject_faults, "netns": cut_link}.get(name)
+        injector = asyncio.create_task(faults(fleet, p, events)) if faults is not None else None
+        outcomes = await open_loop(fleet.url, p, rate, fleet.t0, duration)
+        if injector is not None:
+            injector.cancel()
         sampler.cancel()
         fleet.sample_all()
         migrations = await migrations_total(fleet.url)
     finally:
         fleet.stop()
-    return report(name, p, rate, outcomes, check(outcomes, p, streams), events, fleet, migrations)
+    return report(name, duration, p, rate, outcomes, check(outcomes, p, streams), events, fleet, migrations)
 
 
 def _round(x: float | None) -> float | None:
@@ -590,6 +693,7 @@ def _near(t: float, events: list[FaultEvent], window: float) -> bool:
 
 def report(
     name: str,
+    duration: float,
     p: Params,
     rate: float,
     outcomes: list[Outcome],
@@ -607,7 +711,7 @@ def report(
                      e.rss_max_mb) for e in fleet.procs]  # fmt: skip
     return RunReport(
         name=name,
-        duration_s=p.duration_s,
+        duration_s=duration,
         rate_req_s=round(rate, 3),
         sent=len(outcomes),
         completed=len(ok),
@@ -653,7 +757,7 @@ async def run(args: argparse.Namespace, p: Params) -> Report:
     runs: dict[str, RunReport] = {}
     for name in p.run_names:
         with tempfile.TemporaryDirectory(prefix=f"ls-fault-soak-{name}-") as tmp:
-            logger.info("run %s: %.0f s", name, p.duration_s)
+            logger.info("run %s: %.0f s", name, p.duration_of(name))
             runs[name] = await one_run(name, p, capacity.rate_req_s, streams, Path(tmp))
             _log_run(runs[name])
     return Report(p, capacity, runs, NOTE)
