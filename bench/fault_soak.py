@@ -87,8 +87,8 @@ class Params:
     rate: float = 0.0  # req/s; 0 = load_fraction x capacity
     migration_limit: int = 3
     kill_every_s: float = 30.0
-    nats_restart_at: float = 0.35  # x duration
-    etcd_restart_at: float = 0.7  # x duration
+    nats_restart_at: float = 0.375  # x duration (225 s of 600: halfway between two kills)
+    etcd_restart_at: float = 0.725  # x duration (435 s of 600)
     discovery_ttl: float = 2.0
     near_fault_s: float = 5.0  # a request sent this long after a fault counts as "near a fault"
     request_timeout_s: float = 120.0  # a stream still open after this is a failure (a hang)
