@@ -78,8 +78,8 @@ MACHINE_NOTE = (
 class Params:
     block_sizes: str = "16,64"
     blocks: str = "1,16,256"
-    target_mb: int = 1500  # repetitions per cell: about this many MB moved per mode...
-    min_reps: int = 5  # ...but at least this many
+    target_mb: int = 3000  # repetitions per cell: about this many MB moved per mode...
+    min_reps: int = 10  # ...but at least this many
     max_reps: int = 200  # ...and at most this many
     warmup: int = 2  # untimed pulls per mode and cell first
     frame_mib: int = 4  # the server's data frame size
