@@ -29,6 +29,7 @@ from lightspeed.planner.profiler import (
     fit_error,
     fit_points,
     save_profile,
+    statistic_for,
 )
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,8 @@ def _profile(
     seconds: float,
     command: str,
 ) -> Profile:
-    model, rejected = fit_points(points, cfg.speedup_ratio if cfg.engine == "mocker" else 1.0)
+    statistic = statistic_for(cfg.engine)
+    model, rejected = fit_points(points, cfg.speedup_ratio if cfg.engine == "mocker" else 1.0, statistic)
     spec = runner.spec
     sweep = SweepInfo(
         list(spec.prefill_sizes),
@@ -185,9 +187,10 @@ def _profile(
         command=command,
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         perf=model,
-        fit_error=fit_error(model, points) if model is not None else None,
+        fit_error=fit_error(model, points, statistic) if model is not None else None,
         fit_rejected=rejected,
         seconds=round(seconds, 3),
+        cell_statistic=statistic,
     )
 
 

@@ -1,5 +1,5 @@
 """The profile's picture: measured step times against the fitted model, prefill and decode panels.
-Every measured step is a small dot; each cell's mean (what the fit takes) a diamond.
+Every measured step is a small dot; each cell's mean or median (what the fit takes) a diamond.
 
 Plots need matplotlib (a test extra); without it the JSON is still written and the plot is
 skipped with a log line.
@@ -53,9 +53,15 @@ def write_plot(profile: Profile, path: Path) -> bool:
 
 def _prefill_panel(ax: Any, profile: Profile) -> None:
     pts = [p for p in profile.points if p.phase == "prefill"]
-    means = cell_means(pts)
+    means = cell_means(pts, profile.cell_statistic)
     ax.scatter([p.prefill_tokens for p in pts], [p.ms for p in pts], s=10, alpha=0.35, label="measured steps")
-    ax.scatter([p.prefill_tokens for p in means], [p.ms for p in means], s=40, marker="D", label="cell means (fitted)")
+    ax.scatter(
+        [p.prefill_tokens for p in means],
+        [p.ms for p in means],
+        s=40,
+        marker="D",
+        label=f"cell {profile.cell_statistic}s (fitted)",
+    )
     model = profile.perf
     if model is not None and pts:
         top = max(p.prefill_tokens for p in pts)
@@ -73,7 +79,7 @@ def _prefill_panel(ax: Any, profile: Profile) -> None:
 
 def _decode_panel(ax: Any, profile: Profile) -> None:
     pts = [p for p in profile.points if p.phase == "decode"]
-    means = cell_means(pts)
+    means = cell_means(pts, profile.cell_statistic)
     for i, batch in enumerate(sorted({p.batch_size for p in pts})):
         sub = [p for p in pts if p.batch_size == batch]
         ax.scatter([p.kv_usage for p in sub], [p.ms for p in sub], s=10, alpha=0.35, color=f"C{i}")

@@ -3,12 +3,17 @@
 The fit is the worker's own (worker/perf_fit.py: shape-constrained median regression by NNLS),
 so a profiled model and one a worker fits online from live steps are the same estimator on
 different data. It runs over the sweep's cells: each cell (one prefill size, or one decode batch
-x context) enters as one step whose time is the mean of the cell's measured steps. The mean, not
-each step, and not a median or a trimmed mean: event-loop timers tick in whole milliseconds, so a
-mocker's steps come out a millisecond long or short by turns, and a step that ran late is paid
-back by shorter ones after it (the mocker carries each timer error into its next sleep), so only
-the mean is its model; for a real engine the mean is the step rate a busy worker sustains. A cell
-spoilt by a stall cannot pull the fit far: across cells the fit is a median regression. Prefill cells enter as prefill-only steps and decode cells as decode-only steps, as
+x context) enters as one step whose time sums up the cell's measured steps, by the statistic that
+suits the engine's noise (`statistic_for`):
+  * mocker: the mean. Event-loop timers tick in whole milliseconds, so its steps come out a
+    millisecond long or short by turns, and a step that ran late is paid back by shorter ones
+    after it (it carries each timer error into its next sleep): only the mean is its model, and
+    a median or a trimmed mean is biased.
+  * a real engine: the median. Its steps are independent, and noise on a shared machine only
+    adds time (a neighbour on the cores stretched single prefill steps 2-6x in the committed
+    profiles), so one stall moves a mean by tens of percent and a median not at all.
+A cell spoilt all through still cannot pull the fit far: across cells the fit is a median
+regression. Prefill cells enter as prefill-only steps and decode cells as decode-only steps, as
 the engine reports them (profile_sweep.py). Times are fitted in the model's reference
 milliseconds, wall ms times the engine's speedup ratio, with that ratio set on the model, so a
 profiled mocker reproduces the `PerfModel` its worker card publishes. Every measured step is kept
@@ -23,8 +28,9 @@ ValueError that names the file and the problem.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Literal
 
 import msgspec
 
@@ -71,7 +77,7 @@ class SweepInfo(msgspec.Struct, frozen=True):
 
 
 class FitError(msgspec.Struct, frozen=True):
-    """|fit - measured| / measured over each phase's cell means: median and largest."""
+    """|fit - measured| / measured over each phase's cells: median and largest."""
 
     prefill_median: float
     prefill_max: float
@@ -79,7 +85,7 @@ class FitError(msgspec.Struct, frozen=True):
     decode_max: float
 
 
-class Profile(msgspec.Struct, frozen=True, omit_defaults=True):
+class Profile(msgspec.Struct, frozen=True):
     """A `lightspeed profile` result. `perf` is None when the fit was rejected (`fit_rejected`
     says why); the points are kept either way."""
 
@@ -93,6 +99,7 @@ class Profile(msgspec.Struct, frozen=True, omit_defaults=True):
     fit_error: FitError | None = None
     fit_rejected: str | None = None
     seconds: float = 0.0  # the sweep's wall time
+    cell_statistic: CellStatistic = "mean"  # how each cell's steps were summed up for the fit
     format: int = PROFILE_FORMAT
 
 
@@ -101,24 +108,35 @@ class Profile(msgspec.Struct, frozen=True, omit_defaults=True):
 CELL_LIMITS = FitLimits(min_prefill_steps=3, min_decode_steps=3)
 
 
-def cell_means(points: Sequence[ProfilePoint]) -> list[ProfilePoint]:
+CellStatistic = Literal["mean", "median"]
+_STATISTICS: dict[str, Callable[[list[float]], float]] = {"mean": statistics.fmean, "median": statistics.median}
+
+
+def statistic_for(engine: str) -> CellStatistic:
+    """The mocker's steps repay each other's timer error (the mean is exact); a real engine's
+    are independent with additive noise (the median ignores stalls). See the module doc."""
+    return "mean" if engine == "mocker" else "median"
+
+
+def cell_means(points: Sequence[ProfilePoint], statistic: CellStatistic = "mean") -> list[ProfilePoint]:
     """One point per sweep cell (phase, prefill size, batch, context): the mean usage and the
-    mean time of its steps."""
+    cell's time by `statistic` over its steps."""
     cells: dict[tuple[Phase, int, int, int], list[ProfilePoint]] = {}
     for p in points:
         cells.setdefault((p.phase, p.prefill_tokens, p.batch_size, p.context_len), []).append(p)
+    summary = _STATISTICS[statistic]
     return [
-        ProfilePoint(
-            phase, t, b, ctx, statistics.fmean(p.kv_usage for p in group), statistics.fmean(p.ms for p in group)
-        )
+        ProfilePoint(phase, t, b, ctx, statistics.fmean(p.kv_usage for p in group), summary([p.ms for p in group]))
         for (phase, t, b, ctx), group in cells.items()
     ]
 
 
-def fit_points(points: Sequence[ProfilePoint], speedup_ratio: float = 1.0) -> tuple[PerfModel | None, str | None]:
-    """The `PerfModel` of the sweep's cell means, or (None, why the worker's fitter rejects them)."""
+def fit_points(
+    points: Sequence[ProfilePoint], speedup_ratio: float = 1.0, statistic: CellStatistic = "mean"
+) -> tuple[PerfModel | None, str | None]:
+    """The `PerfModel` of the sweep's cells, or (None, why the worker's fitter rejects them)."""
     fitter = PerfFitter(window=max(1, len(points)), limits=CELL_LIMITS)
-    model = fitter.fit([_sample(p, speedup_ratio) for p in cell_means(points)])
+    model = fitter.fit([_sample(p, speedup_ratio) for p in cell_means(points, statistic)])
     if model is None:
         return None, f"{fitter.rejected} (one step per sweep cell)"
     return msgspec.structs.replace(model, speedup_ratio=speedup_ratio), None
@@ -138,10 +156,10 @@ def predicted_ms(model: PerfModel, point: ProfilePoint) -> float:
     return ms / model.speedup_ratio
 
 
-def fit_error(model: PerfModel, points: Sequence[ProfilePoint]) -> FitError:
-    """Relative misses of the model on each phase's cell means (0 for a phase with none)."""
+def fit_error(model: PerfModel, points: Sequence[ProfilePoint], statistic: CellStatistic = "mean") -> FitError:
+    """Relative misses of the model on each phase's cells (0 for a phase with none)."""
     stats: list[float] = []
-    cells = cell_means(points)
+    cells = cell_means(points, statistic)
     for phase in ("prefill", "decode"):
         misses = [abs(predicted_ms(model, p) - p.ms) / p.ms for p in cells if p.phase == phase and p.ms > 0]
         stats += [statistics.median(misses), max(misses)] if misses else [0.0, 0.0]

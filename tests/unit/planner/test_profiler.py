@@ -22,6 +22,7 @@ from lightspeed.planner.profiler import (
     load_profile,
     predicted_ms,
     save_profile,
+    statistic_for,
 )
 from lightspeed.protocol import PerfModel
 
@@ -84,6 +85,14 @@ def test_cell_means_average_each_cell() -> None:
     cell = [ProfilePoint("decode", 0, 4, 128, 0.1 + 0.01 * i, ms) for i, ms in enumerate((5.0, 6.0, 30.0, 0.5, 1.0))]
     other = ProfilePoint("decode", 0, 4, 256, 0.3, 9.0)
     assert cell_means([*cell, other]) == [ProfilePoint("decode", 0, 4, 128, pytest.approx(0.12), 8.5), other]
+
+
+def test_a_real_engines_cells_are_medians() -> None:
+    assert (statistic_for("mocker"), statistic_for("native")) == ("mean", "median")
+    # One 8 s stall among 3.4 s prefills of 2048 tokens (a neighbour on the cores).
+    cell = [ProfilePoint("prefill", 2048, 0, 2048, 0.05, ms) for ms in (3405.2, 3398.4, 3372.1, 3708.8, 8267.6)]
+    assert cell_means(cell, "median") == [ProfilePoint("prefill", 2048, 0, 2048, 0.05, 3405.2)]
+    assert cell_means(cell, "mean")[0].ms == pytest.approx(4430.42)
 
 
 def test_fit_error_is_relative_per_phase() -> None:

@@ -77,6 +77,7 @@ def test_profile_mocker_writes_model_points_and_plot(tmp_path: Path) -> None:
         "skipped_cells": [],
     }
     assert len(body["points"]) == (3 + 4) * 3
+    assert body["cell_statistic"] == "mean" and body["fit_rejected"] is None
     assert body["command"] == (
         "lightspeed profile --engine mocker --num-gpu-blocks 512 --speedup-ratio 2.0 --prefill-sizes 256,1024,4096 "
         f"--batch-sizes 1,8 --context-lens 64,256 --repeats 3 --warmup 2 --out {out}"

@@ -28,6 +28,7 @@ def test_native_profile_of_a_tiny_sweep(tmp_path: Path) -> None:
     rc = main(["profile", *flags])
     profile = load_profile(out)  # written either way
     assert profile.engine.engine == "native" and profile.engine.dtype == "float32"
+    assert profile.cell_statistic == "median"
     assert (profile.engine.block_size, profile.engine.num_blocks, profile.engine.max_model_len) == (16, 64, 512)
     assert profile.engine.model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     prefill = sorted((p.prefill_tokens, p.batch_size) for p in profile.points if p.phase == "prefill")
