@@ -73,6 +73,7 @@ class Params:
     planner_max_workers: int = 8
     static_sizes: str = "2,3,4,5,6"
     predictors: str = "constant,moving-average,kalman,arima"
+    planner_utilization: float = 1.0  # throughput mode's target utilization (headroom for bursts)
 
     def __post_init__(self) -> None:
         if self.part not in PARTS:
@@ -258,6 +259,7 @@ def _planner_run(p: Params, mode: str, predictor: str, workers: int) -> ReplayRe
         max_workers=p.planner_max_workers,
         adjustment_interval_s=p.planner_interval_s,
         start_delay_s=p.planner_start_delay_s,
+        target_utilization=p.planner_utilization,
     )
     label = f"planner {mode}" + (f" {predictor}" if mode == "throughput" else "")
     cfg = _cfg(p, workers=workers, speedup=p.planner_speedup, planner=settings, label=label)

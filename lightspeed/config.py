@@ -390,9 +390,14 @@ class PlannerOptions:
     decision_log: str = opt("", "planner: append each decision as a JSON line to this file ('' = none)")
     metrics_port: int = opt(0, "planner: serve the planner's /metrics on this port (0 = none)")
     dry_run: bool = opt(False, "planner: log decisions only, never scale")
+    target_utilization: float = opt(
+        1.0, "planner, throughput mode: the busy fraction a worker is sized for (< 1: headroom for bursts)"
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if not 0 < self.target_utilization <= 1:
+            raise ValueError(f"target_utilization must be in (0, 1]; got {self.target_utilization}")
         _check_positive("adjustment_interval", self.adjustment_interval)
         _check_positive("ttft_slo", self.ttft_slo)
         _check_positive("itl_slo", self.itl_slo)

@@ -25,12 +25,14 @@ import tempfile
 import time
 from dataclasses import replace
 from functools import partial
+from pathlib import Path
 
 import aiohttp
 
 from lightspeed.config import (
     CHILD_CONFIG_ENV,
     CONFIG_ERROR_EXIT,
+    AuthConfig,
     FrontendConfig,
     Role,
     ServeConfig,
@@ -38,6 +40,9 @@ from lightspeed.config import (
     encode_config,
     parse_disagg,
 )
+from lightspeed.frontend.auth import parse_keys
+from lightspeed.frontend.rate_limit import Limits
+from lightspeed.runtime.cluster_auth import generate_secret
 from lightspeed.runtime.discovery import remove_entries_of
 from lightspeed.runtime.supervisor import ChildSpec, Supervisor
 
@@ -73,10 +78,32 @@ def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
     return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
 
 
-async def wait_ready(url: str, workers: int, timeout: float) -> bool:
-    """Poll /health until `workers` healthy workers are registered (model loading can take a while)."""
+def _with_cluster_secret(cfg: ServeConfig) -> ServeConfig:
+    """Close this run's internal planes with a fresh cluster secret unless one was given."""
+    planes = cfg.worker.planes
+    if not planes.cluster_secret:
+        planes = replace(planes, cluster_secret=generate_secret())
+    return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
+
+
+def frontend_url(cfg: ServeConfig) -> str:
+    scheme = "https" if cfg.frontend.auth.tls_cert else "http"
+    return f"{scheme}://{cfg.frontend.host}:{cfg.frontend.port}"
+
+
+def readiness_headers(auth: AuthConfig) -> dict[str, str]:
+    """serve polls its own frontend's /health: with API keys, it presents one of them."""
+    key = auth.api_key
+    if not key and auth.api_keys_file:
+        key = parse_keys(Path(auth.api_keys_file).read_text(), Limits())[0][0]
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+async def wait_ready(url: str, workers: int, timeout: float, headers: dict[str, str] | None = None) -> bool:
+    """Poll /health until `workers` healthy workers are registered (model loading can take a while).
+    Its own frontend on loopback: a TLS certificate is not checked here."""
     deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
+    async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(ssl=False)) as session:
         while time.monotonic() < deadline:
             try:
                 async with session.get(url + "/health") as resp:
@@ -92,7 +119,7 @@ async def wait_ready(url: str, workers: int, timeout: float) -> bool:
 
 async def run_serve(cfg: ServeConfig, log_level: str = "INFO") -> int:
     folder = tempfile.mkdtemp(prefix="lightspeed-serve-")
-    cfg = _with_private_discovery(cfg, folder)
+    cfg = _with_cluster_secret(_with_private_discovery(cfg, folder))
     if cfg.disagg:  # readiness counts both pools
         cfg = replace(cfg, workers=sum(parse_disagg(cfg.disagg)))
     sup = make_supervisor(cfg)
@@ -165,11 +192,12 @@ async def _run_planner(cfg: ServeConfig, scaler: LocalWorkerScaler, stop: asynci
     from lightspeed.planner.connectors import LocalConnector
     from lightspeed.planner.planner_cli import open_planner, run_planner_until
 
-    url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
-    if not await wait_ready(url, cfg.workers, timeout=600):
+    url = frontend_url(cfg)
+    headers = readiness_headers(cfg.frontend.auth)  # its own frontend: the key, no TLS check
+    if not await wait_ready(url, cfg.workers, timeout=600, headers=headers):
         log.error("planner: the fleet never became ready; not planning")
         return
-    running = await open_planner(cfg.planner, url, LocalConnector(scaler), cfg.worker.planes)
+    running = await open_planner(cfg.planner, url, LocalConnector(scaler), cfg.worker.planes, headers=headers)
     log.info(
         "planner: %s mode, every %.0fs, %d..%d workers",
         cfg.planner.mode,
@@ -183,8 +211,9 @@ async def _run_planner(cfg: ServeConfig, scaler: LocalWorkerScaler, stop: asynci
 async def _until_stopped(cfg: ServeConfig, sup: Supervisor, stop: asyncio.Event) -> int:
     """Announce readiness, then wait for a signal (exit 0) or a child that failed for good: exit 2
     when it was a configuration error (so scripts see the same status as from the child), else 1."""
-    url = f"http://{cfg.frontend.host}:{cfg.frontend.port}"
-    ready = asyncio.create_task(wait_ready(url, cfg.workers, timeout=600))
+    url = frontend_url(cfg)
+    headers = readiness_headers(cfg.frontend.auth)
+    ready = asyncio.create_task(wait_ready(url, cfg.workers, timeout=600, headers=headers))
     stopped = asyncio.create_task(stop.wait())
     failed = asyncio.create_task(sup.failed.wait())
     try:

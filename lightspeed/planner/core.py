@@ -21,6 +21,7 @@ from lightspeed.planner.arithmetic import (
     EngineLimits,
     Observation,
     SlaTarget,
+    check_utilization,
     load_step,
     plan_replicas,
 )
@@ -37,10 +38,14 @@ class PlannerConfig:
     limits: EngineLimits
     mode: PlannerMode = "throughput"
     predictor: str = "constant"  # a name in predictors.PREDICTORS
+    # Throughput mode: the busy fraction a worker is sized for (1 = none of the interval's
+    # burstiness absorbed; queueing then pushes TTFT over the SLA at the forecast rate).
+    target_utilization: float = 1.0
 
     def __post_init__(self) -> None:
         if self.mode not in ("throughput", "load"):
             raise ValueError(f"mode must be throughput or load, got {self.mode!r}")
+        check_utilization(self.target_utilization)
         make_predictor(self.predictor)  # an unknown name is a configuration error, up front
 
 
@@ -84,7 +89,9 @@ class Planner:
         forecast = Forecast(self._rate.predict(), self._isl.predict(), self._osl.predict())
         hit = obs.prefix_hit_rate if math.isfinite(obs.prefix_hit_rate) else 0.0
         expected = Observation(forecast.request_rate, forecast.isl, forecast.osl, hit)
-        plan = plan_replicas(expected, self.cfg.sla, self.cfg.budget, self.model, self.cfg.limits)
+        plan = plan_replicas(
+            expected, self.cfg.sla, self.cfg.budget, self.model, self.cfg.limits, self.cfg.target_utilization
+        )
         return Decision(
             self.interval, "throughput", _observed(obs), forecast, plan.prefill, plan.decode, plan.aggregated
         )

@@ -198,8 +198,10 @@ async def open_planner(
     planes: PlaneConfig | None,
     model: str | None = None,
     metrics_host: str = "127.0.0.1",
+    headers: dict[str, str] | None = None,
 ) -> RunningPlanner:
-    """Build a planner ready to `service.run(stop)`; the caller closes it."""
+    """Build a planner ready to `service.run(stop)`; the caller closes it. `headers` go with
+    every scrape of the frontend (an API key when its /metrics is not public)."""
     discovery = discovery_from_config(planes) if planes is not None else None
     cards = await fleet_cards(discovery)
     config = PlannerConfig(
@@ -208,6 +210,7 @@ async def open_planner(
         engine_limits(cards),
         opts.mode,
         opts.predictor,
+        opts.target_utilization,
     )
     current = await connector.current()
     model_perf = perf_model_for(opts, cards)
@@ -226,7 +229,7 @@ async def open_planner(
 
         follower = ForwardPassFollower(discovery, subscriber_from_config(planes, [TOPIC_FORWARD_PASS]), aggregator)
         await follower.start()
-    session = aiohttp.ClientSession()
+    session = aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(ssl=False))
     observer = PlannerObserver(
         FrontendObserver(http_fetch(session, frontend_url.rstrip("/") + "/metrics"), model),
         aggregator if follower is not None else None,

@@ -54,6 +54,7 @@ class PlannerLoop:
             limits=limits,
             mode=mode,
             predictor=settings.predictor,
+            target_utilization=settings.target_utilization,
         )
         self.interval_s = settings.adjustment_interval_s
         self.planner = Planner(cfg, perf, current)

@@ -88,6 +88,7 @@ FLAGS = (
     Flag("--max-workers", int, 8, "planner: most workers"),
     Flag("--adjustment-interval", float, 60.0, "planner: seconds between decisions"),
     Flag("--worker-start-delay", float, 30.0, "planner: seconds before a new worker serves"),
+    Flag("--target-utilization", float, 1.0, "planner, throughput mode: busy fraction a worker is sized for"),
     # output
     Flag("--out", str, None, "directory for report.json and timeline.png"),
     Flag("--label", str, "", "name of this run in the report"),
@@ -171,6 +172,7 @@ def _planner(args: argparse.Namespace) -> PlannerSettings:
         max_workers=args.max_workers,
         adjustment_interval_s=args.adjustment_interval,
         start_delay_s=args.worker_start_delay,
+        target_utilization=args.target_utilization,
     )
 
 

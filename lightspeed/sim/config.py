@@ -84,6 +84,7 @@ class PlannerSettings:
     max_workers: int = 8
     adjustment_interval_s: float = 60.0
     start_delay_s: float = 30.0  # a new worker serves this long after the planner asks for it
+    target_utilization: float = 1.0  # throughput mode: headroom for bursts (planner/arithmetic.py)
 
     def __post_init__(self) -> None:
         if self.mode not in PLANNER_MODES:

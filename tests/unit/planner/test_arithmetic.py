@@ -125,7 +125,7 @@ def test_decode_dynamo_model() -> None:
 
 
 def test_plan_dynamo_model_and_budget_clamp() -> None:
-    # prefill 3 and decode 8 from the two cases above; aggregated = max(3, 8) = 8
+    # decode 8 from the case above; aggregated: 10 * (0.04022383 + 500 * 0.02997135 / 20) = 7.895 -> 8
     obs = Observation(request_rate=10, isl=3000, osl=500, prefix_hit_rate=0.5)
     sla = SlaTarget(ttft_s=2.0, itl_s=0.030)
     # prefill at 10 req/s: 10 * 0.04022383 = 0.402 -> 1
@@ -136,11 +136,29 @@ def test_plan_dynamo_model_and_budget_clamp() -> None:
     assert plan_replicas(obs, sla, Budget(max_workers=6, min_workers=2), DYNAMO, LIMITS) == ReplicaPlan(2, 6, 6)
 
 
-def test_aggregated_is_max_of_pools() -> None:
-    assert aggregated_replicas(3, 8, BIG) == 8
-    assert aggregated_replicas(9, 2, BIG) == 9
-    assert aggregated_replicas(0, 0, Budget(max_workers=4, min_workers=2)) == 2
-    assert aggregated_replicas(9, 2, Budget(max_workers=4)) == 4
+def test_aggregated_time_shares_both_phases() -> None:
+    # isl 1000, hit 0.5: prefill 15 ms; decode bs 45 at 24.8 ms: 200 * 0.0248 / 45 = 0.110222 s
+    # per request 0.125222 s of a worker's time
+    limits = LIMITS
+    obs = Observation(request_rate=40, isl=1000, osl=200, prefix_hit_rate=0.5)
+    # 40 * 0.125222 = 5.0089 -> 6, where max(prefill 1, decode 5) would say 5
+    assert aggregated_replicas(obs, 0.025, LINEAR, limits) == 6
+    assert prefill_replicas(40, 1000, 0.5, LINEAR) == 1
+    assert decode_replicas(40, 1000, 200, 0.025, LINEAR, limits) == 5
+    # 20 req/s: 2.5044 -> 3; at 80% utilization 3.1306 -> 4
+    slow = Observation(request_rate=20, isl=1000, osl=200, prefix_hit_rate=0.5)
+    assert aggregated_replicas(slow, 0.025, LINEAR, limits) == 3
+    assert aggregated_replicas(slow, 0.025, LINEAR, limits, utilization=0.8) == 4
+    assert aggregated_replicas(Observation(0.0, 1000, 200), 0.025, LINEAR, limits) == 0
+
+
+def test_utilization_divides_every_pool_demand() -> None:
+    obs = Observation(request_rate=40, isl=1000, osl=200, prefix_hit_rate=0.5)
+    # prefill 40 / 0.5 * 0.015 = 1.2 -> 2; decode 80 * 0.110222 = 8.82 -> 9; aggregated 10.02 -> 11
+    assert plan_replicas(obs, SlaTarget(2.0, 0.025), BIG, LINEAR, LIMITS, utilization=0.5) == ReplicaPlan(2, 9, 11)
+    for bad in (0.0, -0.1, 1.5, math.nan):
+        with pytest.raises(ValueError, match="utilization"):
+            plan_replicas(obs, SlaTarget(2.0, 0.025), BIG, LINEAR, LIMITS, utilization=bad)
 
 
 @pytest.mark.parametrize(

@@ -33,12 +33,13 @@ def test_throughput_mode_sizes_the_pool_from_the_forecast() -> None:
     # bs = 47 (47.6 rounds down), step 24.74 ms; engine_rps = 47 / (100 * 0.02474) = 19.0 req/s;
     # 100 / 19.0 = 5.26 -> 6
     assert d.decode == 6
-    assert d.replicas == 6 and p.current == 6  # aggregated: max(2, 6)
+    # aggregated, both phases time-shared: 100 * (0.015 + 100 * 0.02474 / 47) = 6.76 -> 7
+    assert d.replicas == 7 and p.current == 7
 
 
 def test_throughput_mode_clamps_and_survives_nan() -> None:
     p = planner(max_workers=4)
-    assert p.step(Observation(100.0, 1000.0, 100.0, 0.5)).replicas == 4  # 6 clamped to the budget
+    assert p.step(Observation(100.0, 1000.0, 100.0, 0.5)).replicas == 4  # 7 clamped to the budget
     # A NaN interval is skipped by the predictor: the last good forecast stands.
     d = p.step(Observation(math.nan, math.nan, math.nan, math.nan))
     assert d.forecast is not None and d.forecast.request_rate == 100.0 and d.replicas == 4

@@ -117,15 +117,15 @@ async def test_loop_primes_then_decides_once_per_interval(tmp_path: Path) -> Non
     metrics = PlannerMetrics()
     svc = service([interval(0), interval(100.0), interval(10.0)], conn, clock, decision_log=log, metrics=metrics)
     await run_steps(svc, clock, 2)
-    # the priming observation is discarded; then 100 req/s -> 6 workers (hand-computed in
-    # test_core.py), 10 req/s -> prefill 1, decode ceil(10 / 19.0) = 1
-    assert conn.calls == [6, 1]
+    # the priming observation is discarded; then 100 req/s -> 7 workers (hand-computed in
+    # test_core.py), 10 req/s -> ceil(10 * 0.0676) = 1
+    assert conn.calls == [7, 1]
     assert clock.slept == [30.0, 30.0, 30.0]
     assert [r.time for r in svc.records] == [1030.0, 1060.0]
     lines = [msgspec.json.decode(ln, type=DecisionRecord) for ln in log.read_bytes().splitlines()]
     assert lines == svc.records
-    assert lines[0].decision.replicas == 6 and lines[0].extra["ttft_p90_s"] == 0.5
-    assert lines[0].result == ScaleResult(6, True, "ok")
+    assert lines[0].decision.replicas == 7 and lines[0].extra["ttft_p90_s"] == 0.5
+    assert lines[0].result == ScaleResult(7, True, "ok")
     text = metrics.render().decode()
     assert 'lightspeed_planner_decided_replicas{pool="aggregated"} 1.0' in text
     assert 'lightspeed_planner_observed{field="request_rate"} 10.0' in text
@@ -150,7 +150,7 @@ async def test_a_failing_connector_is_recorded_and_the_loop_goes_on() -> None:
     await run_steps(svc, clock, 2)
     results = [r.result for r in svc.records]
     assert results[0] is not None and not results[0].acted and "api down" in results[0].detail
-    assert results[1] == ScaleResult(6, True, "ok")
+    assert results[1] == ScaleResult(7, True, "ok")
     assert "lightspeed_planner_scale_failures_total 1.0" in metrics.render().decode()
 
 
@@ -159,7 +159,7 @@ async def test_dry_run_decides_but_never_scales() -> None:
     svc = service([interval(0), interval(100.0)], conn, clock, dry_run=True)
     await svc.prime()
     record = await svc.step()
-    assert conn.calls == [] and record.dry_run and record.result is None and record.decision.replicas == 6
+    assert conn.calls == [] and record.dry_run and record.result is None and record.decision.replicas == 7
 
 
 async def test_load_mode_steps_from_what_the_connector_reports() -> None:
