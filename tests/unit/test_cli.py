@@ -72,6 +72,10 @@ FRONTEND = {
     "--tls-cert": ("auth.tls_cert", ""),
     "--tls-key": ("auth.tls_key", ""),
     "--cluster-host": ("cluster_host", "127.0.0.1"),
+    "--conditional-disagg": ("disagg.conditional", True),
+    "--max-local-prefill-tokens": ("disagg.max_local_prefill_tokens", 2048),
+    "--max-local-prefill-frac": ("disagg.max_local_prefill_frac", 0.7),
+    "--prefill-busy-frac": ("disagg.prefill_busy_frac", 2.0),
 }
 WORKER = {
     "--engine": ("engine", "native"),
@@ -88,6 +92,12 @@ WORKER = {
     "--enable-prefix-caching": ("enable_prefix_caching", True),
     "--metrics-interval": ("metrics_interval", 0.5),  # new: had no flag
     "--seed": ("seed", 0),
+    "--kv-transfer-bandwidth": ("kv_transfer.bandwidth", 25e9),
+    "--kv-transfer-timeout": ("kv_transfer.timeout", 30.0),
+    "--mocker-num-layers": ("kv_transfer.num_layers", 32),
+    "--mocker-num-kv-heads": ("kv_transfer.num_kv_heads", 8),
+    "--mocker-head-dim": ("kv_transfer.head_dim", 128),
+    "--mocker-kv-dtype-bytes": ("kv_transfer.dtype_bytes", 2),
 }
 
 
@@ -138,11 +148,15 @@ EXPECTED: dict[str, dict[str, tuple[tuple[str, ...], Any]]] = {
         "--perf-model": (("planner.perf_model",), ""),
         "--decision-log": (("planner.decision_log",), ""),
         "--metrics-port": (("planner.metrics_port",), 0),
+        "--target-utilization": (("planner.target_utilization",), 1.0),
+        "--disagg": (("disagg",), ""),
         "--dry-run": (("planner.dry_run",), False),
     },
 }
 
 
+# Flags whose generic other value is not a valid one.
+OTHER: dict[str, Any] = {"--disagg": "1P1D", "--target-utilization": 0.5}
 # Flags whose other value is refused on its own: rate limits need an API key, TLS a cert and a key.
 NEEDS = {
     "--rate-limit-rpm": ["--api-key", "sk-some-key"],
@@ -202,7 +216,7 @@ def test_defaults_are_the_config_defaults(command: str) -> None:
 )
 def test_each_flag_and_its_env_var_set_their_fields(command: str, flag: str) -> None:
     spec = specs(command)[flag]
-    value = other_value(spec)
+    value = OTHER.get(flag, other_value(spec))
     assert spec.env == "LIGHTSPEED_" + flag[2:].replace("-", "_").upper()
     needs = NEEDS.get(flag, [])  # flags valid only together with another
     from_flag = parse_invocation([command, *needs, flag, as_text(value)], environ={}).config
