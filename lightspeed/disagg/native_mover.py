@@ -38,10 +38,14 @@ _decode_channel = msgspec.msgpack.Decoder(TransferParams).decode
 
 
 class ChannelMover:
-    def __init__(self, owner: KvCacheOwner, bytes_per_token: int, host: str, timeout_s: float) -> None:
+    def __init__(
+        self, owner: KvCacheOwner, bytes_per_token: int, host: str, timeout_s: float, advertise: str = ""
+    ) -> None:
         self.owner = owner
         self.kv_bytes_per_token = bytes_per_token
-        self.server = KvTransferServer(TransferServerConfig(host=host, pin_timeout_s=timeout_s))
+        # Peers on other hosts dial `advertise` (the bind address may be a wildcard such as 0.0.0.0).
+        config = TransferServerConfig(host=host, advertise_host=advertise, pin_timeout_s=timeout_s)
+        self.server = KvTransferServer(config)
         self.client = KvTransferClient(TransferClientConfig(retries=2))
         self._channel_ids: dict[str, str] = {}  # our transfer id -> the channel's
         self._ours: dict[str, str] = {}  # the channel's transfer id -> ours
@@ -49,13 +53,13 @@ class ChannelMover:
         self.on_released: Callable[[str], object] | None = None
 
     @classmethod
-    def for_core(cls, core: EngineCore, host: str, timeout_s: float) -> ChannelMover:
+    def for_core(cls, core: EngineCore, host: str, timeout_s: float, advertise: str = "") -> ChannelMover:
         executor = core.executor
         if not isinstance(executor, NativeExecutor):
             raise TypeError("ChannelMover needs the native executor's KV cache")
         runner = executor.runner
         block_bytes = sum(cache[:, :1].numel() * cache.element_size() for cache in runner.kv_caches)
-        return cls(runner, block_bytes // runner.block_size, host, timeout_s)
+        return cls(runner, block_bytes // runner.block_size, host, timeout_s, advertise)
 
     async def start(self) -> None:
         await self.server.start()

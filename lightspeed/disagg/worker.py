@@ -20,6 +20,7 @@ from lightspeed.disagg.mover import KvMover, ModelledMover
 from lightspeed.disagg.prefill import PrefillHandler
 from lightspeed.engine.core import EngineCore
 from lightspeed.protocol import KvRelease, LLMEngineOutput, PreprocessedRequest
+from lightspeed.runtime.planes import advertise_host
 from lightspeed.runtime.request_plane import RequestContext, RequestPlaneClient
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ def build_mover(cfg: WorkerConfig, core: EngineCore) -> KvMover:
         return ModelledMover(cfg.kv_transfer.mocker_bytes_per_token, cfg.kv_transfer.bandwidth, cfg.speedup_ratio)
     from lightspeed.disagg.native_mover import ChannelMover  # torch: only for the native engine
 
-    return ChannelMover.for_core(core, cfg.host, cfg.kv_transfer.timeout)
+    advertise = advertise_host(cfg.host, cfg.advertise_host)  # what peers on other hosts dial
+    return ChannelMover.for_core(core, cfg.host, cfg.kv_transfer.timeout, advertise)
 
 
 class WorkerDisagg:
