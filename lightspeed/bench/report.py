@@ -44,13 +44,12 @@ def _ms(d: Distribution | None) -> str:
     return "  ".join(f"{name} {value:.2f}" for name, value in ms.items())
 
 
-def format_summary(report: BenchReport) -> str:
-    """A short human-readable table of the headline figures (milliseconds for latencies)."""
-    s = report.summary
+def summary_lines(s: BenchSummary, clock: str = "") -> list[str]:
+    """The headline figures of a summary, one line each (milliseconds for latencies); `clock`
+    tags the duration (e.g. " (virtual)" for a replay)."""
     hit = "n/a" if s.prefix_cache_hit_rate is None else f"{s.prefix_cache_hit_rate:.3f}"
-    lines = [
-        f"{report.label or 'bench'}: {report.url} model={report.model} mode={report.mode}",
-        f"  requests  {s.completed} ok / {s.failed} failed in {s.duration_s:.2f} s",
+    return [
+        f"  requests  {s.completed} ok / {s.failed} failed in {s.duration_s:.2f} s{clock}",
         f"  req/s     {s.req_per_s:.2f}",
         f"  tok/s     output {s.output_tok_per_s:.1f}  input {s.input_tok_per_s:.1f}",
         f"  TTFT ms   {_ms(s.ttft_s)}",
@@ -59,9 +58,17 @@ def format_summary(report: BenchReport) -> str:
         f"  E2E ms    {_ms(s.e2e_s)}",
         f"  prefix cache hit rate {hit}",
     ]
-    if s.failures:
-        lines.append("  failures  " + ", ".join(f"{k}={v}" for k, v in s.failures.items()))
-    return "\n".join(lines) + "\n"
+
+
+def failure_lines(s: BenchSummary) -> list[str]:
+    return ["  failures  " + ", ".join(f"{k}={v}" for k, v in s.failures.items())] if s.failures else []
+
+
+def format_summary(report: BenchReport) -> str:
+    """A short human-readable table of the headline figures (milliseconds for latencies)."""
+    s = report.summary
+    head = f"{report.label or 'bench'}: {report.url} model={report.model} mode={report.mode}"
+    return "\n".join([head, *summary_lines(s), *failure_lines(s)]) + "\n"
 
 
 def write_report(

@@ -19,8 +19,8 @@ from typing import Any
 import msgspec
 
 from lightspeed.bench.client import RequestResult
-from lightspeed.bench.report import REPORT_FILE, REQUESTS_FILE
-from lightspeed.bench.stats import BenchSummary, Distribution, TimeSeries, percentile, summarize, time_series
+from lightspeed.bench.report import REPORT_FILE, REQUESTS_FILE, failure_lines, summary_lines
+from lightspeed.bench.stats import BenchSummary, TimeSeries, percentile, summarize, time_series
 from lightspeed.planner.core import Decision
 from lightspeed.sim.config import ReplayConfig
 from lightspeed.sim.fleet import ReplicaPoint
@@ -142,33 +142,18 @@ def build_report(cfg: ReplayConfig, outcome: SimOutcome, command: str = "") -> R
     )
 
 
-def _ms(d: Distribution | None) -> str:
-    if d is None:
-        return "n/a"
-    return "  ".join(f"{name} {getattr(d, name) * 1e3:.2f}" for name in ("p50", "p90", "p99", "mean"))
-
-
 def format_replay(report: ReplayReport) -> str:
     """The bench's text summary (virtual time) plus SLA, cost and simulation speed."""
     s, sla = report.summary, report.sla
-    hit = "n/a" if s.prefix_cache_hit_rate is None else f"{s.prefix_cache_hit_rate:.3f}"
     lines = [
         f"{report.label or 'replay'}: {report.config.trace.path} ({report.config.fleet.router_mode} router)",
-        f"  requests  {s.completed} ok / {s.failed} failed in {s.duration_s:.2f} s (virtual)",
-        f"  req/s     {s.req_per_s:.2f}",
-        f"  tok/s     output {s.output_tok_per_s:.1f}  input {s.input_tok_per_s:.1f}",
-        f"  TTFT ms   {_ms(s.ttft_s)}",
-        f"  ITL ms    {_ms(s.itl_s)}",
-        f"  TPOT ms   {_ms(s.tpot_s)}",
-        f"  E2E ms    {_ms(s.e2e_s)}",
-        f"  prefix cache hit rate {hit}",
+        *summary_lines(s, " (virtual)"),
         f"  SLA (TTFT <= {sla.ttft_slo_s:g} s, ITL <= {sla.itl_slo_s * 1e3:g} ms): {sla.attainment * 100:.2f}% "
         f"(TTFT {sla.ttft_attainment * 100:.2f}%, ITL {sla.itl_attainment * 100:.2f}%)",
         f"  workers   {report.worker_seconds:.0f} worker-seconds, peak {report.peak_workers}",
         f"  simulated {report.virtual_seconds:.1f} s in {report.wall_seconds:.1f} s wall ({report.events} events)",
+        *failure_lines(s),
     ]
-    if s.failures:
-        lines.append("  failures  " + ", ".join(f"{k}={v}" for k, v in s.failures.items()))
     return "\n".join(lines) + "\n"
 
 
