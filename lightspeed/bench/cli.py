@@ -7,7 +7,7 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,13 +21,13 @@ DEFAULT_SYNTHETIC_REQUESTS = 1000
 _TRUE = ("1", "true", "yes", "on")
 
 
-def _env_name(flag: str) -> str:
+def env_name(flag: str) -> str:
     return "LIGHTSPEED_" + flag.lstrip("-").replace("-", "_").upper()
 
 
 @dataclass(frozen=True, slots=True)
 class Flag:
-    """One `lightspeed bench` flag; `type_` None makes a --x/--no-x boolean."""
+    """One flag of `lightspeed bench` (or `replay`); `type_` None makes a --x/--no-x boolean."""
 
     name: str
     type_: Callable[[str], Any] | None
@@ -73,7 +73,7 @@ FLAGS = (
 def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
     """Add a flag whose default comes from its env var when set (argparse applies `type_` to
     a string default, so env values are converted and validated like typed flags)."""
-    env = _env_name(flag.name)
+    env = env_name(flag.name)
     value: Any = os.environ.get(env)
     if value is not None and flag.type_ is None:
         value = value.strip().lower() in _TRUE
@@ -86,10 +86,15 @@ def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
         parser.add_argument(flag.name, type=flag.type_, default=default, help=help_, choices=flag.choices)
 
 
+def add_flags(parser: argparse.ArgumentParser, flags: Sequence[Flag]) -> None:
+    """Register `flags` on `parser` (also how `lightspeed replay` builds its own)."""
+    for flag in flags:
+        _add_flag(parser, flag)
+
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     """Register the `lightspeed bench` flags on `parser`."""
-    for flag in FLAGS:
-        _add_flag(parser, flag)
+    add_flags(parser, FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -162,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         "--log-level",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
-        default=os.environ.get(_env_name("--log-level"), "INFO").upper(),
+        default=os.environ.get(env_name("--log-level"), "INFO").upper(),
         help="logging level [env LIGHTSPEED_LOG_LEVEL; default: INFO]",
     )
     args = parser.parse_args(argv)

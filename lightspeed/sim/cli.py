@@ -11,10 +11,8 @@ import logging
 import os
 import shlex
 import sys
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
+from lightspeed.bench.cli import Flag, add_flags, env_name
 from lightspeed.bench.config import TRACE_FORMATS
 from lightspeed.bench.traces import AzureTrace, MooncakeTrace, TraceWindow, load_trace
 from lightspeed.bench.workload import TokenSpace
@@ -33,20 +31,6 @@ from lightspeed.sim.report import ReplayReport, build_report, format_replay, wri
 from lightspeed.sim.simulation import SimOutcome, Simulation
 
 logger = logging.getLogger(__name__)
-
-_TRUE = ("1", "true", "yes", "on")
-
-
-@dataclass(frozen=True, slots=True)
-class Flag:
-    """One flag; `type_` None makes a --x/--no-x boolean."""
-
-    name: str
-    type_: Callable[[str], Any] | None
-    default: Any
-    help: str
-    choices: tuple[str, ...] | None = None
-
 
 FLAGS = (
     # the trace, as `lightspeed bench` replays it
@@ -97,27 +81,9 @@ FLAGS = (
 )
 
 
-def _env_name(flag: str) -> str:
-    return "LIGHTSPEED_" + flag.lstrip("-").replace("-", "_").upper()
-
-
-def _add_flag(parser: argparse.ArgumentParser, flag: Flag) -> None:
-    env = _env_name(flag.name)
-    value: Any = os.environ.get(env)
-    if value is not None and flag.type_ is None:
-        value = value.strip().lower() in _TRUE
-    default = flag.default if value is None else value
-    help_ = f"{flag.help} [env {env}; default: {default}]"
-    if flag.type_ is None:
-        parser.add_argument(flag.name, action=argparse.BooleanOptionalAction, default=default, help=help_)
-    else:
-        parser.add_argument(flag.name, type=flag.type_, default=default, help=help_, choices=flag.choices)
-
-
 def add_replay_args(parser: argparse.ArgumentParser) -> None:
     """Register the `lightspeed replay` flags on `parser`."""
-    for flag in FLAGS:
-        _add_flag(parser, flag)
+    add_flags(parser, FLAGS)
 
 
 def config_from_args(args: argparse.Namespace) -> ReplayConfig:
@@ -215,7 +181,7 @@ def replay_main(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lightspeed replay", description="Virtual-time fleet simulation")
     add_replay_args(parser)
-    parser.add_argument("--log-level", default=os.environ.get(_env_name("--log-level"), "INFO").upper())
+    parser.add_argument("--log-level", default=os.environ.get(env_name("--log-level"), "INFO").upper())
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(levelname)s %(name)s: %(message)s")
     return replay_main(args)
