@@ -173,20 +173,25 @@ def decode_batch(model: PerfModel, context_tokens: float, itl_s: float, limits: 
     return best, step
 
 
+def decode_seconds(isl: float, osl: float, itl_s: float, model: PerfModel, limits: EngineLimits) -> float:
+    """A request's share of a decode engine's time: osl * step / bs, at the largest batch meeting
+    the ITL target and the mean context halfway through its output (isl + osl / 2); NaN when a
+    needed value is not usable."""
+    if not (_usable(osl) and _usable(itl_s) and math.isfinite(isl)):
+        return math.nan
+    bs, step = decode_batch(model, max(isl, 0.0) + osl / 2, itl_s, limits)
+    return osl * step / bs
+
+
 def decode_replicas(
     demand_rps: float, isl: float, osl: float, itl_s: float, model: PerfModel, limits: EngineLimits
 ) -> int:
     """Unclamped decode workers: ceil(demand / engine_rps), engine_rps = bs / (osl * step).
-
-    Sized at the mean context a sequence has halfway through its output, isl + osl / 2.
-    0 when there is no traffic or a needed value is not usable.
-    """
-    if not (_usable(demand_rps) and _usable(osl) and _usable(itl_s) and math.isfinite(isl)):
+    0 when there is no traffic or a needed value is not usable."""
+    per_request = decode_seconds(isl, osl, itl_s, model, limits)
+    if not (_usable(demand_rps) and _usable(per_request)):
         return 0
-    bs, step = decode_batch(model, max(isl, 0.0) + osl / 2, itl_s, limits)
-    if not _usable(step):
-        return 0
-    return _ceil_count(demand_rps * osl * step / bs)
+    return _ceil_count(demand_rps * per_request)
 
 
 def aggregated_replicas(
@@ -204,11 +209,12 @@ def aggregated_replicas(
     """
     if not (_usable(obs.request_rate) and math.isfinite(obs.isl)):
         return 0
-    wt = prefill_wall_seconds(model, obs.isl, obs.prefix_hit_rate)
-    work = wt if _usable(wt) else 0.0
-    if _usable(obs.osl) and _usable(itl_s):  # unknown output lengths: the prefill alone, as the pools do
-        bs, step = decode_batch(model, max(obs.isl, 0.0) + obs.osl / 2, itl_s, limits)
-        work += obs.osl * step / bs if _usable(step) else 0.0
+    # Unknown output lengths (or prefill time): that phase counts as 0, as its own pool would.
+    phases = (
+        prefill_wall_seconds(model, obs.isl, obs.prefix_hit_rate),
+        decode_seconds(obs.isl, obs.osl, itl_s, model, limits),
+    )
+    work = sum(t for t in phases if _usable(t))
     return _ceil_count(obs.request_rate * work / utilization)
 
 
