@@ -34,6 +34,7 @@ from lightspeed.config import (
     CONFIG_ERROR_EXIT,
     AuthConfig,
     FrontendConfig,
+    PlaneConfig,
     Role,
     ServeConfig,
     WorkerConfig,
@@ -71,11 +72,16 @@ def make_supervisor(cfg: ServeConfig) -> Supervisor:
     return Supervisor(grace_seconds=drain + SHUTDOWN_MARGIN_S, liveness_seconds=cfg.liveness_timeout)
 
 
+def _with_planes(cfg: ServeConfig, planes: PlaneConfig) -> ServeConfig:
+    """`planes` for the frontend and the workers alike (serve requires them equal)."""
+    return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
+
+
 def _with_private_discovery(cfg: ServeConfig, folder: str) -> ServeConfig:
     planes = cfg.worker.planes
     if planes.discovery == "file" and not planes.discovery_path:
         planes = replace(planes, discovery_path=folder)
-    return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
+    return _with_planes(cfg, planes)
 
 
 def _with_cluster_secret(cfg: ServeConfig) -> ServeConfig:
@@ -83,7 +89,7 @@ def _with_cluster_secret(cfg: ServeConfig) -> ServeConfig:
     planes = cfg.worker.planes
     if not planes.cluster_secret:
         planes = replace(planes, cluster_secret=generate_secret())
-    return replace(cfg, frontend=replace(cfg.frontend, planes=planes), worker=replace(cfg.worker, planes=planes))
+    return _with_planes(cfg, planes)
 
 
 def frontend_url(cfg: ServeConfig) -> str:
