@@ -78,6 +78,14 @@ def write_report(
     save_requests: bool = False,
 ) -> Path:
     """Write report.json, the plots, and with `save_requests` a requests.jsonl dump."""
+    out = write_report_json(report, results, out_dir, save_requests)
+    write_plots(report, results, out)
+    return out / REPORT_FILE
+
+
+def write_report_json(report: Any, results: Sequence[RequestResult], out_dir: str | Path, save_requests: bool) -> Path:
+    """report.json (any msgspec-encodable report) and, with `save_requests`, requests.jsonl
+    under `out_dir` (created); returns the folder."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / REPORT_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
@@ -86,8 +94,7 @@ def write_report(
         with open(out / REQUESTS_FILE, "wb") as f:
             for r in results:
                 f.write(encoder.encode(r) + b"\n")
-    write_plots(report, results, out)
-    return out / REPORT_FILE
+    return out
 
 
 def _pyplot() -> Any:  # matplotlib.pyplot is a module object; matplotlib ships no stubs

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 
 from lightspeed.bench.client import RequestResult
-from lightspeed.bench.report import REPORT_FILE, REQUESTS_FILE, failure_lines, summary_lines
+from lightspeed.bench.report import REPORT_FILE, failure_lines, summary_lines, write_report_json
 from lightspeed.bench.stats import BenchSummary, TimeSeries, percentile, summarize, time_series
 from lightspeed.planner.core import Decision
 from lightspeed.sim.config import ReplayConfig
@@ -161,14 +161,7 @@ def write_replay(
     report: ReplayReport, results: Sequence[RequestResult], out_dir: str | Path, save_requests: bool = False
 ) -> Path:
     """report.json and timeline.png (and requests.jsonl with `save_requests`) under `out_dir`."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / REPORT_FILE).write_bytes(msgspec.json.format(msgspec.json.encode(report), indent=2))
-    if save_requests:
-        encoder = msgspec.json.Encoder()
-        with open(out / REQUESTS_FILE, "wb") as f:
-            for r in results:
-                f.write(encoder.encode(r) + b"\n")
+    out = write_report_json(report, results, out_dir, save_requests)
     plot_timeline(report, out / TIMELINE_FILE)
     return out / REPORT_FILE
 
