@@ -28,13 +28,12 @@ import logging
 import re
 import shlex
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import msgspec
-from harness import RESULTS, Script, Service, free_port, lightspeed_serve, main, pyplot
+from harness import RESULTS, Script, Service, free_port, lightspeed_serve, main, pyplot, wait_for_workers
 
 from lightspeed.bench import BenchConfig, run_bench
 from lightspeed.bench.client import RequestResult
@@ -145,22 +144,6 @@ def serve_flags(p: Params, name: str, port: int, discovery: Path) -> tuple[dict[
     return {**flags, "--disagg": split}, extra
 
 
-async def wait_ready(service: Service, workers: int) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/health") as resp:
-                    health = await resp.json(content_type=None)
-                if len(health.get("workers") or []) >= workers:
-                    return
-            except (TimeoutError, aiohttp.ClientError, ValueError):
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{service.name}: workers not ready")
-
-
 async def decisions(url: str) -> dict[str, float]:
     async with aiohttp.ClientSession() as session, session.get(url + "/metrics") as resp:
         text = await resp.text()
@@ -268,7 +251,7 @@ async def run_config(p: Params, name: str, work: Path) -> ConfigResult:
     points: list[Point] = []
     service.start()
     try:
-        await wait_ready(service, p.workers)
+        await wait_for_workers(service, p.workers, READY_TIMEOUT_S)
         for index, rate in enumerate(p.rate_list):
             points.append(await run_rate(p, service, index, rate, work / name / f"{rate:g}"))
             await asyncio.sleep(2.0)  # let the fleet drain between rates

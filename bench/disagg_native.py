@@ -42,7 +42,18 @@ from pathlib import Path
 import aiohttp
 import msgspec
 import numpy as np
-from harness import RESULTS, WORK, Script, Service, free_port, lightspeed_serve, main, pyplot, wait_model_ready
+from harness import (
+    RESULTS,
+    WORK,
+    Script,
+    Service,
+    free_port,
+    lightspeed_serve,
+    main,
+    pyplot,
+    wait_for_workers,
+    wait_model_ready,
+)
 
 from lightspeed.bench.client import OpenAIClient, RequestResult, completions_url, make_session
 from lightspeed.bench.workload import RequestSpec
@@ -167,19 +178,8 @@ def serve_flags(p: Params, name: str, port: int, discovery: Path) -> tuple[dict[
 
 async def wait_ready(service: Service, workers: int) -> str:
     model = await wait_model_ready(service, READY_TIMEOUT_S)
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/health") as resp:
-                    health = await resp.json(content_type=None)
-                if len(health.get("workers") or []) >= workers:
-                    return model
-            except (TimeoutError, aiohttp.ClientError, ValueError):
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{service.name}: workers not ready")
+    await wait_for_workers(service, workers, READY_TIMEOUT_S)
+    return model
 
 
 async def decisions(url: str) -> dict[str, float]:

@@ -197,6 +197,23 @@ async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5
     raise RuntimeError(f"{service.name} did not list a model within {timeout_s} s")
 
 
+async def wait_for_workers(service: Service, workers: int, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Poll a Lightspeed frontend's /health until it lists `workers` workers."""
+    deadline = time.monotonic() + timeout_s
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+        while time.monotonic() < deadline:
+            service.check_alive()
+            try:
+                async with session.get(service.url + "/health") as resp:
+                    health = await resp.json(content_type=None)
+                if len(health.get("workers") or []) >= workers:
+                    return
+            except (TimeoutError, aiohttp.ClientError, ValueError):
+                pass
+            await asyncio.sleep(poll_s)
+    raise RuntimeError(f"{service.name}: workers not ready")
+
+
 async def wait_model_ready(service: Service, timeout_s: float = MODEL_READY_TIMEOUT_S) -> str:
     """`wait_for_model` for servers that load real weights (native engine, vLLM): slow to start."""
     return await wait_for_model(service, timeout_s, poll_s=1.0)
