@@ -25,6 +25,7 @@ KV cache per layer: [2, num_blocks, block_size, num_kv_heads, head_dim] (K then 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -37,13 +38,27 @@ from lightspeed.models.attention_metadata import (
     CacheLayout,
 )
 from lightspeed.models.fused_ops import FusedOps
-from lightspeed.models.linear_ops import AtenOps, select_linear_ops
+from lightspeed.models.linear_ops import AtenOps, OneDnnOps, select_linear_ops
 from lightspeed.models.paged_attention import (
     PagedDecodeAttention,
     advise_huge_pages,
     load_kernel,
 )
+from lightspeed.models.panel_gemm import PanelGemm, PanelOps
 from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
+
+PANEL_GEMM_ENV = "LIGHTSPEED_PANEL_GEMM"  # "0": fp32 linears on oneDNN (A/B benchmarks)
+
+
+def select_model_ops(device: torch.device, dtype: torch.dtype, kernel: PagedDecodeAttention | None) -> AtenOps:
+    """The linear backend: fp32 on CPU with the C kernel library takes the panel GEMM (its
+    non-panel weights keep oneDNN, so oneDNN must work too), else select_linear_ops."""
+    ops = select_linear_ops(device, dtype)
+    use_panels = os.environ.get(PANEL_GEMM_ENV, "1") != "0"
+    if use_panels and kernel is not None and dtype == torch.float32 and isinstance(ops, OneDnnOps):
+        return PanelOps(PanelGemm(kernel.lib))
+    return ops
+
 
 # ---------------------------------------------------------------- rotary embedding
 
@@ -115,7 +130,8 @@ class LayerWeights:
     (W @ (w * x) = (W * w) @ x), so the norm is a bare rescale. Gate and up stay one matmul
     followed by the C silu * up (fused_ops.py) where that kernel exists (at 2,048 rows ~15%
     faster than the epilogues), else they are separate matmuls so each carries its own epilogue
-    (SiLU; times the gate).
+    (SiLU; times the gate). Panel GEMM (fp32, models/panel_gemm.py): gate and up packed
+    interleaved as `glu`, one matmul whose epilogue is silu(gate) * up.
     """
 
     input_norm: torch.Tensor | None  # None: folded into qkv
@@ -127,6 +143,7 @@ class LayerWeights:
     down: torch.Tensor
     gate: torch.Tensor | None = None  # fused backend
     up: torch.Tensor | None = None
+    glu: torch.Tensor | None = None  # panel backend: gate and up interleaved
 
 
 class PagedLlama:
@@ -136,13 +153,13 @@ class PagedLlama:
         self.config = config
         self.dtype = dtype
         self.device = device
-        self.ops: AtenOps = select_linear_ops(device, dtype)
+        self.paged_kernel = self._paged_kernel()
+        self.ops: AtenOps = select_model_ops(device, dtype, self.paged_kernel)
         self.embed = self._get(state, "model.embed_tokens.weight")
         tied = state["lm_head.weight"] is state["model.embed_tokens.weight"]
         # A packed lm_head is a copy even when tied: the embedding lookup needs the plain rows.
         self.lm_head = self.ops.pack(self.embed if tied else self._get(state, "lm_head.weight"))
         self.norm = self._get(state, "model.norm.weight")
-        self.paged_kernel = self._paged_kernel()
         # Rotary + KV write, the weightless norm and silu * up in one C pass each
         # (models/fused_ops.py); known before the layers: it decides how gate/up are packed.
         self.fused_ops = None if self.paged_kernel is None else FusedOps(self.paged_kernel.lib)
@@ -181,6 +198,8 @@ class PagedLlama:
             pack(self._get(state, attn + "o_proj.weight")),
             pack(self._get(state, p + "mlp.down_proj.weight")),
         )
+        if isinstance(self.ops, PanelOps):  # one matmul, silu(gate) * up as its epilogue
+            return LayerWeights(None, pack(qkv), bias, o_proj, None, None, down, glu=self.ops.pack_glu(gate, up))
         if fused and self.fused_ops is not None:  # one wide matmul, then the C silu * up
             return LayerWeights(None, pack(qkv), bias, o_proj, None, pack(torch.cat([gate, up])), down)
         if fused:
@@ -250,6 +269,9 @@ class PagedLlama:
     def _mlp_activation(self, w: LayerWeights, x: torch.Tensor) -> torch.Tensor:
         """silu(x @ gate.T) * (x @ up.T)"""
         ops = self.ops
+        if w.glu is not None:
+            assert isinstance(ops, PanelOps)
+            return ops.linear_glu(x, w.glu)
         if w.gate_up is None:  # oneDNN epilogues: SiLU on the gate GEMM, * gate on the up GEMM
             assert w.gate is not None and w.up is not None
             return ops.linear_mul(x, w.up, ops.linear_silu(x, w.gate))

@@ -23,6 +23,7 @@ from lightspeed.models.attention_metadata import (
 )
 from lightspeed.models.linear_ops import OneDnnOps
 from lightspeed.models.llama import PagedLlama
+from lightspeed.models.panel_gemm import PanelOps
 from lightspeed.models.weights import ModelConfig, load_weights
 from lightspeed.native.cpu_caps import CpuCaps, detect
 from lightspeed.native.dtype_choice import DtypeChoice, choose_dtype, dtype_name
@@ -55,6 +56,8 @@ def compute_backend(model: PagedLlama) -> tuple[str, bool]:
     """The matmul and attention paths in use, and whether one is a slow fallback."""
     onednn = isinstance(model.ops, OneDnnOps)
     linears = "oneDNN packed linears + fused epilogues" if onednn else "aten linears"
+    if isinstance(model.ops, PanelOps):
+        linears = "panel GEMM linears (C) + fused epilogues"
     kernel = model.paged_kernel
     attention = "torch attention (gather + SDPA)" if kernel is None else f"C kernels ({kernel.isa} SIMD path)"
     # bf16 on CPU is fast only through oneDNN's packed weights; without the C paged kernel each
