@@ -106,8 +106,9 @@ def instrument(runner: Any) -> PhaseTimer:
     runner.model = TimedCall(model, timer)  # `model(...)` looks __call__ up on the type, not the instance
     for method in ("_attention", "_rotate_and_cache", "_rms_norm"):
         timer.wrap(model, method, method.strip("_"))
-    for method in ("linear", "linear_add", "linear_silu", "linear_mul"):
-        timer.wrap(model.ops, method, "gemm")
+    for method in ("linear", "linear_add", "linear_silu", "linear_mul", "linear_glu"):
+        if hasattr(model.ops, method):
+            timer.wrap(model.ops, method, "gemm")
     return timer
 
 

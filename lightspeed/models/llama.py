@@ -50,13 +50,19 @@ from lightspeed.models.weights import ModelConfig, RopeScaling, StateDict
 PANEL_GEMM_ENV = "LIGHTSPEED_PANEL_GEMM"  # "0": fp32 linears on oneDNN (A/B benchmarks)
 
 
-def select_model_ops(device: torch.device, dtype: torch.dtype, kernel: PagedDecodeAttention | None) -> AtenOps:
+def select_model_ops(
+    device: torch.device,
+    dtype: torch.dtype,
+    kernel: PagedDecodeAttention | None,
+    weight_dtype: torch.dtype | None = None,
+) -> AtenOps:
     """The linear backend: fp32 on CPU with the C kernel library takes the panel GEMM (its
-    non-panel weights keep oneDNN, so oneDNN must work too), else select_linear_ops."""
+    non-panel weights keep oneDNN, so oneDNN must work too), storing weights in `weight_dtype`
+    (fp32 or bf16; default fp32), else select_linear_ops (weights in `dtype`)."""
     ops = select_linear_ops(device, dtype)
     use_panels = os.environ.get(PANEL_GEMM_ENV, "1") != "0"
     if use_panels and kernel is not None and dtype == torch.float32 and isinstance(ops, OneDnnOps):
-        return PanelOps(PanelGemm(kernel.lib))
+        return PanelOps(PanelGemm(kernel.lib), weight_dtype or torch.float32)
     return ops
 
 
@@ -149,12 +155,23 @@ class LayerWeights:
 class PagedLlama:
     """Llama-family causal LM. Plain tensors (no nn.Module): inference only, nothing to train."""
 
-    def __init__(self, config: ModelConfig, state: StateDict, dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        config: ModelConfig,
+        state: StateDict,
+        dtype: torch.dtype,
+        device: torch.device,
+        weight_dtype: torch.dtype | None = None,
+    ) -> None:
+        """`weight_dtype`: how linear weights are stored where the backend can keep them apart
+        from the compute `dtype` (bf16 panels for an fp32 model); `weight_dtype` reports what
+        was done."""
         self.config = config
         self.dtype = dtype
         self.device = device
         self.paged_kernel = self._paged_kernel()
-        self.ops: AtenOps = select_model_ops(device, dtype, self.paged_kernel)
+        self.ops: AtenOps = select_model_ops(device, dtype, self.paged_kernel, weight_dtype)
+        self.weight_dtype = self.ops.weight_dtype if isinstance(self.ops, PanelOps) else dtype
         self.embed = self._get(state, "model.embed_tokens.weight")
         tied = state["lm_head.weight"] is state["model.embed_tokens.weight"]
         # A packed lm_head is a copy even when tied: the embedding lookup needs the plain rows.

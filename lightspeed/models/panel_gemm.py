@@ -129,16 +129,21 @@ class PanelOps(OneDnnOps):
 
     glu = True  # gate/up packed together: `linear_glu` is silu(x @ gate.T) * (x @ up.T)
 
-    def __init__(self, gemm: PanelGemm) -> None:
+    def __init__(self, gemm: PanelGemm, weight_dtype: torch.dtype = torch.float32) -> None:
+        """`weight_dtype`: how panels are stored; bf16 halves the bytes every step streams
+        (the products stay fp32, on the bf16-rounded weights)."""
+        if weight_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"panel weights are float32 or bfloat16, not {weight_dtype}")
         self.gemm = gemm
+        self.weight_dtype = weight_dtype
 
     def pack(self, w: torch.Tensor) -> torch.Tensor:
         if w.dtype != torch.float32 or w.shape[0] % PANEL:
             return super().pack(w)
-        return pack_panels(w)
+        return pack_panels(w.to(self.weight_dtype))
 
     def pack_glu(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        return pack_glu_panels(gate, up)
+        return pack_glu_panels(gate.to(self.weight_dtype), up.to(self.weight_dtype))
 
     def linear(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if w.dim() == 2:

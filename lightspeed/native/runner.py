@@ -70,7 +70,13 @@ def compute_backend(model: PagedLlama) -> tuple[str, bool]:
 def log_compute_setup(model: PagedLlama, choice: DtypeChoice) -> None:
     """One line for the dtype and why, one for the compute backend; slow paths as warnings."""
     level = logging.WARNING if choice.warn else logging.INFO
-    logger.log(level, "compute dtype %s: %s", dtype_name(choice.dtype), choice.reason)
+    logger.log(level, "compute dtype %s: %s", choice.describe(), choice.reason)
+    if choice.weight_dtype not in (None, model.weight_dtype):
+        logger.warning(
+            "weights stay %s: %s storage needs the panel GEMM (C kernel library), unavailable here",
+            dtype_name(model.weight_dtype),
+            dtype_name(choice.weight_dtype),
+        )
     backend, slow = compute_backend(model)
     if slow:
         logger.warning("compute backend: %s (a slow fallback on this CPU / dtype)", backend)
@@ -133,8 +139,9 @@ class ModelRunner:
         """The weights in the chosen compute dtype (the load-time state is dropped after)."""
         config, state = load_weights(model_path)
         # None: fp32 on CPU (comparable with reference implementations), bf16 on GPUs.
-        choice = choose_dtype(dtype, self.device, caps, lambda: probe_dtypes(config, state, self.device))
-        model = PagedLlama(config, state, choice.dtype, self.device)
+        source = next(iter(state.values())).dtype if state else None
+        choice = choose_dtype(dtype, self.device, caps, lambda: probe_dtypes(config, state, self.device), source)
+        model = PagedLlama(config, state, choice.dtype, self.device, choice.weight_dtype)
         log_compute_setup(model, choice)
         return config, model
 

@@ -7,8 +7,9 @@
  *
  * Packing (models/panel_gemm.py): w [N, K] becomes panels of NR = 16 output features,
  * [N / 16][K][16], so one k step of a panel is one 64-byte line. Weights may be fp32 or bf16
- * (raw uint16, widened in registers: a bf16 weight is the top half of an fp32 one), x and y
- * are fp32. The microkernel holds a tile of MR = 6 rows x 16 features in 12 ymm accumulators;
+ * (raw uint16: a bf16 weight is the top half of an fp32 one), x and y are fp32. bf16 halves the
+ * bytes a decode step streams; it is widened in registers per tile, or, where a panel serves
+ * more than two tiles (prefill), once into a per-thread fp32 copy that stays in L2. The microkernel holds a tile of MR = 6 rows x 16 features in 12 ymm accumulators;
  * per k it loads the panel's two weight vectors once and broadcasts each row's x[k]. Every
  * output is one sequential fma chain over k, so a result does not depend on the batch it came
  * in (rows, threads, tile position) and the scalar path below reproduces it bit for bit.
@@ -24,6 +25,7 @@
 #include <math.h>
 #include <omp.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "isa.h"
 #include "simd_exp.h"
@@ -92,14 +94,14 @@ static void tile_scalar(const ls_gemm_args *a, int64_t m0, int64_t rows, int64_t
 /* ------------------------------------------------------------------ AVX2 + FMA path */
 #if LS_ISA_AVX2
 
-static inline __attribute__((always_inline)) void load_w(const ls_gemm_args *a, int64_t idx, __m256 *w0, __m256 *w1) {
-    if (a->w_bf16) {
-        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)a->w + idx));
+static inline __attribute__((always_inline)) void load_w(const void *w, int bf16, int64_t idx, __m256 *w0, __m256 *w1) {
+    if (bf16) {
+        __m256i h = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w + idx));
         *w0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(h)), 16));
         *w1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(h, 1)), 16));
     } else {
-        *w0 = _mm256_loadu_ps((const float *)a->w + idx);
-        *w1 = _mm256_loadu_ps((const float *)a->w + idx + 8);
+        *w0 = _mm256_loadu_ps((const float *)w + idx);
+        *w1 = _mm256_loadu_ps((const float *)w + idx + 8);
     }
 }
 
@@ -140,18 +142,20 @@ static inline void finish_row8(const ls_gemm_args *a, int64_t row, int64_t p, __
     _mm256_storeu_ps(y + 8, c1);
 }
 
-/* R rows x 16 features; R is a constant in each instance, so the row loops unroll and the
- * accumulators stay in registers. `next`: the panel to prefetch (NULL: none). */
+/* R rows x 16 features of panel p, whose weights are at `w` (fp32, or bf16 when `bf16`); R is a
+ * constant in each instance, so the row loops unroll and the accumulators stay in registers.
+ * `next`: the panel to prefetch (NULL: none). */
 #define DEFINE_TILE(R)                                                                                   \
-    static void tile_##R(const ls_gemm_args *a, int64_t m0, int64_t p, const char *next) {              \
+    static void tile_##R(const ls_gemm_args *a, int64_t m0, int64_t p, const void *w, int bf16,          \
+                         const char *next) {                                                             \
         __m256 c0[R], c1[R];                                                                             \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) c0[r] = c1[r] = _mm256_setzero_ps();        \
         const float *x = a->x + m0 * a->x_stride;                                                        \
-        const int64_t xs = a->x_stride, K = a->k, base = p * K * NR;                                     \
-        const int64_t line = a->w_bf16 ? NR * 2 : NR * 4; /* bytes per k step of a panel */              \
+        const int64_t xs = a->x_stride, K = a->k;                                                        \
+        const int64_t line = a->w_bf16 ? NR * 2 : NR * 4; /* bytes per k step of the next panel */       \
         for (int64_t k = 0; k < K; k++) {                                                                \
             __m256 w0, w1;                                                                               \
-            load_w(a, base + k * NR, &w0, &w1);                                                          \
+            load_w(w, bf16, k * NR, &w0, &w1);                                                           \
             if (next) _mm_prefetch(next + k * line, _MM_HINT_T0);                                        \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                        \
                 __m256 xv = _mm256_broadcast_ss(x + r * xs + k);                                         \
@@ -169,16 +173,47 @@ DEFINE_TILE(4)
 DEFINE_TILE(5)
 DEFINE_TILE(6)
 
-typedef void (*tile_fn)(const ls_gemm_args *, int64_t, int64_t, const char *);
+typedef void (*tile_fn)(const ls_gemm_args *, int64_t, int64_t, const void *, int, const char *);
 static const tile_fn tiles[MR + 1] = {0, tile_1, tile_2, tile_3, tile_4, tile_5, tile_6};
 
-static void run_tile(const ls_gemm_args *a, int64_t m0, int64_t rows, int64_t p, const char *next) {
-    tiles[rows](a, m0, p, next);
+/* A per-thread fp32 copy of one bf16 panel (grown as needed, kept for the thread's life). */
+static __thread float *widened;
+static __thread int64_t widened_cap;
+
+static const float *widen_panel(const uint16_t *w, int64_t n) {
+    if (n > widened_cap) {
+        free(widened);
+        widened = aligned_alloc(64, (size_t)((n * 4 + 63) / 64 * 64));
+        widened_cap = widened ? n : 0;
+        if (!widened) return 0;
+    }
+    for (int64_t i = 0; i < n; i += 8)
+        _mm256_storeu_ps(widened + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + i))), 16)));
+    return widened;
+}
+
+/* Rows [mb, me) against panel p: a bf16 panel shared by more than two tiles is widened once
+ * into an L2-resident fp32 copy (exact), so prefill-sized blocks pay no per-tile conversion. */
+static void run_panel(const ls_gemm_args *a, int64_t p, int64_t mb, int64_t me, const char *next) {
+    const void *w = (const char *)a->w + p * a->k * NR * (a->w_bf16 ? 2 : 4);
+    int bf16 = a->w_bf16;
+    if (bf16 && me - mb > 2 * MR) {
+        const float *copy = widen_panel(w, a->k * NR);
+        if (copy) {
+            w = copy;
+            bf16 = 0;
+        }
+    }
+    for (int64_t m0 = mb; m0 < me; m0 += MR) {
+        int64_t rows = me - m0 < MR ? me - m0 : MR;
+        tiles[rows](a, m0, p, w, bf16, m0 == mb ? next : 0);
+    }
 }
 #else
-static void run_tile(const ls_gemm_args *a, int64_t m0, int64_t rows, int64_t p, const char *next) {
+static void run_panel(const ls_gemm_args *a, int64_t p, int64_t mb, int64_t me, const char *next) {
     (void)next;
-    tile_scalar(a, m0, rows, p);
+    for (int64_t m0 = mb; m0 < me; m0 += MR) tile_scalar(a, m0, me - m0 < MR ? me - m0 : MR, p);
 }
 #endif
 
@@ -188,13 +223,11 @@ static void run_tile(const ls_gemm_args *a, int64_t m0, int64_t rows, int64_t p,
 static void panel_rows(const ls_gemm_args *a, int64_t p, int64_t panels, int64_t mb, int64_t me, int ref) {
     const int64_t panel_bytes = a->k * NR * (a->w_bf16 ? 2 : 4);
     const char *next = p + 1 < panels ? (const char *)a->w + (p + 1) * panel_bytes : 0;
-    for (int64_t m0 = mb; m0 < me; m0 += MR) {
-        int64_t rows = me - m0 < MR ? me - m0 : MR;
-        if (ref)
-            tile_scalar(a, m0, rows, p);
-        else
-            run_tile(a, m0, rows, p, m0 == mb ? next : 0);
+    if (!ref) {
+        run_panel(a, p, mb, me, next);
+        return;
     }
+    for (int64_t m0 = mb; m0 < me; m0 += MR) tile_scalar(a, m0, me - m0 < MR ? me - m0 : MR, p);
 }
 
 static int gemm(const ls_gemm_args *a, int ref) {

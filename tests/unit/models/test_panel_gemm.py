@@ -105,8 +105,9 @@ def test_glu_is_silu_gate_times_up(gemm: PanelGemm, m: int) -> None:
     torch.testing.assert_close(y.double(), expected, **FP32)
 
 
-def test_bf16_weights_are_widened_exactly(gemm: PanelGemm) -> None:
-    x, w, _ = _operands(9, 64, 50, seed=3)
+@pytest.mark.parametrize("m", [9, 70])  # per tile; a panel widened once for a 64-row block
+def test_bf16_weights_are_widened_exactly(gemm: PanelGemm, m: int) -> None:
+    x, w, _ = _operands(m, 64, 50, seed=3)
     wb = w.bfloat16()
     y = gemm(x, pack_panels(wb))
     torch.testing.assert_close(y.double(), x.double() @ wb.double().T, **FP32)
@@ -195,3 +196,28 @@ def test_fp32_model_runs_on_panels_with_the_onednn_tokens(monkeypatch: pytest.Mo
     expected, expected_logits = _greedy(onednn, [STORY, FRANCE], 12)
     assert tokens == expected
     torch.testing.assert_close(logits, expected_logits, atol=5e-4, rtol=0)
+
+
+def test_bf16_weight_storage_for_an_fp32_model() -> None:
+    """weight_dtype=bf16: panels stored in bf16 (half the bytes), activations and KV cache fp32:
+    the fp32 model on bf16-rounded (norm-folded) weights. It greedy-decodes the same tokens as
+    fp32 weights, its logits within bf16 weight rounding (2^-9 relative per weight, ~0.1 on
+    logits of ~20 after 30 layers; a wrong panel or widening would be off by whole units)."""
+    from lightspeed.models.llama import PagedLlama
+    from lightspeed.models.weights import load_gguf
+    from tests.unit.models.test_fused_ops import FRANCE, SMOLLM2, STORY, _greedy
+
+    if paged_attention.load_kernel() is None:
+        pytest.skip("kernel library unavailable")
+    cfg, state = load_gguf(SMOLLM2)
+    model = PagedLlama(cfg, state, torch.float32, torch.device("cpu"), weight_dtype=torch.bfloat16)
+    assert model.weight_dtype == torch.bfloat16 and model.lm_head.dtype == torch.bfloat16
+    assert model.layers[0].glu is not None and model.layers[0].glu.dtype == torch.bfloat16
+    assert model.allocate_kv_cache(2, 16)[0].dtype == torch.float32
+    reference = PagedLlama(cfg, state, torch.float32, torch.device("cpu"))
+    tokens, logits = _greedy(model, [STORY, FRANCE], 8)
+    expected, expected_logits = _greedy(reference, [STORY, FRANCE], 8)
+    assert tokens == expected
+    torch.testing.assert_close(logits, expected_logits, atol=0.3, rtol=0)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        PanelOps(model.ops.gemm, torch.float16)  # type: ignore[attr-defined]

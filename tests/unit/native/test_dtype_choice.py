@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lightspeed.models.linear_ops import _onednn_works
+from lightspeed.models.paged_attention import load_kernel
 from lightspeed.models.weights import load_weights
 from lightspeed.native.cpu_caps import caps_from
 from lightspeed.native.dtype_choice import BF16_MIN_SPEEDUP, StepTimes, choose_dtype, pick_faster, rule_dtype
@@ -66,17 +67,23 @@ def test_asked_dtypes_are_kept_where_native() -> None:
         assert (choice.dtype, choice.reason, choice.warn) == (BF16, "asked", False)
 
 
-def test_bf16_without_native_bf16_is_converted_with_a_warning() -> None:
+def test_bf16_without_native_bf16_keeps_bf16_weights_and_computes_in_fp32() -> None:
     choice = choose_dtype(BF16, CPU, ZEN3_CAPS, no_probe)
-    assert (choice.dtype, choice.warn) == (F32, True)
+    assert (choice.dtype, choice.weight_dtype, choice.warn) == (F32, BF16, False)
     assert "AMD EPYC 7763" in choice.reason and "no native bf16" in choice.reason
-    assert "converted once to float32" in choice.reason
+    assert "stored in bf16 and computed in float32" in choice.reason
+    assert choice.describe() == "float32 (weights bfloat16)"
+    assert choose_dtype(F32, CPU, ZEN3_CAPS, no_probe).describe() == "float32"
 
 
 def test_auto() -> None:
     assert choose_dtype("auto", CPU, SPR_CAPS, no_probe).dtype == BF16
     zen3 = choose_dtype("auto", CPU, ZEN3_CAPS, no_probe)
     assert zen3.dtype == F32 and zen3.reason.startswith("auto rule: no native bf16") and not zen3.warn
+    assert zen3.weight_dtype is None  # an fp32 (or dequantized) checkpoint: bf16 would round it
+    assert choose_dtype("auto", CPU, ZEN3_CAPS, no_probe, source_dtype=F32).weight_dtype is None
+    from_bf16 = choose_dtype("auto", CPU, ZEN3_CAPS, no_probe, source_dtype=BF16)
+    assert (from_bf16.dtype, from_bf16.weight_dtype) == (F32, BF16) and "a bf16 checkpoint" in from_bf16.reason
     probed = choose_dtype("auto", CPU, ZEN4_CAPS, lambda: timings((0.2, 0.05), (0.1, 0.02)))
     assert probed.dtype == BF16
     assert probed.reason.endswith(
@@ -96,14 +103,18 @@ def test_rejects_other_names() -> None:
         choose_dtype("fp8", CPU, ZEN4_CAPS, no_probe)  # type: ignore[arg-type]  # what a bad caller passes
 
 
-def test_runner_converts_bf16_on_an_avx2_cpu(caplog: pytest.LogCaptureFixture) -> None:
+def test_runner_keeps_bf16_weights_on_an_avx2_cpu(caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="lightspeed.native.runner"):
         runner = ModelRunner(SMOLLM2, num_blocks=8, dtype=BF16, caps=ZEN3_CAPS)
     assert runner.dtype == F32 and runner.kv_caches[0].dtype == F32
-    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert any("compute dtype float32: bfloat16 asked" in m for m in warned)
-    linears = "oneDNN packed linears" if _onednn_works(F32) else "aten linears"
-    assert any(m.startswith(f"compute backend: {linears}") for m in caplog.messages)
+    assert any("compute dtype float32 (weights bfloat16): bfloat16 asked" in m for m in caplog.messages)
+    if load_kernel() is None or not _onednn_works(F32):  # no panel GEMM: fp32 weights, said loudly
+        assert runner.model.weight_dtype == F32
+        assert any(r.levelno == logging.WARNING and "weights stay float32" in r.getMessage() for r in caplog.records)
+        return
+    assert runner.model.weight_dtype == BF16 and runner.model.lm_head.dtype == BF16
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert any(m.startswith("compute backend: panel GEMM linears") for m in caplog.messages)
 
 
 @pytest.mark.slow  # ~3 s alone; tens of seconds when other processes share the 2 cores
