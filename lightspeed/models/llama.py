@@ -193,7 +193,7 @@ class PagedLlama:
         return load_kernel()
 
     def _prefill_kernel(self) -> PrefillAttention | None:
-        """The C causal attention for fresh fp32 prompts (SDPA otherwise)."""
+        """The C causal attention for fresh prompts (fp32 / bf16 on CPU; SDPA otherwise)."""
         cfg = self.config
         if self.paged_kernel is None or not PrefillAttention.supports(
             cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, self.dtype
@@ -363,7 +363,7 @@ class PagedLlama:
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, runs: tuple[tuple[int, int, int], ...]
     ) -> torch.Tensor:
         """Causal attention on the fresh prompts' own q/k/v (strided views of the projection): no
-        cache gather, no mask, no padding. fp32 on CPU: one C kernel call for all prompts
+        cache gather, no mask, no padding. On CPU: one C kernel call for all prompts
         (models/prefill_attention.py). Else SDPA, one batched call per run of adjacent
         equal-length prompts (8 x 256 tokens: ~7% faster a prefill step than a call per prompt)."""
         if self.prefill_kernel is not None:

@@ -63,6 +63,19 @@ def test_matches_fp64_causal_attention(kernel: PrefillAttention, lengths: list[i
     torch.testing.assert_close(kernel(q, k, v, lengths, 0.125, reference=True).double(), expected, **FP32)
 
 
+@pytest.mark.parametrize("lengths", [[7, 65], [256, 256]])
+def test_bf16_in_place_matches_fp64_within_one_rounding(kernel: PrefillAttention, lengths: list[int]) -> None:
+    """bf16 q/k/v are widened exactly, math is fp32, the output rounded once to bf16."""
+    qkv = _projection(sum(lengths), 9, 3, 64, seed=3).bfloat16()
+    q, k, v = _views(qkv, 9, 3, 64)
+    got = kernel(q, k, v, lengths, 0.125)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), _reference(q, k, v, lengths, 0.125), atol=1e-3, rtol=2**-8)
+    # the scalar path sums in another order: at most one bf16 rounding step apart
+    reference = kernel(q, k, v, lengths, 0.125, reference=True)
+    torch.testing.assert_close(got.float(), reference.float(), atol=1e-3, rtol=2**-7)
+
+
 @pytest.mark.parametrize(("heads", "kv_heads", "dim"), [(4, 4, 16), (8, 1, 128), (6, 2, 256), (16, 2, 48)])
 def test_other_shapes(kernel: PrefillAttention, heads: int, kv_heads: int, dim: int) -> None:
     lengths = [5, 70]
@@ -84,7 +97,8 @@ def test_large_scores_stay_finite(kernel: PrefillAttention) -> None:
 
 def test_supports() -> None:
     assert PrefillAttention.supports(9, 3, 64, torch.float32)
-    assert not PrefillAttention.supports(9, 3, 64, torch.bfloat16)
+    assert PrefillAttention.supports(9, 3, 64, torch.bfloat16)
+    assert not PrefillAttention.supports(9, 3, 64, torch.float16)
     assert not PrefillAttention.supports(9, 3, 72, torch.float32)  # not a multiple of 16
     assert not PrefillAttention.supports(32, 2, 64, torch.float32)  # 16 query heads per KV head
     assert not PrefillAttention.supports(9, 4, 64, torch.float32)
@@ -100,7 +114,7 @@ def test_input_checks(kernel: PrefillAttention) -> None:
         kernel(q, k, v.clone(), [10], 0.125)
     with pytest.raises(ValueError, match="views of one"):
         kernel(q.contiguous(), k, v, [10], 0.125)
-    with pytest.raises(ValueError, match="float32"):
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
         kernel(q.double(), k.double(), v.double(), [10], 0.125)
     with pytest.raises(ValueError, match="unsupported shape"):
         q72, k72, v72 = _views(_projection(10, 9, 3, 72), 9, 3, 72)
@@ -117,4 +131,5 @@ def test_fp32_model_uses_the_kernel_for_fresh_prompts() -> None:
         pytest.skip("kernel library unavailable")
     cfg, state = load_gguf(SMOLLM2)
     assert PagedLlama(cfg, state, torch.float32, torch.device("cpu")).prefill_kernel is not None
-    assert PagedLlama(cfg, state, torch.bfloat16, torch.device("cpu")).prefill_kernel is None
+    assert PagedLlama(cfg, state, torch.bfloat16, torch.device("cpu")).prefill_kernel is not None
+    assert PagedLlama(cfg, state, torch.float64, torch.device("cpu")).prefill_kernel is None
