@@ -3,13 +3,18 @@
 For each ISA this CPU runs (avx512, avx2, scalar), the kernel library is built with that ISA's
 flags (avx2 on an AVX-512 CPU = -mno-avx512f: an AVX2-only CPU emulated on this one) and each
 kernel is timed on a decode-like shape of SmolLM2-135M (9 query / 3 KV heads, hidden 576, FFN
-1536): paged attention over `--seqs` sequences of `--context` tokens (DRAM-bound) and of 32 tokens
-(cache-resident), head_dim 64 and 80 (80: not an AVX-512 specialisation, the AVX2 path), rotary + KV write, RMSNorm and silu*up for `--seqs`
-tokens. Median and min of `--repeats` calls after warm-up, in microseconds, on torch's OpenMP
-team. The emulated AVX2 library is checked for zmm (AVX-512) instructions with objdump.
+1536): paged attention over `--seqs` sequences of `--context` tokens and of 32 tokens, head_dim 64
+and 80 (80: no compile-time specialisation, the generic AVX2 code), one layer's cache timed over
+and over (at 32 x 320 tokens it stays in the 32 MiB L3); one decode step's attention, `--layers`
+layers each with its own cache (DRAM-bound, as in the model); rotary + KV write, RMSNorm and
+silu*up for `--seqs` tokens. Median and min of `--repeats` calls after warm-up (the decode step:
+of repeats / 20), in microseconds, on torch's OpenMP team. The emulated AVX2 library is checked
+for zmm (AVX-512) instructions with objdump.
 
 Writes bench/results/kernel_isa.json. Run from the repo root (under the bench lock):
     flock /tmp/lightspeed-bench.lock .venv/bin/python bench/kernel_isa.py
+    flock /tmp/lightspeed-bench.lock .venv/bin/python bench/kernel_isa.py --dtype float32 \
+        --out bench/results/kernel_isa_float32.json
 """
 
 from __future__ import annotations
@@ -45,13 +50,14 @@ class Params:
     seqs: int = 32  # decoding sequences (= tokens for the elementwise kernels)
     context: int = 320  # tokens per sequence for paged attention
     block_size: int = 16
+    layers: int = 30  # decode step: one cache per layer (SmolLM2-135M has 30)
     repeats: int = 200
     dtype: str = "bfloat16"  # bfloat16 | float32
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float32"):
             raise ValueError("--dtype must be bfloat16 or float32")
-        if min(self.seqs, self.context, self.block_size, self.repeats) < 1:
+        if min(self.seqs, self.context, self.block_size, self.layers, self.repeats) < 1:
             raise ValueError("sizes must be >= 1")
 
 
@@ -78,6 +84,14 @@ def attention_case(p: Params, dim: int, context: int, dtype: torch.dtype) -> Cal
     query = torch.randn(p.seqs, HEADS, dim, generator=gen).to(dtype)
     scale = 1 / math.sqrt(dim)
     return lambda kernel: kernel(query, cache, tables, lens, scale)
+
+
+def decode_step_case(p: Params, dim: int, dtype: torch.dtype) -> Callable[[PagedDecodeAttention], object]:
+    """One decode step's attention: `--layers` calls, each over its own layer's cache. Together
+    they are far larger than the L3 (fp32: 472 MB at 32 x 320 tokens), so K and V stream from
+    DRAM as in the model, unlike one layer's cache timed over and over."""
+    layers = [attention_case(p, dim, p.context, dtype) for _ in range(p.layers)]
+    return lambda kernel: [layer(kernel) for layer in layers]
 
 
 def elementwise_cases(p: Params, dtype: torch.dtype) -> dict[str, Callable[[FusedOps], object]]:
@@ -115,6 +129,8 @@ def measure_isa(p: Params, isa: str, kernel_dir: Path) -> dict[str, object]:
     for dim, context in ((64, p.context), (80, p.context), (64, 32), (80, 32)):
         call = attention_case(p, dim, context, dtype)
         timings[f"paged_attention_d{dim}_ctx{context}"] = timed(lambda: call(kernel), p.repeats)  # noqa: B023
+    step = decode_step_case(p, 64, dtype)  # built here, freed on return: 472 MB in fp32
+    timings[f"decode_step_{p.layers}_layers_d64_ctx{p.context}"] = timed(lambda: step(kernel), max(5, p.repeats // 20))
     for name, case in elementwise_cases(p, dtype).items():
         timings[name] = timed(lambda: case(ops), p.repeats)  # noqa: B023
     (library,) = kernel_dir.glob("*.so")

@@ -9,8 +9,9 @@
  * so these regions reuse torch's own spinning worker threads. An item is a whole sequence (its
  * KV heads are adjacent in each token row, so a block is read as one dense stream) when there
  * are >= 4 sequences per thread, else one (sequence, KV head). Softmax is online (running max +
- * rescale) over chunks of 16 context tokens, in fp32; the output is written in the cache's
- * dtype (fp32, or bf16 as raw uint16 bits rounded to nearest even).
+ * rescale) over chunks of context tokens (16 on the AVX-512 path; 8 fp32 / 16 bf16 on the AVX2
+ * path), in fp32; the output is written in the cache's dtype (fp32, or bf16 as raw uint16 bits
+ * rounded to nearest even).
  *
  * SIMD path (AVX-512F; head_dim 32, 64 or 128; <= 8 query heads per KV head, each pair compiled
  * as its own specialisation from paged_attention_item.h): for 16 tokens at a time, each token's
@@ -18,16 +19,19 @@
  * vector holding the 16 scores. bf16 is widened with one shift (even elements) and one mask
  * (odd elements) per 32 values, so lanes hold the head dims in even/odd order; q is loaded the
  * same way (the dot product does not care) and the V accumulators are re-interleaved when the
- * output is written. AVX2 path (AVX2 + FMA, any head_dim that is a multiple of 8; also used by
- * AVX-512 builds for dims like 40, 72, 80): 8-lane vectors, one (sequence, KV head) at a time,
- * chunks of 8 tokens whose partial sums a hadd tree reduces to one vector of 8 scores; bf16 is
- * widened in natural order (zero-extend + shift). AVX2-only builds get compile-time
- * specialisations (paged_attention_item_avx2.h) for 1-4 query heads per KV head and head_dim
- * 32, 64, 128; a runtime-size version covers the rest (~2x slower per byte: no unrolling, and
- * q / accumulators in memory). Other shapes or CPUs use the scalar path (same math, one token at
- * a time). csrc/isa.h picks the paths from the compiler's macros; ls_kernel_isa() reports it.
- * At 32 sequences x ~320 tokens the kernel is bound by reading the cache from DRAM, not by
- * arithmetic: software prefetching and vdpbf16ps dot products were measured and gained nothing.
+ * output is written. AVX2 path (AVX2 + FMA, any head_dim that is a multiple of 8; details in
+ * paged_attention_item_avx2.h): 8-lane vectors; per chunk and KV head, query head outer loops
+ * (q, then the accumulators, in registers across the chunk's tokens: the whole group's would
+ * not fit in 16), a hadd tree turning 8 tokens' partial sums into 8 scores, bf16 widened in
+ * registers in the same even/odd order per 16 values; and the next chunk's rows prefetched,
+ * spread over the chunk's work. Compile-time specialisations for 1-4 query heads per KV head
+ * and head_dim 32, 64, 128, which AVX-512 builds use too, ahead of their own items (faster
+ * when the cache streams from DRAM, as in decode); a runtime-size version covers the rest (and
+ * serves AVX-512 builds for dims like 40, 72, 80). Other shapes or CPUs use the scalar path
+ * (same math, one token at a time). csrc/isa.h picks the paths from the compiler's macros;
+ * ls_kernel_isa() reports it. At 32 sequences x ~320 tokens decode reads the cache from DRAM:
+ * the AVX2 path's prefetching is what brings it near bandwidth (measured: ~2.3x slower without
+ * it); vdpbf16ps dot products were measured and gained nothing.
  */
 #include <math.h>
 #include <omp.h>
@@ -133,7 +137,12 @@ static void item_scalar(const pa_args *a, int64_t s, int64_t kv_lo, int64_t kv_h
 
 /* ------------------------------------------------------------------ AVX2 path */
 #if LS_ISA_AVX2
-#define CHUNK8 8
+/* Tokens per online-softmax step, a multiple of 8 (one vector of scores): 8 for fp32, 16 for
+ * bf16, the same bytes. Longer chunks spread the max / rescale / exp bookkeeping over more
+ * tokens, but the next chunk is what gets prefetched, and DRAM-bound decode (SmolLM2, 32 x 320
+ * tokens, Zen 4) measured fastest with ~6 KiB of K (and of V) per chunk. CHUNK_A2 bounds them. */
+#define CHUNK_A2 16
+#define A2_CHUNK(bf) ((bf) ? 16 : 8)
 
 /* r[i] = sum of the lanes of v[i], for 8 vectors (scores of 8 tokens, in token order). */
 static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *v) {
@@ -150,88 +159,156 @@ static inline float hmax8(__m256 v) {
     return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 
+/* bf16 rows are widened in "pair order": each 16 values become their 8 even-indexed then their
+ * 8 odd-indexed elements, one shift and one mask per 16 (zero-extending costs two ops per 8).
+ * q, K, V and the accumulators all use that order, which dot products and p * V do not notice;
+ * the output is re-interleaved when stored. A last 8 (head_dim not a multiple of 16) is widened
+ * in natural order. This is a2vec's order too (paged_attention_item_avx2.h). */
+static inline void a2widen_row(const uint16_t *src, float *dst, int64_t vecs) {
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t c = 0; c + 1 < vecs; c += 2) {
+        __m256i x = _mm256_loadu_si256((const __m256i *)(src + 8 * c));
+        _mm256_store_ps(dst + 8 * c, _mm256_castsi256_ps(_mm256_slli_epi32(x, 16)));
+        _mm256_store_ps(dst + 8 * c + 8, _mm256_castsi256_ps(_mm256_and_si256(x, hi_mask)));
+    }
+    if (vecs % 2) _mm256_store_ps(dst + 8 * (vecs - 1), load8(src, 8 * (vecs - 1), 1));
+}
+
+/* The inverse for one output row, times scale: fp32 in pair order to bf16 in natural order,
+ * rounded to nearest even as f32_to_bf16. */
+static inline void a2narrow_row(const float *src, uint16_t *dst, int64_t vecs, __m256 scale) {
+    const __m256i round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+    const __m256i hi_mask = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (int64_t c = 0; c + 1 < vecs; c += 2) {
+        __m256i ev = _mm256_castps_si256(_mm256_mul_ps(_mm256_load_ps(src + 8 * c), scale));
+        __m256i od = _mm256_castps_si256(_mm256_mul_ps(_mm256_load_ps(src + 8 * c + 8), scale));
+        ev = _mm256_add_epi32(ev, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(ev, 16), one)));
+        od = _mm256_add_epi32(od, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(od, 16), one)));
+        __m256i packed = _mm256_or_si256(_mm256_srli_epi32(ev, 16), _mm256_and_si256(od, hi_mask));
+        _mm256_storeu_si256((__m256i *)(dst + 8 * c), packed);
+    }
+    if (vecs % 2) store8(dst, 8 * (vecs - 1), _mm256_mul_ps(_mm256_load_ps(src + 8 * (vecs - 1)), scale), 1);
+}
+
+/* Offsets of the next min(left, chunk) tokens (none if left <= 0); returns how many. Up to the
+ * next multiple of 8 the list is padded with the first token's offset: a finite row whose
+ * scores are then masked, so a partial group of 8 needs no branches. */
+static inline int chunk_offsets(const pa_args *a, token_cursor *cur, int64_t left, int chunk, int64_t *off) {
+    int n = left < chunk ? (int)(left > 0 ? left : 0) : chunk;
+    for (int j = 0; j < n; j++) off[j] = cursor_next(a, cur);
+    for (int j = n; j < (n + 7) / 8 * 8; j++) off[j] = off[0];
+    return n;
+}
+
+/* Lines first, first + step, ... (< lines) of a row, prefetched to L2. Inlined by force: as a
+ * function gcc finds it free of side effects and deletes the calls. */
+static inline __attribute__((always_inline)) void a2prefetch(const char *row, int64_t first, int64_t step,
+                                                             int64_t lines) {
+    for (int64_t l = first; l < lines; l += step) _mm_prefetch(row + 64 * l, _MM_HINT_T1);
+}
+
+/* The next chunk's rows of one KV head, prefetched while this chunk computes. Each block lives
+ * elsewhere in the cache and the hardware prefetcher stops at 4 KiB pages, so without this
+ * every block's rows wait for DRAM (measured: the DRAM-bound decode step ~2.3x slower). The
+ * requests are spread evenly over the chunk's work: each KV head asks for its own rows, and of
+ * those each query head's score pass (K) and value pass (V) asks for every G-th line of each
+ * token's row. Issued in bursts instead, they fill the miss queue, stall the core and leave
+ * DRAM idle while the rest of the chunk computes (measured ~15% slower). */
+typedef struct {
+    const char *k[CHUNK_A2], *v[CHUNK_A2]; /* past the next chunk's end: an idle address */
+} a2next;
+
+/* Rows of tokens off[0 .. n), from element `head` of each token's row. */
+static inline __attribute__((always_inline)) void a2next_rows(const pa_args *a, a2next *pf, const int64_t *off, int n,
+                                                              int64_t head, const void *idle, int bf) {
+    const int64_t size = bf ? 2 : 4;
+    for (int j = 0; j < A2_CHUNK(bf); j++) {
+        pf->k[j] = j < n ? (const char *)a->k_cache + (off[j] + head) * size : (const char *)idle;
+        pf->v[j] = j < n ? (const char *)a->v_cache + (off[j] + head) * size : (const char *)idle;
+    }
+}
+
+/* The first chunk's rows (dim elements from element `head` of each of the n tokens' rows), all
+ * at once: there is nothing yet to overlap them with. */
+static inline __attribute__((always_inline)) void a2first(const pa_args *a, const int64_t *off, int n, int64_t head,
+                                                          int64_t dim, int bf) {
+    const int64_t size = bf ? 2 : 4, lines = (dim * size + 63) / 64;
+    for (int j = 0; j < n; j++) {
+        a2prefetch((const char *)a->k_cache + (off[j] + head) * size, 0, 1, lines);
+        a2prefetch((const char *)a->v_cache + (off[j] + head) * size, 0, 1, lines);
+    }
+}
+
 /* The generic version: any group size and head_dim a multiple of 8 (runtime values). */
 #define A2_NAME any
 #define A2_G ((int64_t)(a->num_heads / a->num_kv_heads))
 #define A2_V (a->head_dim / 8)
 #define A2_GMAX MAX_GROUP
-#define A2_VMAX (MAX_DIM / 8)
 #include "paged_attention_item_avx2.h"
 
-/* AVX2-only builds: compile-time sizes for 1-4 query heads per KV head and head_dim 32, 64 or
- * 128 (AVX-512 builds have their own specialisations for these). */
-#if !LS_ISA_AVX512
+/* Compile-time sizes for 1-4 query heads per KV head and head_dim 32, 64 or 128. AVX-512 builds
+ * use them too, ahead of their own items: when the cache streams from DRAM they are faster
+ * (SmolLM2 decode step, 32 x 320 tokens: fp32 1.7x, bf16 2.2x; the prefetching is most of it),
+ * though up to ~1.2x slower when K and V already sit in cache. See bench/README.md. */
 #define A2_NAME 1_4
 #define A2_G 1
 #define A2_V 4
 #define A2_GMAX 1
-#define A2_VMAX 4
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 1_8
 #define A2_G 1
 #define A2_V 8
 #define A2_GMAX 1
-#define A2_VMAX 8
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 1_16
 #define A2_G 1
 #define A2_V 16
 #define A2_GMAX 1
-#define A2_VMAX 16
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 2_4
 #define A2_G 2
 #define A2_V 4
 #define A2_GMAX 2
-#define A2_VMAX 4
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 2_8
 #define A2_G 2
 #define A2_V 8
 #define A2_GMAX 2
-#define A2_VMAX 8
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 2_16
 #define A2_G 2
 #define A2_V 16
 #define A2_GMAX 2
-#define A2_VMAX 16
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 3_4
 #define A2_G 3
 #define A2_V 4
 #define A2_GMAX 3
-#define A2_VMAX 4
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 3_8
 #define A2_G 3
 #define A2_V 8
 #define A2_GMAX 3
-#define A2_VMAX 8
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 3_16
 #define A2_G 3
 #define A2_V 16
 #define A2_GMAX 3
-#define A2_VMAX 16
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 4_4
 #define A2_G 4
 #define A2_V 4
 #define A2_GMAX 4
-#define A2_VMAX 4
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 4_8
 #define A2_G 4
 #define A2_V 8
 #define A2_GMAX 4
-#define A2_VMAX 8
 #include "paged_attention_item_avx2.h"
 #define A2_NAME 4_16
 #define A2_G 4
 #define A2_V 16
 #define A2_GMAX 4
-#define A2_VMAX 16
 #include "paged_attention_item_avx2.h"
 
 /* [G - 1][log2(D / 32)] for D in 32, 64, 128 */
@@ -241,17 +318,19 @@ static const item_fn avx2_items[4][3] = {
     {item_avx2_3_4, item_avx2_3_8, item_avx2_3_16},
     {item_avx2_4_4, item_avx2_4_8, item_avx2_4_16},
 };
-#endif
 
-static item_fn avx2_item(const pa_args *a) {
+/* The compile-time AVX2 item for this shape, or 0. */
+static item_fn avx2_special(const pa_args *a) {
     const int64_t G = a->num_heads / a->num_kv_heads, D = a->head_dim;
-    if (D % 8 != 0) return 0;
-#if !LS_ISA_AVX512
-    if (G <= 4 && (D == 32 || D == 64 || D == 128))
-        return avx2_items[G - 1][D == 32 ? 0 : D == 64 ? 1 : 2];
-#endif
-    (void)G;
-    return item_avx2_any;
+    if (G > 4 || (D != 32 && D != 64 && D != 128)) return 0;
+    return avx2_items[G - 1][D == 32 ? 0 : D == 64 ? 1 : 2];
+}
+
+/* Any AVX2 item for this shape (the generic one if no specialisation), or 0. */
+static item_fn avx2_item(const pa_args *a) {
+    if (a->head_dim % 8 != 0) return 0;
+    item_fn item = avx2_special(a);
+    return item ? item : item_avx2_any;
 }
 #endif
 
@@ -421,8 +500,11 @@ const char *ls_kernel_isa(void) { return LS_ISA_NAME; }
 static item_fn pick_item(const pa_args *a) {
     item_fn item = 0;
     (void)a;  /* unused in scalar builds */
+#if LS_ISA_AVX2
+    item = avx2_special(a);  /* ahead of AVX-512's items: see the AVX2 specialisations */
+#endif
 #if LS_ISA_AVX512
-    item = simd_item(a);
+    if (!item) item = simd_item(a);
 #endif
 #if LS_ISA_AVX2
     if (!item) item = avx2_item(a);

@@ -223,6 +223,33 @@ def test_isas_agree(
         torch.testing.assert_close(out, outs["scalar"], **tol, msg=lambda m, isa=isa: f"{isa}: {m}")
 
 
+# Context lengths around the AVX2 path's chunks (8 tokens fp32, 16 bf16) and groups of 8 scores:
+# one token, a partial first group, one past a chunk, one short of a 320-token context.
+CHUNK_EDGE_CONTEXTS = [1, 7, 33, 319, 8, 16, 17]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [16, 7])
+def test_smollm2_group_at_chunk_edges(kernel: PagedDecodeAttention, dtype: torch.dtype, block_size: int) -> None:
+    """SmolLM2's shape (3 query heads per KV head, head_dim 64) over contexts that end inside a
+    chunk or a group of 8, with blocks of 16 and of an odd size, against the fp64 reference.
+    Enough sequences that items are whole sequences (all KV heads per item) as in decode."""
+    contexts = CHUNK_EDGE_CONTEXTS * 2
+    case = Case(dtype, block_size, contexts)
+    got = case.run_kernel(kernel)
+    assert got.shape == (len(contexts), HEADS * DIM) and got.dtype == dtype
+    tol = {"atol": 1e-6, "rtol": 1e-5} if dtype == torch.float32 else TOLERANCE[dtype]
+    torch.testing.assert_close(got.double(), case.reference(), **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_largest_group_and_head_dim(kernel: PagedDecodeAttention, dtype: torch.dtype) -> None:
+    """16 query heads per KV head at head_dim 256 (the kernel's limits): the AVX2 path's state
+    for several KV heads does not fit its buffer at once, so an item walks them one at a time."""
+    case = Case(dtype, 16, [3, 40, 17, 1, 33, 9, 24, 50], heads=32, kv_heads=2, dim=256)
+    torch.testing.assert_close(case.run_kernel(kernel).double(), case.reference(), **TOLERANCE[dtype])
+
+
 def test_kernel_ignores_table_padding_and_other_blocks(kernel: PagedDecodeAttention) -> None:
     """Only the first `context` tokens are read: poisoning every other cache slot with NaN
     (including block 0, which pads short tables) leaves the output unchanged."""
