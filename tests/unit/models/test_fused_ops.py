@@ -15,8 +15,9 @@ from lightspeed.models import paged_attention
 from lightspeed.models.attention_metadata import build_attention_metadata
 from lightspeed.models.fused_ops import FusedOps
 from lightspeed.models.llama import PagedLlama, apply_rope
-from lightspeed.models.paged_attention import BuildSpec, build_kernel, runnable_isas
+from lightspeed.models.paged_attention import runnable_isas
 from lightspeed.models.weights import load_gguf
+from tests.unit.models.kernel_lib import build_isa_lib
 
 CPU = torch.device("cpu")
 HEADS, KV_HEADS, DIM = 9, 3, 64
@@ -34,14 +35,7 @@ ISAS = runnable_isas()  # avx512 / avx2 / scalar, as far as this CPU runs them
 
 
 def _build_isa(isa: str, tmp_path_factory: pytest.TempPathFactory) -> FusedOps:
-    if shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    # The session-wide directory test_paged_attention.py builds into: each ISA compiles once.
-    kernel_dir = tmp_path_factory.getbasetemp() / "kernels"
-    kernel_dir.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
-        return FusedOps(build_kernel(BuildSpec(isa=isa)).lib)
+    return FusedOps(build_isa_lib(isa, tmp_path_factory))
 
 
 @pytest.fixture(scope="module", params=ISAS)

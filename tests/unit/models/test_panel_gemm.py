@@ -3,15 +3,13 @@ its batch invariance, its packing layouts, its input checks, and the fp32 model 
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightspeed.models import paged_attention
 from lightspeed.models.linear_ops import OneDnnOps, _onednn_works
-from lightspeed.models.paged_attention import BuildSpec, build_kernel, runnable_isas
+from lightspeed.models.paged_attention import runnable_isas
 from lightspeed.models.panel_gemm import (
     EPI_ADD,
     EPI_GLU,
@@ -23,6 +21,7 @@ from lightspeed.models.panel_gemm import (
     pack_glu_panels,
     pack_panels,
 )
+from tests.unit.models.kernel_lib import build_isa_lib
 
 ISAS = runnable_isas()  # avx512 / avx2 / scalar, as far as this CPU runs them
 ROWS = [0, 1, 5, 6, 7, 13, 64, 65, 257, 300]  # tile (6) and row-block (256) edges
@@ -31,13 +30,7 @@ FP32 = {"atol": 2e-5, "rtol": 2e-5}
 
 
 def _build_isa(isa: str, tmp_path_factory: pytest.TempPathFactory) -> PanelGemm:
-    if shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    kernel_dir = tmp_path_factory.getbasetemp() / "kernels"  # shared with the other kernel tests
-    kernel_dir.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
-        return PanelGemm(build_kernel(BuildSpec(isa=isa)).lib)
+    return PanelGemm(build_isa_lib(isa, tmp_path_factory))
 
 
 @pytest.fixture(scope="module", params=ISAS)

@@ -3,15 +3,14 @@ reference per ISA build, its scalar reference path, the shapes it takes, and its
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lightspeed.models import paged_attention
-from lightspeed.models.paged_attention import BuildSpec, build_kernel, runnable_isas
+from lightspeed.models.paged_attention import runnable_isas
 from lightspeed.models.prefill_attention import PrefillAttention
+from tests.unit.models.kernel_lib import build_isa_lib
 
 ISAS = runnable_isas()
 # Block edges of 16 query tokens and 64 keys, a single token, and prompts of mixed lengths.
@@ -21,13 +20,7 @@ FP32 = {"atol": 2e-6, "rtol": 2e-6}
 
 @pytest.fixture(scope="module", params=ISAS)
 def kernel(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> PrefillAttention:
-    if shutil.which("gcc") is None:
-        pytest.skip("no C compiler")
-    kernel_dir = tmp_path_factory.getbasetemp() / "kernels"  # shared with the other kernel tests
-    kernel_dir.mkdir(exist_ok=True)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(paged_attention.CACHE_ENV, str(kernel_dir))
-        return PrefillAttention(build_kernel(BuildSpec(isa=request.param)).lib)
+    return PrefillAttention(build_isa_lib(request.param, tmp_path_factory))
 
 
 def _projection(tokens: int, heads: int, kv_heads: int, dim: int, pad: int = 8, seed: int = 0) -> torch.Tensor:
