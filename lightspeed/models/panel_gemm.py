@@ -125,9 +125,8 @@ def _check(x: torch.Tensor, panels: torch.Tensor, epilogue: int, other: torch.Te
 
 
 class PanelOps(OneDnnOps):
-    """fp32 linears through PanelGemm; weights it cannot panel-pack keep oneDNN's path."""
-
-    glu = True  # gate/up packed together: `linear_glu` is silu(x @ gate.T) * (x @ up.T)
+    """fp32 linears through PanelGemm; weights it cannot panel-pack keep oneDNN's path.
+    `linear_glu` is silu(x @ gate.T) * (x @ up.T) on gate/up packed by `pack_glu`."""
 
     def __init__(self, gemm: PanelGemm, weight_dtype: torch.dtype = torch.float32) -> None:
         """`weight_dtype`: how panels are stored; bf16 halves the bytes every step streams

@@ -54,10 +54,11 @@ def blocks_for_budget(config: ModelConfig, block_size: int, dtype: torch.dtype, 
 
 def compute_backend(model: PagedLlama) -> tuple[str, bool]:
     """The matmul and attention paths in use, and whether one is a slow fallback."""
-    onednn = isinstance(model.ops, OneDnnOps)
-    linears = "oneDNN packed linears + fused epilogues" if onednn else "aten linears"
+    onednn = isinstance(model.ops, OneDnnOps)  # PanelOps too: its odd-width weights stay oneDNN's
     if isinstance(model.ops, PanelOps):
         linears = "panel GEMM linears (C) + fused epilogues"
+    else:
+        linears = "oneDNN packed linears + fused epilogues" if onednn else "aten linears"
     kernel = model.paged_kernel
     attention = "torch attention (gather + SDPA)" if kernel is None else f"C kernels ({kernel.isa} SIMD path)"
     # bf16 on CPU is fast only through oneDNN's packed weights; without the C paged kernel each

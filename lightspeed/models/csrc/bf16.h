@@ -1,4 +1,4 @@
-/* bf16 <-> fp32 conversion shared by the CPU kernels (paged_attention.c, fused_ops.c). */
+/* bf16 <-> fp32 conversion and 8-lane horizontal reductions shared by the CPU kernels. */
 #ifndef LS_BF16_H
 #define LS_BF16_H
 
@@ -48,6 +48,12 @@ static inline float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
 }
 #endif
 

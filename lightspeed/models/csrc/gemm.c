@@ -73,6 +73,11 @@ static void finish_row(const ls_gemm_args *a, int64_t row, int64_t p, const floa
 
 /* ------------------------------------------------------------------ scalar path (the reference) */
 
+/* Panel p's first weight (panels are k * 16 weights of 2 or 4 bytes). */
+static inline const char *panel_at(const ls_gemm_args *a, int64_t p) {
+    return (const char *)a->w + p * a->k * NR * (a->w_bf16 ? 2 : 4);
+}
+
 static inline float weight_at(const ls_gemm_args *a, int64_t idx) {
     if (!a->w_bf16) return ((const float *)a->w)[idx];
     union { uint32_t u; float f; } cvt = {(uint32_t)((const uint16_t *)a->w)[idx] << 16};
@@ -195,10 +200,12 @@ static const float *widen_panel(const uint16_t *w, int64_t n) {
     return widened;
 }
 
-/* Rows [mb, me) against panel p: a bf16 panel shared by more than two tiles is widened once
- * into an L2-resident fp32 copy (exact), so prefill-sized blocks pay no per-tile conversion. */
-static void run_panel(const ls_gemm_args *a, int64_t p, int64_t mb, int64_t me, const char *next) {
-    const void *w = (const char *)a->w + p * a->k * NR * (a->w_bf16 ? 2 : 4);
+/* Rows [mb, me) against panel p, its first tile prefetching the panel after it: a bf16 panel
+ * shared by more than two tiles is widened once into an L2-resident fp32 copy (exact), so
+ * prefill-sized blocks pay no per-tile conversion. */
+static void run_panel(const ls_gemm_args *a, int64_t p, int64_t panels, int64_t mb, int64_t me) {
+    const char *next = p + 1 < panels ? panel_at(a, p + 1) : 0;
+    const void *w = panel_at(a, p);
     int bf16 = a->w_bf16;
     if (bf16 && me - mb > 2 * MR) {
         const float *copy = widen_panel(w, a->k * NR);
@@ -212,23 +219,20 @@ static void run_panel(const ls_gemm_args *a, int64_t p, int64_t mb, int64_t me, 
         tiles[rows](a, m0, p, w, bf16, m0 == mb ? next : 0);
     }
 }
-#else
-static void run_panel(const ls_gemm_args *a, int64_t p, int64_t mb, int64_t me, const char *next) {
-    (void)next;
-    for (int64_t m0 = mb; m0 < me; m0 += MR) tile_scalar(a, m0, me - m0 < MR ? me - m0 : MR, p);
-}
 #endif
 
 /* ------------------------------------------------------------------ entry points */
 
-/* One panel against rows [mb, me): its first tile prefetches the panel after it. */
+/* One panel against rows [mb, me): the SIMD path, or the scalar one (`ref`, or no SIMD build). */
 static void panel_rows(const ls_gemm_args *a, int64_t p, int64_t panels, int64_t mb, int64_t me, int ref) {
-    const int64_t panel_bytes = a->k * NR * (a->w_bf16 ? 2 : 4);
-    const char *next = p + 1 < panels ? (const char *)a->w + (p + 1) * panel_bytes : 0;
+#if LS_ISA_AVX2
     if (!ref) {
-        run_panel(a, p, mb, me, next);
+        run_panel(a, p, panels, mb, me);
         return;
     }
+#endif
+    (void)ref;
+    (void)panels;
     for (int64_t m0 = mb; m0 < me; m0 += MR) tile_scalar(a, m0, me - m0 < MR ? me - m0 : MR, p);
 }
 

@@ -153,12 +153,6 @@ static inline __attribute__((always_inline)) __m256 reduce8(const __m256 *v) {
     return _mm256_add_ps(_mm256_permute2f128_ps(t0, t2, 0x20), _mm256_permute2f128_ps(t0, t2, 0x31));
 }
 
-static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 /* bf16 rows are widened in "pair order": each 16 values become their 8 even-indexed then their
  * 8 odd-indexed elements, one shift and one mask per 16 (zero-extending costs two ops per 8).
  * q, K, V and the accumulators all use that order, which dot products and p * V do not notice;

@@ -200,12 +200,6 @@ typedef void (*pv_fn)(pf_item *, int64_t, int64_t, const float *, const ls_prefi
 static const scores_fn score_tiles[7] = {0, scores_1, scores_2, scores_3, scores_4, scores_5, scores_6};
 static const pv_fn pv_tiles[7] = {0, pv_1, pv_2, pv_3, pv_4, pv_5, pv_6};
 
-static inline float hmax8(__m256 v) {
-    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
-}
-
 /* softmax_row for a block of KB scores (nv vectors of 8; masked ones -inf). */
 static void softmax_block(pf_item *it, int64_t r, float *s, int nv, int64_t D) {
     const __m256 ninf = _mm256_set1_ps(-INFINITY);
