@@ -180,38 +180,51 @@ def dynamo_service(
     return Service(name, f"http://127.0.0.1:{port}", [frontend, mocker], env, log_dir)
 
 
-async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5) -> str:
-    """Poll /v1/models until the server lists a model; returns its id."""
+async def poll_until(
+    service: Service,
+    probe: Callable[[aiohttp.ClientSession], Awaitable[R | None]],
+    timeout_s: float,
+    failure: str,
+    poll_s: float = 0.5,
+    retry_on: tuple[type[BaseException], ...] = (TimeoutError, aiohttp.ClientError, ValueError),
+) -> R:
+    """Call `probe` every `poll_s` until it returns something other than None (a `retry_on`
+    error counts as None) while the service stays alive; RuntimeError(`failure`) at timeout."""
     deadline = time.monotonic() + timeout_s
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
         while time.monotonic() < deadline:
             service.check_alive()
             try:
-                async with session.get(service.url + "/v1/models") as resp:
-                    data = (await resp.json()).get("data", []) if resp.status == 200 else []
-                if data:
-                    return str(data[0]["id"])
-            except (TimeoutError, aiohttp.ClientError):
+                result = await probe(session)
+                if result is not None:
+                    return result
+            except retry_on:
                 pass
             await asyncio.sleep(poll_s)
-    raise RuntimeError(f"{service.name} did not list a model within {timeout_s} s")
+    raise RuntimeError(failure)
+
+
+async def wait_for_model(service: Service, timeout_s: float, poll_s: float = 0.5) -> str:
+    """Poll /v1/models until the server lists a model; returns its id."""
+
+    async def first_model(session: aiohttp.ClientSession) -> str | None:
+        async with session.get(service.url + "/v1/models") as resp:
+            data = (await resp.json()).get("data", []) if resp.status == 200 else []
+        return str(data[0]["id"]) if data else None
+
+    failure = f"{service.name} did not list a model within {timeout_s} s"
+    return await poll_until(service, first_model, timeout_s, failure, poll_s, (TimeoutError, aiohttp.ClientError))
 
 
 async def wait_for_workers(service: Service, workers: int, timeout_s: float, poll_s: float = 0.5) -> None:
     """Poll a Lightspeed frontend's /health until it lists `workers` workers."""
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/health") as resp:
-                    health = await resp.json(content_type=None)
-                if len(health.get("workers") or []) >= workers:
-                    return
-            except (TimeoutError, aiohttp.ClientError, ValueError):
-                pass
-            await asyncio.sleep(poll_s)
-    raise RuntimeError(f"{service.name}: workers not ready")
+
+    async def enough(session: aiohttp.ClientSession) -> bool | None:
+        async with session.get(service.url + "/health") as resp:
+            health = await resp.json(content_type=None)
+        return True if len(health.get("workers") or []) >= workers else None
+
+    await poll_until(service, enough, timeout_s, f"{service.name}: workers not ready", poll_s)
 
 
 async def wait_model_ready(service: Service, timeout_s: float = MODEL_READY_TIMEOUT_S) -> str:

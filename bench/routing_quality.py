@@ -38,6 +38,7 @@ from harness import (
     free_port,
     lightspeed_serve,
     main,
+    poll_until,
     pyplot,
 )
 
@@ -173,21 +174,16 @@ def registered_workers(system: str, health: dict[str, object]) -> int:
 
 async def wait_ready(service: Service, system: str, workers: int) -> None:
     """Poll /health until every worker is registered and /v1/models lists a model."""
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-        while time.monotonic() < deadline:
-            service.check_alive()
-            try:
-                async with session.get(service.url + "/health") as resp:
-                    health = await resp.json(content_type=None) if resp.status == 200 else {}
-                async with session.get(service.url + "/v1/models") as resp:
-                    models = (await resp.json()).get("data", []) if resp.status == 200 else []
-                if models and registered_workers(system, health) >= workers:
-                    return
-            except (TimeoutError, aiohttp.ClientError, ValueError):
-                pass
-            await asyncio.sleep(0.5)
-    raise RuntimeError(f"{service.name}: {workers} workers not ready in {READY_TIMEOUT_S} s")
+
+    async def ready(session: aiohttp.ClientSession) -> bool | None:
+        async with session.get(service.url + "/health") as resp:
+            health = await resp.json(content_type=None) if resp.status == 200 else {}
+        async with session.get(service.url + "/v1/models") as resp:
+            models = (await resp.json()).get("data", []) if resp.status == 200 else []
+        return True if models and registered_workers(system, health) >= workers else None
+
+    failure = f"{service.name}: {workers} workers not ready in {READY_TIMEOUT_S} s"
+    await poll_until(service, ready, READY_TIMEOUT_S, failure)
 
 
 # ---------------------------------------------------------------------------- load sampling
